@@ -1,0 +1,37 @@
+"""Training data from the config: the user's shards (``data=``) or the embedded digits set."""
+import itertools
+
+from lgp_ds import dist
+
+from .builtin import digits_shards
+from .shards import expand_shards, train_batches
+from .transforms import TwoViews
+
+
+class TrainData:
+    """Per-epoch iterators of two-view micro-batches [batch_per_rank, 3, H, W] for this rank."""
+
+    def __init__(self, cfg, batch_per_rank: int):
+        if cfg.data is None:
+            if dist.is_main():  # build once; the other ranks wait and then find it cached
+                digits_shards(size=cfg.img_size)
+            dist.barrier()
+            pattern, n = digits_shards(size=cfg.img_size)
+            patterns, self.samples_per_epoch = [pattern], cfg.samples_per_epoch or n
+        else:
+            patterns, self.samples_per_epoch = cfg.data, cfg.samples_per_epoch
+        self.urls = expand_shards(patterns)
+        self.cfg, self.batch_per_rank = cfg, batch_per_rank
+        self.transform = TwoViews(cfg.img_size, cfg.crop_min)
+
+    def batches(self, epoch: int, count: int, skip: int = 0):
+        """The ``count`` micro-batches of ``epoch`` on this rank, without the first ``skip``.
+
+        Skipped batches are still read (the order is a pure function of seed, epoch and rank),
+        so a run resumed mid-epoch sees exactly the batches an uninterrupted run would.
+        """
+        cfg = self.cfg
+        stream = train_batches(self.urls, self.transform, self.batch_per_rank, count,
+                               dist.get_rank(), dist.get_world_size(), cfg.num_workers, cfg.seed,
+                               epoch, cfg.shuffle_buffer)
+        return itertools.islice(stream, skip, None)

@@ -1,0 +1,32 @@
+"""Image transforms: MoCo v3's two asymmetric augmented views."""
+import torch
+from torchvision import transforms as T
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def moco_view_transforms(img_size: int = 224, crop_min: float = 0.08):
+    """The two MoCo v3 / BYOL view pipelines: PIL image -> float tensor [3, img_size, img_size].
+
+    View 1 is always blurred; view 2 is blurred with p=0.1 and solarised with p=0.2.
+    """
+    kernel = max(3, int(0.1 * img_size) // 2 * 2 + 1)  # odd, about 10% of the image
+    blur = T.GaussianBlur(kernel, sigma=(0.1, 2.0))
+    common = [T.RandomResizedCrop(img_size, scale=(crop_min, 1.0)),
+              T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+              T.RandomGrayscale(p=0.2)]
+    tail = [T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    view1 = T.Compose(common + [T.RandomApply([blur], p=1.0)] + tail)
+    view2 = T.Compose(common + [T.RandomApply([blur], p=0.1), T.RandomSolarize(128, p=0.2)] + tail)
+    return view1, view2
+
+
+class TwoViews:
+    """PIL image -> (view1 [3,H,W], view2 [3,H,W])."""
+
+    def __init__(self, img_size: int = 224, crop_min: float = 0.08):
+        self.view1, self.view2 = moco_view_transforms(img_size, crop_min)
+
+    def __call__(self, img) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.view1(img), self.view2(img)

@@ -1,0 +1,61 @@
+"""timm Vision Transformer factory with the switches the recipes use.
+
+The encoder is a plain timm ``VisionTransformer`` so that its state dict keys are timm's (and
+MAE's encoder keys): checkpoints move between lgp_ds, MAE and timm without renaming.
+"""
+import re
+
+import timm
+import torch
+from timm.layers import build_sincos2d_pos_embed
+from timm.models.vision_transformer import Attention, VisionTransformer
+
+
+def create_vit(arch: str, img_size: int = 224, patch_size: int | None = None,
+               embed_dim: int | None = None, depth: int | None = None, num_heads: int | None = None,
+               drop_path: float = 0.0, fused_attn: bool = True, grad_ckpt: bool = False,
+               sincos_pos_embed: bool = False, frozen_patch_embed: bool = False) -> VisionTransformer:
+    """Build a headless timm ViT (``num_classes=0``): forward(x [N,3,H,W]) -> [N, embed_dim].
+
+    ``patch_size``/``embed_dim``/``depth``/``num_heads`` override the named architecture (None keeps
+    it). ``sincos_pos_embed`` fixes the position embedding to 2-D sin-cos (cls position zero) and
+    freezes it; ``frozen_patch_embed`` freezes MoCo v3's random patch projection.
+    """
+    overrides = {k: v for k, v in dict(patch_size=patch_size, embed_dim=embed_dim, depth=depth,
+                                       num_heads=num_heads).items() if v is not None}
+    model = timm.create_model(arch, pretrained=False, num_classes=0, img_size=img_size,
+                              drop_path_rate=drop_path, **overrides)
+    if not isinstance(model, VisionTransformer):
+        raise ValueError(f"arch={arch!r} is not a timm VisionTransformer")
+    for m in model.modules():
+        if isinstance(m, Attention):
+            m.fused_attn = fused_attn  # SDPA (flash / memory-efficient kernels) vs explicit softmax
+    model.set_grad_checkpointing(grad_ckpt)
+    if sincos_pos_embed:
+        _fix_sincos_pos_embed(model)
+    if frozen_patch_embed:
+        model.patch_embed.requires_grad_(False)
+    return model
+
+
+def _fix_sincos_pos_embed(model: VisionTransformer) -> None:
+    grid = list(model.patch_embed.grid_size)
+    dim = model.pos_embed.shape[-1]
+    table = build_sincos2d_pos_embed(grid, dim=dim)  # [H*W, D]
+    n_prefix = model.pos_embed.shape[1] - table.shape[0]  # cls (and register) tokens: zeros
+    with torch.no_grad():
+        model.pos_embed.zero_()
+        model.pos_embed[0, n_prefix:].copy_(table)
+    model.pos_embed.requires_grad_(False)
+
+
+_BLOCK = re.compile(r"blocks\.(\d+)\.")
+_EMBEDDINGS = ("cls_token", "reg_token", "pos_embed", "patch_embed.")
+
+
+def vit_layer_id(name: str, depth: int) -> int:
+    """Layer of a ViT parameter name: 0 = embeddings, i + 1 = block i, depth + 1 = after the blocks."""
+    if name.startswith(_EMBEDDINGS):
+        return 0
+    block = _BLOCK.match(name)
+    return int(block.group(1)) + 1 if block else depth + 1

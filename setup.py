@@ -1,0 +1,24 @@
+"""lgp_ds: Layer Grafted Pre-training of Vision Transformers on DeepSpeed."""
+from setuptools import find_packages, setup
+
+setup(
+    name="lgp_ds",
+    version="0.1.0",
+    description="Layer Grafted Pre-training (MIM -> contrastive) of ViTs at scale with DeepSpeed",
+    python_requires=">=3.10",
+    packages=find_packages(include=["lgp_ds", "lgp_ds.*"]),
+    package_data={"lgp_ds": ["recipes/*.yaml"]},
+    install_requires=[
+        "torch>=2.4",
+        "torchvision",
+        "deepspeed>=0.16",
+        "timm>=1.0",
+        "webdataset>=0.2.90",
+        "fvcore",
+        "pyyaml",
+        "scikit-learn",
+        "pillow",
+        "numpy",
+    ],
+    extras_require={"test": ["pytest>=7"]},
+)
