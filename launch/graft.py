@@ -14,7 +14,7 @@ from deepspeed.accelerator import get_accelerator
 
 from lgp_ds import dist
 from lgp_ds.config import load_config, resolve_ds_config
-from lgp_ds.engine.trainer import GraftTrainer, write_run_files
+from lgp_ds.engine.trainer import GraftTrainer
 
 
 def main(argv=None) -> None:
@@ -38,7 +38,6 @@ def main(argv=None) -> None:
     except (ValueError, FileNotFoundError, json.JSONDecodeError) as e:
         dist.print_main(f"error: {e}")
         sys.exit(2)
-    write_run_files(cfg, ds_config)
     GraftTrainer(cfg, ds_config).fit()
 
 

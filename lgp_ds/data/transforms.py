@@ -9,10 +9,12 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 def moco_view_transforms(img_size: int = 224, crop_min: float = 0.08):
     """The two MoCo v3 / BYOL view pipelines: PIL image -> float tensor [3, img_size, img_size].
 
-    View 1 is always blurred; view 2 is blurred with p=0.1 and solarised with p=0.2.
+    View 1 is always blurred; view 2 is blurred with p=0.1 and solarised with p=0.2. The blur's
+    sigma range (0.1, 2.0) is MoCo's for 224 px images and scales with ``img_size``.
     """
     kernel = max(3, int(0.1 * img_size) // 2 * 2 + 1)  # odd, about 10% of the image
-    blur = T.GaussianBlur(kernel, sigma=(0.1, 2.0))
+    scale = img_size / 224
+    blur = T.GaussianBlur(kernel, sigma=(0.1 * scale, 2.0 * scale))
     common = [T.RandomResizedCrop(img_size, scale=(crop_min, 1.0)),
               T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
               T.RandomGrayscale(p=0.2)]

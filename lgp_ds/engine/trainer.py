@@ -48,6 +48,7 @@ class GraftTrainer:
     def __init__(self, cfg: Config, ds_config: dict):
         self.cfg = cfg
         self.device = get_accelerator().current_device_name()
+        write_run_files(cfg, ds_config)
         torch.manual_seed(cfg.seed)  # same initial weights on every rank
         model = build_graft_model(cfg)
         self.depth = len(model.base_encoder.blocks)
