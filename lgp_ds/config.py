@@ -90,6 +90,11 @@ def _check_type(key: str, value, hint):
         return [_check_type(key, v, item) for v in value]
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if hint is bool and not isinstance(value, bool) or hint is not bool and isinstance(value, bool):
         raise ValueError(f"{key}: expected {hint.__name__}, got {value!r}")
     if not isinstance(value, hint):

@@ -1,0 +1,69 @@
+"""Recipes, overrides and the DeepSpeed config: every bad input names what is wrong."""
+import pytest
+
+from lgp_ds.config import build_config, load_config, parse_overrides, resolve_ds_config
+
+
+@pytest.mark.parametrize("recipe", ["digits_demo", "vit_b_graft"])
+def test_bundled_recipes_load(recipe):
+    cfg = load_config(recipe, [])
+    assert len(cfg.stage_blrs) == cfg.num_stages
+
+
+def test_vit_l_recipe_is_the_papers():
+    cfg = load_config("vit_l_graft", ["init=mae_vit_l.pth"])
+    assert (cfg.batch_size, cfg.anchor_weight, cfg.anchor_blocks) == (2080, 1e-5, 12)
+    assert cfg.stage_blrs == [1.5e-5, 1.5e-5, 1.5e-4]
+
+
+def test_overrides_are_typed():
+    cfg = load_config(None, ["tau=0.1", "stage_blrs=[1e-4, 1e-4, 1e-3]", "data=a-{0..3}.tar",
+                             "samples_per_epoch=100", "max_steps=5"])
+    assert cfg.tau == 0.1 and cfg.stage_blrs == [1e-4, 1e-4, 1e-3] and cfg.data == ["a-{0..3}.tar"]
+
+
+@pytest.mark.parametrize("values,message", [
+    ({"lr": 1.0}, "unknown config key 'lr'"),
+    ({"stage_blr": [1.0]}, "did you mean 'stage_blrs'"),
+    ({"tau": "warm"}, "tau: expected float"),
+    ({"epochs": 1.5}, "epochs: expected int"),
+    ({"fused_attn": 1}, "fused_attn: expected bool"),
+    ({"stage_blrs": [1e-4, 1e-3]}, "stage_blrs=.* has 2 values but num_stages=3"),
+    ({"anchor_weight": 1e-5}, "anchor_weight=.* needs init="),
+    ({"anchor_norm": "l3"}, "anchor_norm='l3' must be l1 or l2"),
+    ({"data": ["x.tar"]}, "samples_per_epoch=None must be given with data="),
+    ({"resume": "/no/such/ckpt"}, "resume='/no/such/ckpt' must be 'auto' or an existing"),
+])
+def test_bad_config_is_refused_with_the_key(values, message):
+    with pytest.raises(ValueError, match=message):
+        build_config(values)
+
+
+def test_bad_override_and_missing_recipe():
+    with pytest.raises(ValueError, match="not of the form key=value"):
+        parse_overrides(["tau"])
+    with pytest.raises(FileNotFoundError, match="bundled: digits_demo"):
+        load_config("no_such_recipe", [])
+
+
+def test_batch_size_has_one_source_of_truth():
+    cfg = build_config({"batch_size": 256})
+    ds = resolve_ds_config({"gradient_accumulation_steps": 2}, cfg, world_size=4)
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"]) == (256, 32)
+    assert ds["gradient_clipping"] == 0.0
+    cfg = build_config({})  # no batch_size in the recipe: taken from DeepSpeed
+    resolve_ds_config({"train_micro_batch_size_per_gpu": 16}, cfg, world_size=2)
+    assert cfg.batch_size == 32
+
+
+@pytest.mark.parametrize("ds,world,message", [
+    ({"train_batch_size": 512}, 4, "disagrees with the DeepSpeed config's train_batch_size=512"),
+    ({"train_micro_batch_size_per_gpu": 8}, 4, "train_micro_batch_size_per_gpu=8"),
+    ({}, 3, "not divisible by world size 3"),
+    ({"gradient_accumulation_steps": 3}, 2, "gradient_accumulation_steps 3"),
+    ({"optimizer": {"type": "Adam"}}, 2, "DeepSpeed config key 'optimizer'"),
+    ({"scheduler": {"type": "WarmupLR"}}, 2, "DeepSpeed config key 'scheduler'"),
+])
+def test_deepspeed_config_conflicts(ds, world, message):
+    with pytest.raises(ValueError, match=message):
+        resolve_ds_config(ds, build_config({"batch_size": 256}), world)

@@ -1,0 +1,72 @@
+"""The ViT factory switches and loading MIM weights (MAE/timm layouts) into the graft model."""
+import pytest
+import torch
+
+import jobs
+from lgp_ds.models.moco import build_graft_model, load_mim_weights, read_mim_state_dict
+from lgp_ds.models.vit import create_vit
+
+
+def _mae_checkpoint(cfg) -> dict:
+    """An MAE pre-training checkpoint for cfg's encoder: encoder keys plus decoder and mask token."""
+    torch.manual_seed(123)
+    enc = create_vit(cfg.arch, img_size=cfg.img_size, patch_size=cfg.patch_size,
+                     embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads)
+    state = dict(enc.state_dict())
+    state.update({"mask_token": torch.zeros(1, 1, cfg.embed_dim),
+                  "decoder_embed.weight": torch.zeros(8, cfg.embed_dim),
+                  "decoder_pred.weight": torch.zeros(12, 8)})
+    return state
+
+
+@pytest.mark.parametrize("wrap", [True, False], ids=["model-key", "bare"])
+def test_mae_checkpoint_loads_into_base_encoder(tmp_path, wrap):
+    cfg = jobs.tiny_config()
+    state = _mae_checkpoint(cfg)
+    torch.save({"model": state} if wrap else state, tmp_path / "mae.pth")
+    model = build_graft_model(cfg, cross_rank_bn=False)
+    head_before = model.base_encoder.head[0].weight.clone()
+    load_mim_weights(model.base_encoder, read_mim_state_dict(str(tmp_path / "mae.pth")), "mae.pth")
+    for k, v in model.base_encoder.state_dict().items():
+        if not k.startswith("head."):
+            assert torch.equal(v, state[k]), k
+    assert torch.equal(model.base_encoder.head[0].weight, head_before)  # projector stays random
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path):
+    cfg = jobs.tiny_config()
+    wider = _mae_checkpoint(jobs.tiny_config(embed_dim=64))
+    model = build_graft_model(cfg, cross_rank_bn=False)
+    with pytest.raises(ValueError, match=r"shape mismatch \['cls_token \(1, 1, 64\) != \(1, 1, 32\)"):
+        load_mim_weights(model.base_encoder, wider, "wide.pth")
+    deeper = _mae_checkpoint(jobs.tiny_config(depth=4))
+    with pytest.raises(ValueError, match=r"unexpected keys \['blocks.3.norm1.weight'"):
+        load_mim_weights(model.base_encoder, deeper, "deep.pth")
+    partial = {k: v for k, v in _mae_checkpoint(cfg).items() if not k.startswith("blocks.1.")}
+    with pytest.raises(ValueError, match=r"missing keys \['blocks.1.norm1.weight'"):
+        load_mim_weights(model.base_encoder, partial, "partial.pth")
+
+
+def test_non_tensor_pickles_are_not_executed(tmp_path):
+    torch.save({"model": {"w": torch.zeros(1)}, "extra": object()}, tmp_path / "evil.pth")
+    with pytest.raises(Exception, match="(?i)weights_only|unsupported|global"):
+        read_mim_state_dict(str(tmp_path / "evil.pth"))
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        read_mim_state_dict(str(tmp_path / "missing.pth"))
+
+
+def test_vit_switches():
+    vit = create_vit("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=64, depth=2,
+                     num_heads=2, fused_attn=False, grad_ckpt=True, sincos_pos_embed=True,
+                     frozen_patch_embed=True)
+    assert not vit.blocks[0].attn.fused_attn and vit.grad_checkpointing
+    assert not vit.pos_embed.requires_grad and not vit.patch_embed.proj.weight.requires_grad
+    assert torch.all(vit.pos_embed[0, 0] == 0) and vit.pos_embed[0, 1:].abs().max() <= 1
+    x = torch.randn(2, 3, 32, 32)
+    out = vit(x)
+    out.sum().backward()  # activation checkpointing runs forward and backward
+    assert out.shape == (2, 64) and vit.blocks[0].mlp.fc1.weight.grad is not None
+    vit.set_grad_checkpointing(False)
+    for blk in vit.blocks:
+        blk.attn.fused_attn = True
+    assert torch.allclose(vit(x), out, atol=1e-5)  # SDPA == explicit softmax attention
