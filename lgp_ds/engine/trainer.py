@@ -38,8 +38,8 @@ def build_optimizer(cfg: Config, groups: list[dict]) -> torch.optim.Optimizer:
     if cfg.optimizer == "fused_adam":
         from deepspeed.ops.adam import FusedAdam  # JIT-built CUDA kernel
         return FusedAdam(groups, betas=betas, adam_w_mode=True)
-    on_gpu = get_accelerator().device_name() == "cuda"
-    return torch.optim.AdamW(groups, betas=betas, fused=on_gpu, foreach=None if on_gpu else False)
+    # torch's fused AdamW kernel on the GPU; the plain loop elsewhere
+    return torch.optim.AdamW(groups, betas=betas, fused=get_accelerator().device_name() == "cuda")
 
 
 class GraftTrainer:

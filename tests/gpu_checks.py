@@ -1,0 +1,78 @@
+"""GPU-only checks, run by test_gpu.py in a fresh process with DeepSpeed's CUDA accelerator.
+
+fp16 with DeepSpeed's loss scaler and FusedAdam under ZeRO 2 (an overflow step is skipped,
+counted, and leaves the momentum encoder alone), bf16 under ZeRO 3, and SDPA (flash) attention
+against the explicit softmax on the GPU. Prints one line per check; exits non-zero on failure.
+"""
+import os
+import sys
+
+import torch
+
+os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+os.environ.setdefault("MASTER_PORT", "29541")
+sys.path.insert(0, os.path.dirname(__file__))
+
+import deepspeed  # noqa: E402
+
+import jobs  # noqa: E402
+from lgp_ds.config import resolve_ds_config  # noqa: E402
+from lgp_ds.engine.trainer import GraftTrainer  # noqa: E402
+from lgp_ds.models.vit import create_vit  # noqa: E402
+
+
+def trainer(out, stage, precision, **overrides):
+    cfg = jobs.tiny_config(output_dir=out, batch_size=16, **overrides)
+    ds = {"zero_optimization": {"stage": stage}, precision: {"enabled": True},
+          "steps_per_print": 10 ** 9}
+    if precision == "fp16":
+        ds["fp16"].update(initial_scale_power=8)
+    return GraftTrainer(cfg, resolve_ds_config(ds, cfg, 1))
+
+
+def check_fp16_fused_adam(out):
+    t = trainer(os.path.join(out, "fp16"), 2, "fp16", optimizer="fused_adam", warmup_epochs=0)
+    x1, x2 = jobs.global_batch(0, t.cfg)
+    for _ in range(3):
+        t.train_step(x1, x2)
+    before = {k: v.clone() for k, v in t.momentum.state_dict().items()}
+    skipped = t.engine.skipped_steps
+    bad = x1.clone()
+    bad[0, 0, 0, 0] = float("inf")  # an overflowing step: DeepSpeed must skip it
+    t.train_step(bad, x2)
+    assert t.engine.skipped_steps == skipped + 1, "overflow step was not skipped"
+    after = t.momentum.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if "running" not in k and
+               "num_batches" not in k), "momentum encoder moved on a skipped step"
+    assert all(v.dtype == torch.float32 for v in after.values() if v.is_floating_point())
+    print("fp16 zero2 FusedAdam: overflow skipped and counted, momentum unchanged", flush=True)
+
+
+def check_bf16_zero3(out):
+    t = trainer(os.path.join(out, "bf16"), 3, "bf16", warmup_epochs=0)
+    losses = []
+    for step in range(4):
+        x1, x2 = jobs.global_batch(step, t.cfg)
+        losses.append(t.train_step(x1, x2)["loss"].item())
+    assert all(torch.isfinite(torch.tensor(losses))), losses
+    print(f"bf16 zero3: losses {losses}", flush=True)
+
+
+def check_flash_attention():
+    vit = create_vit("vit_base_patch16_224", fused_attn=False).cuda().eval()
+    x = torch.randn(4, 3, 224, 224, device="cuda")
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        slow = vit(x).float()
+        for blk in vit.blocks:
+            blk.attn.fused_attn = True
+        fast = vit(x).float()
+    err = ((fast - slow).norm() / slow.norm()).item()
+    assert err < 2e-2, err  # bf16 rounding of two different kernels
+    print(f"SDPA vs explicit attention (bf16): relative error {err:.2e}", flush=True)
+
+
+if __name__ == "__main__":
+    deepspeed.init_distributed()  # NCCL
+    check_fp16_fused_adam(sys.argv[1])
+    check_bf16_zero3(sys.argv[1])
+    check_flash_attention()
