@@ -47,3 +47,22 @@ def test_bad_input_exits_with_the_reason(tmp_path):
                               env=dict(os.environ, **env))
         assert proc.returncode == 2, proc.stderr[-2000:]
         assert message in proc.stderr, proc.stderr[-2000:]
+
+
+def test_two_nodes_with_a_hostfile(tmp_path):
+    """A 2-node world on one machine: one launcher per node, as on a cluster without ssh."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("nodeA slots=1\nnodeB slots=1\n")
+    out = tmp_path / "run"
+    env = dict(os.environ, LGP_DS_CACHE=str(tmp_path / "cache"))
+    procs = [subprocess.Popen(
+        ["deepspeed", "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node),
+         "--master_addr", "127.0.0.1", "--master_port", "29547", "launch/graft.py",
+         "--deepspeed_config", "ds_configs/cpu_demo.json", "--output_dir", str(out)] + TINY,
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for node in (1, 0)]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), logs[1][-3000:] + logs[0][-3000:]
+    ds_config = json.loads((out / "ds_config.json").read_text())
+    assert ds_config["train_micro_batch_size_per_gpu"] == 8  # 16 over a world of 2
+    assert (out / "checkpoints" / "step00000004" / "lgp_ds_complete").exists()

@@ -43,6 +43,10 @@ class MomentumEncoder:
             self.module = module.to(get_accelerator().current_device_name())
             self._forward = self.module
         self.params = dict(self.module.named_parameters())
+        self._offsets, total = {}, 0  # each parameter's place in the flat update buffer
+        for name, p in self.params.items():
+            self._offsets[name], total = total, total + p.numel()
+        self._delta = None if self.zero3 else torch.zeros(total, device=p.device)
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -65,10 +69,7 @@ class MomentumEncoder:
             for s in slices:
                 self.params[s.name[len(self.prefix):]].view(-1).mul_(m).add_(s.weight, alpha=1 - m)
             return
-        offsets, total = {}, 0
-        for name, p in self.params.items():
-            offsets[name], total = total, total + p.numel()
-        delta = torch.zeros(total, device=next(iter(self.params.values())).device)
+        offsets, delta = self._offsets, self._delta.zero_()
         for s in slices:
             name = s.name[len(self.prefix):]
             k = self.params[name].view(-1).narrow(0, s.start, s.numel)
