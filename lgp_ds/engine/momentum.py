@@ -43,10 +43,10 @@ class MomentumEncoder:
             self.module = module.to(get_accelerator().current_device_name())
             self._forward = self.module
         self.params = dict(self.module.named_parameters())
-        self._offsets, total = {}, 0  # each parameter's place in the flat update buffer
+        self._offsets, self._numel = {}, 0  # each parameter's place in the flat update buffer
         for name, p in self.params.items():
-            self._offsets[name], total = total, total + p.numel()
-        self._delta = None if self.zero3 else torch.zeros(total, device=p.device)
+            self._offsets[name], self._numel = self._numel, self._numel + p.numel()
+        self._delta = None  # allocated on the first sharded update
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -69,6 +69,8 @@ class MomentumEncoder:
             for s in slices:
                 self.params[s.name[len(self.prefix):]].view(-1).mul_(m).add_(s.weight, alpha=1 - m)
             return
+        if self._delta is None:
+            self._delta = torch.zeros(self._numel, device=slices[0].weight.device)
         offsets, delta = self._offsets, self._delta.zero_()
         for s in slices:
             name = s.name[len(self.prefix):]
