@@ -25,10 +25,12 @@ def is_anchored(name: str, num_blocks: int, prefix: str = "base_encoder.") -> bo
 
 class MIMAnchor:
     def __init__(self, mim_state: dict[str, torch.Tensor], slices: list[MasterSlice],
-                 weight: float, norm: str, num_blocks: int, prefix: str = "base_encoder."):
+                 weight: float, norm: str, num_blocks: int, sharded: bool,
+                 prefix: str = "base_encoder."):
         if norm not in ("l1", "l2"):
             raise ValueError(f"anchor_norm must be 'l1' or 'l2', got {norm!r}")
         self.weight, self.norm, self.num_blocks, self.prefix = weight, norm, num_blocks, prefix
+        self.sharded = sharded  # ZeRO 1-3: partial sums must be all-reduced (by every rank)
         self.names = sorted({s.name for s in slices if is_anchored(s.name, num_blocks, prefix)})
         self.reference = {}  # name -> fp32 [numel] MIM values of this rank's slice
         for s in slices:
@@ -51,7 +53,7 @@ class MIMAnchor:
                               device=get_accelerator().current_device_name())
         for n, d in diffs.items():
             partial[index[n]] = (d.abs().sum() if self.norm == "l1" else d.square().sum()).double()
-        if any(s.sharded for s in slices):
+        if self.sharded:
             dist.all_reduce_sum(partial)
         norms = partial if self.norm == "l1" else partial.sqrt()
         for n, d in diffs.items():

@@ -28,7 +28,6 @@ class MasterSlice:
     start: int
     numel: int
     weight: torch.Tensor  # fp32 [numel], a live view of the master weights
-    sharded: bool  # False: every rank holds the whole tensor
 
     def add_to_grad(self, g: torch.Tensor) -> None:
         """Add ``g`` [numel] to this slice's gradient; valid between backward and step."""
@@ -70,16 +69,16 @@ def master_slices(optimizer, named_params) -> list[MasterSlice]:
             numel = max(0, min(part, p.ds_numel - start))
             if numel:
                 out.append(MasterSlice(name, p, start, numel,
-                                       safe_get_local_fp32_param(p)[:numel], True))
+                                       safe_get_local_fp32_param(p)[:numel]))
         elif hasattr(p, "_hp_mapping"):
             if p._hp_mapping is not None:  # None: another rank owns all of this tensor
                 address = p._hp_mapping.lp_fragment_address
                 out.append(MasterSlice(name, p, address.start, address.numel,
-                                       p._hp_mapping.get_hp_fragment().view(-1), True))
+                                       p._hp_mapping.get_hp_fragment().view(-1)))
         elif id(p) in fp32_copy:
-            out.append(MasterSlice(name, p, 0, p.numel(), fp32_copy[id(p)].view(-1), False))
+            out.append(MasterSlice(name, p, 0, p.numel(), fp32_copy[id(p)].view(-1)))
         elif p.dtype == torch.float32:
-            out.append(MasterSlice(name, p, 0, p.numel(), p.data.view(-1), False))
+            out.append(MasterSlice(name, p, 0, p.numel(), p.data.view(-1)))
         else:
             raise RuntimeError(f"no fp32 master weights found for {name} ({p.dtype})")
     return out

@@ -32,6 +32,7 @@ class MomentumEncoder:
         self.prefix = prefix
         self.compute_dtype = compute_dtype
         self.zero3 = zero_stage == 3
+        self.sharded_master = zero_stage in (1, 2)  # else every rank holds whole masters
         if self.zero3:
             # Persistent (unpartitioned) small parameters would keep a full copy that the
             # partition-wise EMA never updates: the threshold 0 partitions every parameter.
@@ -65,12 +66,12 @@ class MomentumEncoder:
                 k = self.params[s.name[len(self.prefix):]].ds_tensor[:s.numel]
                 k.mul_(m).add_(s.weight, alpha=1 - m)
             return
-        if not any(s.sharded for s in slices):
+        if not self.sharded_master:
             for s in slices:
                 self.params[s.name[len(self.prefix):]].view(-1).mul_(m).add_(s.weight, alpha=1 - m)
             return
         if self._delta is None:
-            self._delta = torch.zeros(self._numel, device=slices[0].weight.device)
+            self._delta = torch.zeros(self._numel, device=next(iter(self.params.values())).device)
         offsets, delta = self._offsets, self._delta.zero_()
         for s in slices:
             name = s.name[len(self.prefix):]

@@ -85,7 +85,7 @@ class GraftTrainer:
         if cfg.anchor_weight > 0:
             blocks = cfg.anchor_blocks if cfg.anchor_blocks is not None else self.depth // 2
             self.anchor = MIMAnchor(mim_state, self._slices(), cfg.anchor_weight, cfg.anchor_norm,
-                                    blocks)
+                                    blocks, sharded=zero_stage > 0)
         del mim_state
 
         self.step = 0  # optimizer steps applied or skipped (engine.global_steps)
