@@ -125,3 +125,20 @@ def resume_job(stage, bf16, out_dir):
     return {name: {"weights": full_master_weights(t.engine), "momentum": t.momentum.state_dict(),
                    "step": t.step, "epoch": t.epoch}
             for name, t in (("straight", straight), ("first", first), ("resumed", second))}
+
+
+def save_job(cases, out_dir):
+    """Per (zero stage, bf16): two steps, a checkpoint, and the exact fp32 masters it holds."""
+    results = {}
+    for stage, bf16 in cases:
+        cfg = tiny_config(output_dir=os.path.join(out_dir, f"z{stage}{bf16}"), warmup_epochs=0)
+        trainer = GraftTrainer(cfg, ds_config(cfg, stage, bf16))
+        for seed in range(2):
+            x1, x2 = global_batch(seed, cfg)
+            trainer.train_step(local(x1), local(x2))
+        trainer.step = trainer.engine.global_steps
+        trainer.save()
+        results[(stage, bf16)] = {"weights": full_master_weights(trainer.engine),
+                                  "momentum": trainer.momentum.state_dict(),
+                                  "checkpoints": trainer.ckpt_dir}
+    return results
