@@ -1,0 +1,24 @@
+"""tools/bench.py runs the real trainer and reports throughput (no speed is asserted here)."""
+import os
+import re
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["img_size=16", "patch_size=8", "embed_dim=32", "depth=3", "num_heads=2", "proj_dim=16",
+        "mlp_dim=32", "batch_size=8", "num_workers=0"]
+
+
+def test_bench_reports_step_and_data_throughput(tmp_path):
+    base = [sys.executable, "tools/bench.py", "--deepspeed_config", "ds_configs/cpu_demo.json",
+            "--steps", "2", "--warmup", "1", "--peak_tflops", "1"]
+    env = dict(os.environ, LGP_DS_CACHE=str(tmp_path), MASTER_PORT="29561")
+    step = subprocess.run(base + TINY, cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert step.returncode == 0, step.stderr[-3000:]
+    assert re.search(r"batch 8/rank x 1 rank\(s\) on cpu: [\d.]+ img/s, [\d.]+ ms/step, "
+                     r"[\d.]+ TFLOP/s per device, MFU [\d.]+%", step.stdout), step.stdout
+    data = subprocess.run(base + TINY + ["--data_only"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert data.returncode == 0, data.stderr[-3000:]
+    assert re.search(r"data: [\d.]+ img/s per rank with 0 workers", data.stdout), data.stdout
