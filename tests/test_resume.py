@@ -30,9 +30,12 @@ def test_incomplete_checkpoint_is_never_resumed(tmp_path):
     save_dir = tmp_path / "checkpoints"
     (save_dir / "step00000010").mkdir(parents=True)  # files written, marker missing: a crash
     (save_dir / "step00000005").mkdir()
-    (save_dir / "step00000005" / checkpoint.COMPLETE_MARKER).write_text("5\n")
+    (save_dir / "step00000005" / checkpoint.COMPLETE_MARKER).write_text(
+        '{"step": 5, "world_size": 2}\n')
     (save_dir / "latest").write_text("step00000010")
     assert checkpoint.find_checkpoint("auto", str(save_dir)) == (str(save_dir), "step00000005")
     with pytest.raises(ValueError, match="not a complete"):
         checkpoint.find_checkpoint(str(save_dir / "step00000010"), str(save_dir))
     assert checkpoint.find_checkpoint("auto", str(tmp_path / "none")) is None
+    with pytest.raises(ValueError, match="written by 2 ranks and this run has 1"):
+        checkpoint.load(None, str(save_dir), "step00000005")  # refused before DeepSpeed is asked

@@ -5,6 +5,7 @@ ranks are done; a crash then leaves a half-written checkpoint that looks complet
 rank writes, all ranks meet at a barrier, and only then does rank 0 put a completion marker in
 the tag folder and atomically replace ``latest``. Resuming accepts marked checkpoints only.
 """
+import json
 import os
 import re
 
@@ -30,7 +31,8 @@ def save(engine, save_dir: str, step: int, client_state: dict) -> str:
     engine.save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=False)
     dist.barrier()  # every rank's shards are on disk
     if dist.is_main():
-        _write_atomic(os.path.join(save_dir, tag, COMPLETE_MARKER), f"{step}\n")
+        record = {"step": step, "world_size": dist.get_world_size()}
+        _write_atomic(os.path.join(save_dir, tag, COMPLETE_MARKER), json.dumps(record) + "\n")
         _write_atomic(os.path.join(save_dir, LATEST), tag)
     dist.barrier()
     return tag
@@ -68,6 +70,13 @@ def find_checkpoint(resume: str, save_dir: str) -> tuple[str, str] | None:
 
 def load(engine, save_dir: str, tag: str) -> dict:
     """Collective: restore ``engine`` (weights, optimizer, LR schedule); return the client state."""
+    with open(os.path.join(save_dir, tag, COMPLETE_MARKER)) as f:
+        saved_world = json.load(f)["world_size"]
+    if saved_world != dist.get_world_size():
+        raise ValueError(f"{os.path.join(save_dir, tag)} was written by {saved_world} ranks and "
+                         f"this run has {dist.get_world_size()}: ZeRO shards only load on the "
+                         f"world size that wrote them. Resume with {saved_world} ranks, or convert "
+                         f"the weights (tools/convert_ckpt.py) and start from them with init=")
     path, client_state = engine.load_checkpoint(save_dir, tag=tag, load_optimizer_states=True,
                                                 load_lr_scheduler_states=True)
     if path is None:
