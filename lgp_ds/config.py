@@ -141,13 +141,19 @@ def build_config(values: dict, source: str = "config") -> Config:
 
 
 def parse_overrides(pairs: list[str]) -> dict:
-    """``["key=value", ...]`` -> {key: YAML-parsed value}."""
+    """``["key=value", ...]`` -> {key: value}, the value read as YAML where it is YAML.
+
+    A value that is not valid YAML (a shard pattern ``{a,b}.tar``) stays the string it is.
+    """
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise ValueError(f"override {pair!r} is not of the form key=value")
-        out[key.strip()] = yaml.safe_load(value) if value.strip() else None
+        try:
+            out[key.strip()] = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError:
+            out[key.strip()] = value
     return out
 
 

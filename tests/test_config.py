@@ -20,6 +20,9 @@ def test_overrides_are_typed():
     cfg = load_config(None, ["tau=0.1", "stage_blrs=[1e-4, 1e-4, 1e-3]", "data=a-{0..3}.tar",
                              "samples_per_epoch=100", "max_steps=5"])
     assert cfg.tau == 0.1 and cfg.stage_blrs == [1e-4, 1e-4, 1e-3] and cfg.data == ["a-{0..3}.tar"]
+    assert parse_overrides(["data={a,b}-{0..9}.tar"]) == {"data": "{a,b}-{0..9}.tar"}  # not YAML
+    assert parse_overrides(["data=['a-{0..9}.tar', 'b-*.tar']"]) == {
+        "data": ["a-{0..9}.tar", "b-*.tar"]}
 
 
 @pytest.mark.parametrize("values,message", [

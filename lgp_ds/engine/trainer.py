@@ -76,7 +76,7 @@ class GraftTrainer:
         groups = build_param_groups(model, self.depth, lrs, cfg.weight_decay,
                                     model.base_encoder.no_weight_decay())
         schedule = partial(lr_factor, total_steps=self.total_steps, warmup_steps=warmup_steps)
-        self.engine, _, _, self.scheduler = deepspeed.initialize(
+        self.engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=build_optimizer(cfg, groups), config=ds_config,
             lr_scheduler=lambda opt: LambdaLR(opt, schedule))
         self.group_names = [g["name"] for g in groups]
