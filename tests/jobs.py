@@ -24,9 +24,11 @@ def tiny_config(**overrides):
     return build_config({**TINY, **overrides}, source="test")
 
 
-def ds_config(cfg, stage: int, bf16: bool) -> dict:
+def ds_config(cfg, stage: int, bf16: bool, fp32_reduce: bool = False) -> dict:
     ds = {"zero_optimization": {"stage": stage}, "bf16": {"enabled": bf16},
           "steps_per_print": 10 ** 9}
+    if fp32_reduce:
+        ds["communication_data_type"] = "fp32"
     return resolve_ds_config(ds, cfg, dist.get_world_size())
 
 
@@ -63,14 +65,14 @@ def momentum_partition_numel(trainer) -> int:
 def train_job(configs, batches, out_dir):
     """For each (zero stage, bf16): one grafting step per global batch of ``batches``."""
     results = {}
-    for stage, bf16 in configs:
-        cfg = tiny_config(output_dir=os.path.join(out_dir, f"z{stage}{bf16}"))
-        trainer = GraftTrainer(cfg, ds_config(cfg, stage, bf16))
+    for stage, bf16, *fp32_reduce in configs:
+        cfg = tiny_config(output_dir=os.path.join(out_dir, f"z{stage}{bf16}{fp32_reduce}"))
+        trainer = GraftTrainer(cfg, ds_config(cfg, stage, bf16, *fp32_reduce))
         lrs, losses = [], []
         for x1, x2 in batches:
             lrs.append({g["name"]: g["lr"] for g in trainer.engine.optimizer.param_groups})
             losses.append(trainer.train_step(local(x1), local(x2))["loss"].float().item())
-        results[(stage, bf16)] = {
+        results[(stage, bf16, *fp32_reduce)] = {
             "weights": full_master_weights(trainer.engine),
             "momentum": trainer.momentum.state_dict(),
             "momentum_numel": momentum_partition_numel(trainer),

@@ -8,7 +8,10 @@ import jobs
 import reference
 from multirank import run_ranks
 
-CONFIGS = [(stage, bf16) for stage in (0, 1, 2, 3) for bf16 in (False, True)]
+# (zero stage, bf16[, gradients reduced in fp32 through "communication_data_type"])
+CONFIGS = [(stage, bf16) for stage in (0, 1, 2, 3) for bf16 in (False, True)] + [(2, True, True)]
+IDS = [f"zero{c[0]}-{'bf16' if c[1] else 'fp32'}" + ("-fp32reduce" if len(c) > 2 else "")
+       for c in CONFIGS]
 STEPS = 4
 
 
@@ -43,11 +46,11 @@ def _update_error(got: dict, want: dict, initial: dict) -> tuple[float, float]:
         (g.norm() / w.norm()).item()
 
 
-@pytest.mark.parametrize("stage,bf16", CONFIGS, ids=[f"zero{s}-{'bf16' if b else 'fp32'}"
-                                                      for s, b in CONFIGS])
-def test_weights_and_momentum_match_single_process(runs, stage, bf16):
+@pytest.mark.parametrize("config", CONFIGS, ids=IDS)
+def test_weights_and_momentum_match_single_process(runs, config):
     out, ref, initial, _ = runs
-    rank0, rank1 = out[0][(stage, bf16)], out[1][(stage, bf16)]
+    bf16 = config[1]
+    rank0, rank1 = out[0][config], out[1][config]
     mom_initial = {k.removeprefix("base_encoder."): v for k, v in initial.items()}
     mom_got = {k: rank0["momentum"][k] for k in ref["momentum"]}
     # fp32: the only differences are reduction orders (two half-batch gradients averaged vs one
@@ -82,11 +85,11 @@ def test_group_lrs_follow_stage_rule_and_schedule(runs):
     out, _, initial, cfg = runs
     steps_per_epoch = cfg.samples_per_epoch // cfg.batch_size
     total, warmup = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
-    for stage, bf16 in CONFIGS:
-        lrs = out[0][(stage, bf16)]["lrs"]
+    for config in CONFIGS:
+        lrs = out[0][config]["lrs"]
         for t, group_lrs in enumerate(lrs):
             for name, lr in group_lrs.items():
                 s = int(name[len("stage")]) - 1
                 want = cfg.stage_blrs[s] * cfg.batch_size / 256 * reference.lr_factor(t, total, warmup)
-                assert math.isclose(lr, want, rel_tol=1e-9, abs_tol=1e-15), (stage, t, name, lr, want)
+                assert math.isclose(lr, want, rel_tol=1e-9, abs_tol=1e-15), (config, t, name, lr)
     assert lrs[0]["stage1"] == 0.0 and lrs[2]["stage3"] > lrs[2]["stage1"] > 0  # warmup, ratios
