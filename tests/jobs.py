@@ -85,21 +85,21 @@ def anchor_job(cases, mim_path, out_dir):
     """Per (zero stage, norm): one step away from the MIM weights, then the anchor's value and
     gradient on their own (the loss is multiplied by 0)."""
     results = {}
-    for stage, norm in cases:
-        cfg = tiny_config(output_dir=os.path.join(out_dir, f"{stage}{norm}"), init=mim_path,
+    for stage, norm, *bf16 in cases:
+        cfg = tiny_config(output_dir=os.path.join(out_dir, f"{stage}{norm}{bf16}"), init=mim_path,
                           anchor_weight=0.5, anchor_norm=norm, anchor_blocks=2, warmup_epochs=0)
-        trainer = GraftTrainer(cfg, ds_config(cfg, stage, False))
+        trainer = GraftTrainer(cfg, ds_config(cfg, stage, bool(bf16)))
         x1, x2 = global_batch(0, cfg)
         trainer.train_step(local(x1), local(x2))
         weights = full_master_weights(trainer.engine)
         engine = trainer.engine
-        q1, q2 = engine(local(x1), local(x2))
+        q1, q2 = engine(local(x1).to(trainer.dtype), local(x2).to(trainer.dtype))
         engine.backward((q1.sum() + q2.sum()) * 0.0)  # zero gradients, reduced as usual
         value = trainer.anchor.add_gradient(trainer._slices())
         grads = {n: safe_get_full_grad(p).cpu().clone()
                  for n, p in engine.module.named_parameters() if p.requires_grad}
         reference_numel = sum(v.numel() for v in trainer.anchor.reference.values())
-        results[(stage, norm)] = {"weights": weights, "value": value, "grads": grads,
+        results[(stage, norm, *bf16)] = {"weights": weights, "value": value, "grads": grads,
                                   "reference_numel": reference_numel}
     return results
 
