@@ -95,7 +95,7 @@ def anchor_job(cases, mim_path, out_dir):
         engine = trainer.engine
         q1, q2 = engine(local(x1).to(trainer.dtype), local(x2).to(trainer.dtype))
         engine.backward((q1.sum() + q2.sum()) * 0.0)  # zero gradients, reduced as usual
-        value = trainer.anchor.add_gradient(trainer._slices())
+        value = trainer.anchor.add_gradient(trainer.slices)
         grads = {n: safe_get_full_grad(p).cpu().clone()
                  for n, p in engine.module.named_parameters() if p.requires_grad}
         reference_numel = sum(v.numel() for v in trainer.anchor.reference.values())

@@ -80,11 +80,14 @@ class GraftTrainer:
             model=model, optimizer=build_optimizer(cfg, groups), config=ds_config,
             lr_scheduler=lambda opt: LambdaLR(opt, schedule))
         self.group_names = [g["name"] for g in groups]
+        # This rank's fp32 master slices: live views into DeepSpeed's buffers, found once (and
+        # again after a checkpoint load) rather than on every step.
+        self.slices = self._find_slices()
 
         self.anchor = None
         if cfg.anchor_weight > 0:
             blocks = cfg.anchor_blocks if cfg.anchor_blocks is not None else self.depth // 2
-            self.anchor = MIMAnchor(mim_state, self._slices(), cfg.anchor_weight, cfg.anchor_norm,
+            self.anchor = MIMAnchor(mim_state, self.slices, cfg.anchor_weight, cfg.anchor_norm,
                                     blocks, sharded=zero_stage > 0)
         del mim_state
 
@@ -93,7 +96,7 @@ class GraftTrainer:
         self.corrupt_samples = 0
         self.ckpt_dir = os.path.join(cfg.output_dir, "checkpoints")
 
-    def _slices(self):
+    def _find_slices(self):
         return master_slices(self.engine.optimizer, self.engine.module.named_parameters())
 
     def applied_steps(self) -> int:
@@ -114,6 +117,7 @@ class GraftTrainer:
             dist.print_main(f"resume=auto: no complete checkpoint in {self.ckpt_dir}, starting fresh")
             return
         state = checkpoint.load(self.engine, *found)
+        self.slices = self._find_slices()
         self.momentum.load_state_dict(state["momentum"])
         self.step, self.epoch = state["step"], state["epoch"]
         self.batch_in_epoch = state["batch_in_epoch"]
@@ -133,14 +137,14 @@ class GraftTrainer:
         anchor = 0.0
         boundary = self.engine.is_gradient_accumulation_boundary()
         if boundary and self.anchor is not None:
-            anchor = self.anchor.add_gradient(self._slices(),
+            anchor = self.anchor.add_gradient(self.slices,
                                               getattr(self.engine.optimizer, "loss_scale", 1.0))
         self.engine.step()
         m = None
         if boundary:
             m = momentum_at(self.applied_steps(), self.total_steps, self.cfg.momentum)
             if self.engine.was_step_applied():
-                self.momentum.update(self._slices(), m)
+                self.momentum.update(self.slices, m)
         return {"loss": loss.detach(), "anchor": anchor, "momentum": m, "boundary": boundary}
 
     def fit(self) -> list[dict]:
