@@ -197,6 +197,12 @@ def resolve_ds_config(ds: dict, cfg: Config, world_size: int) -> dict:
         if key in ds:
             raise ValueError(f"DeepSpeed config key {key!r}: lgp_ds builds it from the recipe "
                              f"({owner}); remove it from the DeepSpeed config")
+    zero = ds.get("zero_optimization", {})
+    for key in ("offload_optimizer", "offload_param"):
+        if zero.get(key, {}).get("device", "none") != "none":
+            raise ValueError(f"DeepSpeed config key zero_optimization.{key}: offloading is not "
+                             f"supported (the momentum EMA and the MIM anchor read the fp32 "
+                             f"master weights in place on the device)")
     ds = dict(ds)
     gas = ds.get("gradient_accumulation_steps", 1)
     micro = ds.get("train_micro_batch_size_per_gpu")

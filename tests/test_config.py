@@ -66,6 +66,8 @@ def test_batch_size_has_one_source_of_truth():
     ({"gradient_accumulation_steps": 3}, 2, "gradient_accumulation_steps 3"),
     ({"optimizer": {"type": "Adam"}}, 2, "DeepSpeed config key 'optimizer'"),
     ({"scheduler": {"type": "WarmupLR"}}, 2, "DeepSpeed config key 'scheduler'"),
+    ({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}}, 2,
+     "zero_optimization.offload_optimizer: offloading is not supported"),
 ])
 def test_deepspeed_config_conflicts(ds, world, message):
     with pytest.raises(ValueError, match=message):
