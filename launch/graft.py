@@ -6,14 +6,13 @@
 Without --config the bundled ``digits_demo`` recipe trains a tiny ViT on the embedded data.
 """
 import argparse
-import json
 import os
 import sys
 
 import deepspeed
-from deepspeed.accelerator import get_accelerator
 
-from lgp_ds.config import load_config, resolve_ds_config
+from lgp_ds.config import load_run_config
+from lgp_ds.dist import init_process_group
 from lgp_ds.engine.trainer import GraftTrainer
 
 
@@ -31,18 +30,12 @@ def main(argv=None) -> None:
     # Bad input fails here, on every rank alike, before any process group or engine exists.
     try:
         overrides = args.overrides + ([f"output_dir={args.output_dir}"] if args.output_dir else [])
-        cfg = load_config(args.config, overrides)
-        with open(args.deepspeed_config) as f:
-            ds_config = resolve_ds_config(json.load(f), cfg, int(os.environ.get("WORLD_SIZE", 1)))
-    except (ValueError, FileNotFoundError, json.JSONDecodeError) as e:
+        cfg, ds_config = load_run_config(args.config, overrides, args.deepspeed_config)
+    except (ValueError, FileNotFoundError) as e:
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    if "RANK" not in os.environ:  # `python launch/graft.py`: a world of one, no launcher needed
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
-    cpu = get_accelerator().device_name() == "cpu"
-    deepspeed.init_distributed(dist_backend="gloo" if cpu else None)
+    init_process_group()
     try:  # data, init weights and resume checkpoints are checked while the trainer is built
         trainer = GraftTrainer(cfg, ds_config)
     except (ValueError, FileNotFoundError) as e:

@@ -7,6 +7,7 @@ config that states another batch size is refused).
 """
 import dataclasses
 import difflib
+import json
 import os
 import types
 import typing
@@ -227,3 +228,18 @@ def resolve_ds_config(ds: dict, cfg: Config, world_size: int) -> dict:
     ds.update(train_batch_size=cfg.batch_size, gradient_accumulation_steps=gas,
               train_micro_batch_size_per_gpu=cfg.batch_size // (world_size * gas))
     return ds
+
+
+def load_run_config(recipe: str | None, overrides: list[str], ds_config_path: str):
+    """(Config, resolved DeepSpeed config) for an entry point, before any process group exists.
+
+    The world size comes from the launcher's environment (1 without a launcher), so bad input
+    fails alike on every rank before any rank starts work.
+    """
+    cfg = load_config(recipe, overrides)
+    try:
+        with open(ds_config_path) as f:
+            ds = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--deepspeed_config {ds_config_path}: not valid JSON: {e}") from e
+    return cfg, resolve_ds_config(ds, cfg, int(os.environ.get("WORLD_SIZE", 1)))

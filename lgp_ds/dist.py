@@ -79,3 +79,19 @@ def print_main(*args) -> None:
     """print() on rank 0 only, flushed."""
     if is_main():
         print(*args, flush=True)
+
+
+def init_process_group() -> None:
+    """Join the world the launcher describes in the environment (gloo on CPUs, else NCCL).
+
+    Without a launcher (``python launch/graft.py``) the world is this one process.
+    """
+    import os
+
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+    cpu = get_accelerator().device_name() == "cpu"
+    deepspeed.init_distributed(dist_backend="gloo" if cpu else None)

@@ -10,8 +10,6 @@ projector: one image costs 3 forward passes (forward + backward) of the base enc
 two views plus one forward of the momentum encoder on each view.
 """
 import argparse
-import json
-import os
 import time
 
 import deepspeed
@@ -20,7 +18,7 @@ from deepspeed.accelerator import get_accelerator
 from fvcore.nn import FlopCountAnalysis
 
 from lgp_ds import dist
-from lgp_ds.config import load_config, resolve_ds_config
+from lgp_ds.config import load_run_config
 from lgp_ds.engine.trainer import GraftTrainer
 from lgp_ds.models.moco import build_graft_model
 
@@ -63,14 +61,10 @@ def main() -> None:
     p.add_argument("overrides", nargs="*")
     p = deepspeed.add_config_arguments(p)
     args = p.parse_args()
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
-    cfg = load_config(args.config, args.overrides + ["output_dir=/tmp/lgp_ds_bench"])
-    with open(args.deepspeed_config) as f:
-        ds_config = resolve_ds_config(json.load(f), cfg, int(os.environ["WORLD_SIZE"]))
-    cpu = get_accelerator().device_name() == "cpu"
-    deepspeed.init_distributed(dist_backend="gloo" if cpu else None)
+    cfg, ds_config = load_run_config(args.config,
+                                     args.overrides + ["output_dir=/tmp/lgp_ds_bench"],
+                                     args.deepspeed_config)
+    dist.init_process_group()
     trainer = GraftTrainer(cfg, ds_config)
     world, n = dist.get_world_size(), trainer.engine.train_micro_batch_size_per_gpu()
     device = get_accelerator().device_name()
