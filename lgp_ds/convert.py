@@ -18,15 +18,16 @@ checkpoint runs. Outputs are written under a temporary name and renamed when com
 import contextlib
 import hashlib
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 
+from lgp_ds.models.moco import MAE_ONLY_PREFIXES, GraftModel
+
 FORMATS_IN = ("mae", "moco", "timm", "lgp_ds")
 FORMATS_OUT = ("timm", "mae", "init", "moco")
-_MAE_ONLY = ("decoder_", "mask_token")
 _VIT_KEYS = ("cls_token", "pos_embed", "patch_embed.proj.weight")
 
 
@@ -41,7 +42,6 @@ class Weights:
     momentum: dict[str, torch.Tensor] | None = None
     predictor: dict[str, torch.Tensor] | None = None
     arch: str | None = None
-    meta: dict = field(default_factory=dict)
 
     def encoder(self, which: str = "base") -> dict[str, torch.Tensor]:
         """The ViT without its projector: ``which`` is ``base`` or ``momentum``."""
@@ -84,7 +84,7 @@ def detect(path: str, obj=None) -> str:
         if isinstance(obj.get("model"), dict):
             return "mae"
         if all(torch.is_tensor(v) for v in obj.values()) and all(k in obj for k in _VIT_KEYS):
-            return "mae" if any(k.startswith(_MAE_ONLY) for k in obj) else "timm"
+            return "mae" if any(k.startswith(MAE_ONLY_PREFIXES) for k in obj) else "timm"
     raise ValueError(f"{path}: unknown checkpoint layout ({_keys_hint(obj)})")
 
 
@@ -103,7 +103,7 @@ def read(path: str, fmt: str | None = None) -> Weights:
                        _strip(sd, "predictor.") or None, obj.get("arch"))
     if fmt == "mae":
         sd = obj["model"] if isinstance(obj.get("model"), dict) else obj
-        return Weights({k: v for k, v in sd.items() if not k.startswith(_MAE_ONLY)})
+        return Weights({k: v for k, v in sd.items() if not k.startswith(MAE_ONLY_PREFIXES)})
     if fmt == "timm":
         return Weights(dict(obj))
     raise ValueError(f"--from {fmt}: not one of {FORMATS_IN}")
@@ -170,7 +170,7 @@ def _read_lgp_ds(path: str) -> Weights:
     cfg = states["config"]
     custom = any(cfg.get(k) is not None for k in ("patch_size", "embed_dim", "depth", "num_heads"))
     return Weights(_strip(model, "base_encoder."), states["momentum"], _strip(model, "predictor."),
-                   None if custom else cfg.get("arch"), {"config": cfg, "step": states.get("step")})
+                   None if custom else cfg.get("arch"))
 
 
 def resample_pos_embed(encoder: dict, img_size: int) -> dict:
@@ -255,7 +255,6 @@ def vit_from_state(sd: dict, arch: str | None = None) -> VisionTransformer:
 
 def verify(obj: dict, fmt: str, arch: str | None = None) -> dict:
     """Load ``obj`` strictly into the model it is for; return what a user wants to see."""
-    from lgp_ds.models.moco import GraftModel
     if fmt == "moco":
         sd = _strip(obj["state_dict"], "module.")
         base = _strip(sd, "base_encoder.")

@@ -1,5 +1,4 @@
 """2N steps straight == N steps, resume=auto, N more steps (2 ranks, real data pipeline)."""
-import os
 
 import pytest
 import torch

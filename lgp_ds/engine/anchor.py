@@ -29,7 +29,7 @@ class MIMAnchor:
                  prefix: str = "base_encoder."):
         if norm not in ("l1", "l2"):
             raise ValueError(f"anchor_norm must be 'l1' or 'l2', got {norm!r}")
-        self.weight, self.norm, self.num_blocks, self.prefix = weight, norm, num_blocks, prefix
+        self.weight, self.norm = weight, norm
         self.sharded = sharded  # ZeRO 1-3: partial sums must be all-reduced (by every rank)
         self.names = sorted({s.name for s in slices if is_anchored(s.name, num_blocks, prefix)})
         self.reference = {}  # name -> fp32 [numel] MIM values of this rank's slice

@@ -21,14 +21,6 @@ def stage_of(name: str, depth: int, num_stages: int, encoder_prefix: str = "base
     return min(layer - 1, depth - 1) // (depth // num_stages)
 
 
-def check_stages(depth: int, num_stages: int, stage_blrs) -> None:
-    if num_stages < 1 or depth % num_stages:
-        raise ValueError(f"num_stages={num_stages} does not divide the model depth {depth} "
-                         f"into equal stages")
-    if len(stage_blrs) != num_stages:
-        raise ValueError(f"stage_blrs has {len(stage_blrs)} values but num_stages={num_stages}")
-
-
 def build_param_groups(model: nn.Module, depth: int, stage_lrs, weight_decay: float,
                        no_weight_decay: set[str] = frozenset(),
                        encoder_prefix: str = "base_encoder.") -> list[dict]:
@@ -37,7 +29,9 @@ def build_param_groups(model: nn.Module, depth: int, stage_lrs, weight_decay: fl
     ``stage_lrs`` are absolute learning rates (already scaled by the batch size). Empty groups are
     left out.
     """
-    check_stages(depth, len(stage_lrs), stage_lrs)
+    if depth % len(stage_lrs):
+        raise ValueError(f"num_stages={len(stage_lrs)} does not divide the model depth {depth} "
+                         f"into equal stages")
     groups: dict[str, dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:

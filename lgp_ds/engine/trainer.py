@@ -29,7 +29,7 @@ from . import checkpoint
 from .anchor import MIMAnchor
 from .master import master_slices
 from .momentum import MomentumEncoder
-from .param_groups import build_param_groups, check_stages
+from .param_groups import build_param_groups
 from .schedules import lr_factor, momentum_at
 
 
@@ -52,7 +52,9 @@ class GraftTrainer:
         torch.manual_seed(cfg.seed)  # same initial weights on every rank
         model = build_graft_model(cfg)
         self.depth = len(model.base_encoder.blocks)
-        check_stages(self.depth, cfg.num_stages, cfg.stage_blrs)
+        lrs = [blr * cfg.batch_size / 256 for blr in cfg.stage_blrs]
+        groups = build_param_groups(model, self.depth, lrs, cfg.weight_decay,
+                                    model.base_encoder.no_weight_decay())
         mim_state = None
         if cfg.init:
             mim_state = read_mim_state_dict(cfg.init)
@@ -72,9 +74,6 @@ class GraftTrainer:
                           torch.float32)
         self.momentum = MomentumEncoder(model.base_encoder, zero_stage, self.dtype)
 
-        lrs = [blr * cfg.batch_size / 256 for blr in cfg.stage_blrs]
-        groups = build_param_groups(model, self.depth, lrs, cfg.weight_decay,
-                                    model.base_encoder.no_weight_decay())
         schedule = partial(lr_factor, total_steps=self.total_steps, warmup_steps=warmup_steps)
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=build_optimizer(cfg, groups), config=ds_config,

@@ -13,7 +13,7 @@ from .heads import build_mlp
 from .vit import create_vit
 
 # Keys of an MAE pre-training checkpoint that are not part of the encoder.
-_MAE_ONLY_PREFIXES = ("decoder_", "mask_token")
+MAE_ONLY_PREFIXES = ("decoder_", "mask_token")
 
 
 class GraftModel(nn.Module):
@@ -53,7 +53,7 @@ def read_mim_state_dict(path: str) -> dict[str, torch.Tensor]:
         state = state["model"]
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise ValueError(f"init={path}: expected a state dict or {{'model': state_dict}} of tensors")
-    return {k: v for k, v in state.items() if not k.startswith(_MAE_ONLY_PREFIXES)}
+    return {k: v for k, v in state.items() if not k.startswith(MAE_ONLY_PREFIXES)}
 
 
 def load_mim_weights(encoder: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
