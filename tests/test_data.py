@@ -1,38 +1,22 @@
 """WebDataset input: shard lists, per-rank/worker splits, equal batch counts, bad data."""
-import io
 import logging
+import re
 
-import numpy as np
 import pytest
 import torch
 import webdataset as wds
-from PIL import Image
 
+from lgp_ds.config import Config
 from lgp_ds.data.builtin import digits_shards
+from lgp_ds.data.pipeline import TrainData
 from lgp_ds.data.shards import expand_shards, train_batches
 from lgp_ds.data.transforms import TwoViews
+from tarfiles import make_shards, png, write_garbage
 
 
-def _png(seed: int) -> bytes:
-    img = Image.fromarray(np.random.default_rng(seed).integers(0, 255, (20, 20, 3), np.uint8))
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def make_shards(folder, sizes, corrupt=()) -> str:
-    """Shard i holds sizes[i] samples labelled i; (shard, index) pairs in ``corrupt`` are garbage."""
-    for shard, n in enumerate(sizes):
-        with wds.TarWriter(str(folder / f"s-{shard:02d}.tar")) as sink:
-            for j in range(n):
-                image = b"not an image" if (shard, j) in corrupt else _png(100 * shard + j)
-                sink.write({"__key__": f"{shard}-{j}", "png": image, "cls": str(shard).encode()})
-    return str(folder / f"s-{{00..{len(sizes) - 1:02d}}}.tar")
-
-
-def batches(urls, steps, rank=0, world=1, workers=0, batch=8, buffer=1, epoch=0):
+def batches(urls, steps, rank=0, world=1, workers=0, batch=8, buffer=1, epoch=0, **kw):
     return list(train_batches(urls, TwoViews(16, 0.5), batch, steps, rank, world, workers,
-                              seed=0, epoch=epoch, shuffle_buffer=buffer))
+                              seed=0, epoch=epoch, shuffle_buffer=buffer, **kw))
 
 
 def test_patterns_expand_and_missing_shards_are_named(tmp_path):
@@ -65,8 +49,71 @@ def test_uneven_shards_give_every_rank_the_same_number_of_batches(tmp_path):
 
 def test_too_few_shards_for_the_readers(tmp_path):
     urls = expand_shards([make_shards(tmp_path, [4, 4, 4])])
-    with pytest.raises(ValueError, match=r"3 shard\(s\) cannot give each of 2 rank\(s\) x 2"):
+    with pytest.raises(ValueError, match=r"3 shard\(s\) \(.*s-02.tar\) cannot give each of "
+                                         r"2 rank\(s\) x 2"):
         batches(urls, 1, world=2, workers=2)
+
+
+def test_too_few_shards_fail_when_train_data_is_built(tmp_path):
+    # The trainer builds TrainData before the DeepSpeed engine: the error must come from there.
+    cfg = Config(data=[make_shards(tmp_path, [4])], samples_per_epoch=4, num_workers=2,
+                 img_size=16)
+    with pytest.raises(ValueError, match=r"1 shard\(s\) \(.*s-00.tar\) cannot give each of "
+                                         r"1 rank\(s\) x 2 worker\(s\)"):
+        TrainData(cfg, batch_per_rank=4)
+    cfg.num_workers = 1
+    assert TrainData(cfg, batch_per_rank=4).urls == [str(tmp_path / "s-00.tar")]
+
+
+def test_reader_whose_shards_all_fail_stops_naming_them(tmp_path):
+    urls = expand_shards([make_shards(tmp_path, [16])]) + [write_garbage(tmp_path / "bad.tar")]
+    outcome = {}
+    for rank in (0, 1):  # each rank keeps one shard for the epoch: one of them gets bad.tar
+        try:
+            outcome[rank] = len(batches(urls, 2, rank=rank, world=2))
+        except RuntimeError as e:
+            outcome[rank] = str(e)
+    errors = [v for v in outcome.values() if isinstance(v, str)]
+    assert len(errors) == 1 and 2 in outcome.values(), outcome
+    msg = errors[0]
+    assert re.search(r"no sample in a whole pass over the 1 shard\(s\) of rank \d.*"
+                     r"bad.tar: ReadError: invalid header", msg), msg
+    assert "s-00.tar" not in msg
+    # Every shard unreadable on a single reader (num_workers=0): an error, not an endless loop.
+    empty = write_garbage(tmp_path / "empty.tar", b"")
+    with pytest.raises(RuntimeError, match=r"bad.tar: ReadError: invalid header.*"
+                                           r"empty.tar: ReadError: empty file"):
+        batches(sorted([urls[1], empty]), 1)
+
+
+def test_bad_shard_error_survives_the_dataloader_worker(tmp_path):
+    urls = expand_shards([make_shards(tmp_path, [16])]) + [write_garbage(tmp_path / "bad.tar")]
+    with pytest.raises(RuntimeError, match=r"DataLoader worker(.|\n)*no sample in a whole pass "
+                                           r"over the 1 shard\(s\) of rank 0, DataLoader worker "
+                                           r"\d: .*bad.tar: ReadError: invalid header"):
+        batches(urls, 4, workers=2)
+
+
+def test_webp_and_upper_case_image_keys_are_decoded(tmp_path):
+    for shard, (key, fmt) in enumerate([("webp", "WEBP"), ("JPEG", "JPEG"), ("Png", "PNG")]):
+        with wds.TarWriter(str(tmp_path / f"s-{shard:02d}.tar")) as sink:
+            for j in range(4):
+                sink.write({"__key__": f"{shard}-{j}", key: png(10 * shard + j, fmt),
+                            "cls": str(shard).encode()})
+    (got,) = batches(expand_shards([str(tmp_path / "s-*.tar")]), 1, batch=12)
+    assert int(got[3].sum()) == 0 and sorted(got[2].tolist()) == [0] * 4 + [1] * 4 + [2] * 4
+
+
+def test_samples_without_an_image_stop_the_run_naming_shard_and_keys(tmp_path):
+    urls = expand_shards([make_shards(tmp_path, [8])])
+    with wds.TarWriter(str(tmp_path / "text.tar")) as sink:
+        for j in range(20):
+            sink.write({"__key__": f"t-{j}", "txt": b"a caption", "cls": b"1"})
+    # in a DataLoader worker, so the message has to cross the process boundary
+    with pytest.raises(RuntimeError, match=r"5 samples in a row could not be used "
+                                           r"\(max_corrupt_run=5\).*text.tar.* has no image "
+                                           r"\(keys found: \['cls', 'txt'\]"):
+        batches(urls + [str(tmp_path / "text.tar")], 4, workers=1, max_corrupt_run=5)
 
 
 def test_corrupt_sample_is_skipped_and_counted(tmp_path):

@@ -3,24 +3,35 @@ import itertools
 
 from lgp_ds import dist
 
-from .builtin import digits_shards
-from .shards import expand_shards, train_batches
+from .builtin import NUM_SAMPLES, digits_shards
+from .shards import check_readers, expand_shards, train_batches
 from .transforms import TwoViews
 
 
+def samples_per_epoch(cfg) -> int:
+    """Training samples in one epoch: ``cfg.samples_per_epoch`` (required with ``data=``), or the
+    embedded set's size."""
+    return cfg.samples_per_epoch or NUM_SAMPLES
+
+
 class TrainData:
-    """Per-epoch iterators of two-view micro-batches [batch_per_rank, 3, H, W] for this rank."""
+    """Per-epoch iterators of two-view micro-batches [batch_per_rank, 3, H, W] for this rank.
+
+    Construction fails (FileNotFoundError, ValueError) on missing shards and on fewer shards than
+    ranks x workers, before any engine is built.
+    """
 
     def __init__(self, cfg, batch_per_rank: int):
         if cfg.data is None:
             if dist.is_main():  # build once; the other ranks wait and then find it cached
                 digits_shards(size=cfg.img_size)
             dist.barrier()
-            pattern, n = digits_shards(size=cfg.img_size)
-            patterns, self.samples_per_epoch = [pattern], cfg.samples_per_epoch or n
+            patterns = [digits_shards(size=cfg.img_size)[0]]
         else:
-            patterns, self.samples_per_epoch = cfg.data, cfg.samples_per_epoch
+            patterns = cfg.data
         self.urls = expand_shards(patterns)
+        # Checked here, as the trainer builds the data before the engine, not when reading starts.
+        check_readers(self.urls, dist.get_world_size(), cfg.num_workers)
         self.cfg, self.batch_per_rank = cfg, batch_per_rank
         self.transform = TwoViews(cfg.img_size, cfg.crop_min)
 
@@ -33,5 +44,5 @@ class TrainData:
         cfg = self.cfg
         stream = train_batches(self.urls, self.transform, self.batch_per_rank, count,
                                dist.get_rank(), dist.get_world_size(), cfg.num_workers, cfg.seed,
-                               epoch, cfg.shuffle_buffer)
+                               epoch, cfg.shuffle_buffer, cfg.max_corrupt_run)
         return itertools.islice(stream, skip, None)

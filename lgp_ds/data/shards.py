@@ -1,27 +1,37 @@
 """WebDataset shards -> fixed-size two-view batches, the same number on every rank.
 
-Flow (per rank): shard list, shuffled by (seed, pass) -> split by node -> split by worker ->
-tar samples -> shuffle buffer -> decode + two views (corrupt samples skipped and counted) ->
-batches of ``batch_per_rank``. The shard stream repeats forever and every rank takes exactly
+Flow (per rank): shard list, shuffled by the epoch's seed -> split by node -> split by worker (each
+reader, i.e. rank x DataLoader worker, keeps its shards for the epoch) -> the reader's shards in a
+new seeded order each pass, forever -> tar samples -> shuffle buffer -> decode + two views
+(corrupt samples skipped and counted) -> batches of ``batch_per_rank``. Every rank takes exactly
 ``steps`` batches per epoch, so an uneven shard split never leaves a rank short of a batch (which
 would hang the next collective).
+
+Bad data that would make a reader loop forever without yielding stops it with a DataError
+naming the shards: a pass over its shards that gives no sample, or ``max_corrupt_run``
+undecodable samples in a row. Raised in a DataLoader worker, the message reaches the main process.
 """
 import glob
-import io
 import itertools
 import logging
 import os
 import random
+from functools import partial
 
 import torch
 import webdataset as wds
 from braceexpand import braceexpand
-from PIL import Image
 
 log = logging.getLogger(__name__)
 
-IMAGE_KEYS = ("jpg", "jpeg", "png")
+# Sample keys (file extensions) that hold the image, matched in any case. Pillow decodes them all.
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 _REMOTE = ("pipe:", "http://", "https://", "s3://", "gs://")
+_decode_image = wds.imagehandler("pil", IMAGE_KEYS)  # (key, bytes) -> fully decoded RGB PIL image
+
+
+class DataError(RuntimeError):
+    """Data that can never give this reader a batch; the message names the shards."""
 
 
 def expand_shards(patterns: list[str]) -> list[str]:
@@ -51,60 +61,129 @@ def expand_shards(patterns: list[str]) -> list[str]:
     return urls
 
 
-def _repeating_shards(urls: list[str], seed: int):
-    """Source stage: every shard once per pass, in a new seeded order each pass, forever."""
+def check_readers(urls: list[str], world_size: int, num_workers: int) -> None:
+    """Raise ValueError (naming the shards) unless every rank x worker gets a shard of its own."""
+    readers = world_size * max(1, num_workers)
+    if len(urls) < readers:
+        raise ValueError(f"{len(urls)} shard(s) ({_listed(urls)}) cannot give each of "
+                         f"{world_size} rank(s) x {max(1, num_workers)} worker(s) its own shards: "
+                         f"use more shards or fewer num_workers")
+
+
+def _listed(items: list[str], n: int = 5) -> str:
+    """The first ``n`` items, comma-separated, and how many more there are."""
+    more = f" and {len(items) - n} more" if len(items) > n else ""
+    return ", ".join(items[:n]) + more
+
+
+def _describe(exn: Exception) -> str:
+    """``TypeName: message``. webdataset appends the stream and URL to ``args``, so a string first
+    argument is the message on its own."""
+    first = exn.args[0] if exn.args else ""
+    return f"{type(exn).__name__}: {first if isinstance(first, str) else exn}"
+
+
+def _shuffled(items: list[str], seed: int) -> list[str]:
+    """A copy of ``items`` in the order ``seed`` gives, the same in every process."""
+    order = list(items)
+    random.Random(seed).shuffle(order)
+    return order
+
+
+def _skip_shard_data(url: str, problems: dict, exn: Exception) -> bool:
+    """Tar handler: warn, note what was wrong with shard ``url`` in ``problems``, keep going."""
+    problems[url] = _describe(exn)
+    log.warning("skipping unreadable data in shard %s: %s", url, problems[url])
+    return True
+
+
+def _reader_samples(urls: list[str], rank: int, world_size: int, seed: int):
+    """Source stage: tar samples (dicts: ``__key__``, ``__url__``, one bytes value per file) of
+    this reader's shards, a new seeded order each pass, forever.
+
+    Unreadable shard data is skipped with a warning. A whole pass that yields no sample raises
+    DataError naming the shards and what was wrong with them: the reader would otherwise loop
+    over them forever without yielding, and its rank would wait forever for the batch.
+    """
+    mine = list(wds.split_by_worker(_shuffled(urls, seed)[rank::world_size]))
     for n in itertools.count():
-        order = list(urls)
-        random.Random(seed * 1_000_003 + n).shuffle(order)
-        yield from ({"url": u} for u in order)
+        problems, found = {}, 0
+        for url in _shuffled(mine, seed * 1_000_003 + n):
+            for sample in wds.tarfile_samples([{"url": url}],
+                                              handler=partial(_skip_shard_data, url, problems)):
+                found += 1
+                yield sample
+        if not found:
+            worker = wds.utils.pytorch_worker_info()[2]
+            what = [f"{u}: {problems.get(u, 'no samples (empty, or no files named KEY.EXT)')}"
+                    for u in mine]
+            raise DataError(f"no sample in a whole pass over the {len(mine)} shard(s) of rank "
+                            f"{rank}, DataLoader worker {worker}: {_listed(what)}")
 
 
-def _warn_shard(exn: Exception) -> bool:
-    log.warning("skipping unreadable shard data: %r", exn)
-    return True  # keep going with the next shard
+class _NoImage(ValueError):
+    """A tar sample without an image key; the message lists the keys it has."""
 
 
-def _decode_two_views(samples, transform):
-    """Tar samples -> (view1, view2, label, skipped) with skipped = corrupt samples dropped before."""
-    skipped = 0
+def _image_and_label(sample: dict):
+    """Tar sample -> (RGB PIL image, label: int of ``cls``, or -1 without one).
+
+    The image is the first key in IMAGE_KEYS, any case; _NoImage when the sample has none.
+    """
+    key = next((k for k in sample if k.lower() in IMAGE_KEYS), None)
+    if key is None:
+        found = sorted(k for k in sample if not k.startswith("__"))
+        raise _NoImage(f"has no image (keys found: {found}; image keys: "
+                       f"{', '.join(IMAGE_KEYS)}, any case)")
+    return _decode_image(key, sample[key]), int(sample["cls"]) if "cls" in sample else -1
+
+
+def _decode_two_views(samples, transform, max_corrupt_run: int):
+    """Tar samples -> (view1 [3,H,W], view2 [3,H,W], label, skipped), label an int (-1: none) and
+    skipped the number of corrupt samples dropped just before this one.
+
+    Isolated corrupt samples are skipped with a warning. ``max_corrupt_run`` in a row raise
+    DataError naming their shards and the last one's problem: data this reader can never
+    decode (e.g. no image key) would otherwise be skipped forever without a batch.
+    """
+    run = []  # shard URLs of the corrupt samples since the last good one
     for sample in samples:
         try:
-            key = next(k for k in IMAGE_KEYS if k in sample)
-            img = Image.open(io.BytesIO(sample[key])).convert("RGB")
-            label = int(sample["cls"]) if "cls" in sample else -1
+            img, label = _image_and_label(sample)
             v1, v2 = transform(img)
         except Exception as exn:  # a corrupt or incomplete sample: count it and go on
-            skipped += 1
-            log.warning("skipping corrupt sample %s in %s: %r", sample.get("__key__"),
-                        sample.get("__url__"), exn)
+            key, url = sample.get("__key__"), sample.get("__url__")
+            problem = (str(exn) if isinstance(exn, _NoImage)
+                       else f"could not be decoded: {_describe(exn)}")
+            log.warning("skipping corrupt sample %s in %s: %s", key, url, problem)
+            run.append(url)
+            if len(run) >= max_corrupt_run:
+                raise DataError(
+                    f"{len(run)} samples in a row could not be used (max_corrupt_run="
+                    f"{max_corrupt_run}): the last, {key!r} in {url}, {problem}; shard(s) of "
+                    f"the run: {_listed(list(dict.fromkeys(run)))}") from None
             continue
-        yield v1, v2, label, skipped
-        skipped = 0
+        yield v1, v2, label, len(run)
+        run = []
 
 
 def train_batches(urls: list[str], transform, batch_per_rank: int, steps: int, rank: int,
                   world_size: int, num_workers: int, seed: int, epoch: int,
-                  shuffle_buffer: int = 5000):
+                  shuffle_buffer: int = 5000, max_corrupt_run: int = 100):
     """Iterator over exactly ``steps`` batches of this rank for ``epoch``.
 
     Each batch is (view1 [B,3,H,W], view2 [B,3,H,W], labels [B], skipped [B]) where
     ``skipped.sum()`` counts corrupt samples dropped while it was assembled. The order is a
-    function of (seed, epoch, rank), so a resumed run sees the same batches.
+    function of (seed, epoch, rank), so a resumed run sees the same batches. Raises ValueError
+    when there are fewer shards than readers, DataError (see the module) on hopeless data.
     """
-    readers = world_size * max(1, num_workers)
-    if len(urls) < readers:
-        raise ValueError(f"{len(urls)} shard(s) cannot give each of {world_size} rank(s) x "
-                         f"{max(1, num_workers)} worker(s) its own shards: use more shards or "
-                         f"fewer num_workers")
+    check_readers(urls, world_size, num_workers)
     epoch_seed = seed * 10_007 + epoch
     pipeline = wds.DataPipeline(
-        lambda: _repeating_shards(urls, epoch_seed),
-        lambda src: itertools.islice(src, rank, None, world_size),  # split by node
-        wds.split_by_worker,
-        wds.tarfile_to_samples(handler=_warn_shard),
+        lambda: _reader_samples(urls, rank, world_size, epoch_seed),
         wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 1000),
                     seed=epoch_seed * 1_000 + rank),
-        lambda src: _decode_two_views(src, transform),
+        lambda src: _decode_two_views(src, transform, max_corrupt_run),
         wds.batched(batch_per_rank, partial=False),
     )
     generator = torch.Generator().manual_seed(epoch_seed * 1_000 + rank)
