@@ -1,17 +1,22 @@
 """tools/convert_ckpt.py: official layouts, DeepSpeed checkpoints, round trips, refusals."""
+import argparse
 import copy
+import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 import timm
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
+from timm.models.vision_transformer import VisionTransformer
 
 import jobs
 from lgp_ds import convert
-from lgp_ds.models.moco import build_graft_model
+from lgp_ds.models.moco import GraftModel, build_graft_model
 from multirank import run_ranks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -80,7 +85,7 @@ def test_timm_to_init_to_timm_round_trip_is_exact(tmp_path, graft):
     assert convert_ckpt.main([str(tmp_path / "timm.pth"), str(tmp_path / "init.pth"),
                               "--to", "init"]) == 0
     init = torch.load(tmp_path / "init.pth", weights_only=True)
-    assert set(init) == {"model"}
+    assert set(init) == {"model", "timm_model", "timm_kwargs"}  # MAE layout + the model record
     assert convert_ckpt.main([str(tmp_path / "init.pth"), str(tmp_path / "back.pth")]) == 0
     back = torch.load(tmp_path / "back.pth", weights_only=True)
     assert set(back) == set(want) and all(torch.equal(back[k], want[k]) for k in want)
@@ -123,17 +128,177 @@ def test_refusals(tmp_path, graft, capsys):
     assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]  # no partial outputs left
 
 
-CASES = [(1, False), (2, True), (3, False)]
+def printed_call(out: str) -> str:
+    """The ``timm.create_model(...)`` expression in the converter's summary."""
+    calls = re.findall(r"^(?:load it with|its encoder is built by): (timm\.create_model\(.*\))$",
+                       out, re.M)
+    assert len(calls) == 1, out
+    return calls[0]
+
+
+def run_printed_call(out: str) -> VisionTransformer:
+    """Build (and load) the model exactly as the summary tells the user to."""
+    return eval(printed_call(out), {"timm": timm})  # our own printed line, nothing else
+
+
+def features(vit, seed=0, n=3):
+    x = torch.randn(n, 3, vit.patch_embed.img_size[0], vit.patch_embed.img_size[1],
+                    generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return vit.eval()(x)
+
+
+def test_mae_training_checkpoint_with_args_converts(tmp_path, graft, capsys):
+    """MAE's main_pretrain.py saves args (argparse.Namespace), optimizer, epoch and scaler."""
+    model, _ = graft
+    enc = encoder_of(model.base_encoder.state_dict())
+    args = argparse.Namespace(model="mae_vit_base_patch16", input_size=224, mask_ratio=0.75,
+                              norm_pix_loss=True, blr=1.5e-4, lr=None, output_dir="./out")
+    torch.save({"model": {**enc, "mask_token": torch.zeros(1, 1, 32)},
+                "optimizer": {"state": {}, "param_groups": [{"lr": 0.1, "params": [0]}]},
+                "epoch": 799, "scaler": {"scale": 65536.0, "_growth_tracker": 0}, "args": args},
+               tmp_path / "checkpoint-799.pth")
+    dst = tmp_path / "enc.pth"
+    assert convert_ckpt.main([str(tmp_path / "checkpoint-799.pth"), str(dst)]) == 0
+    back = torch.load(dst, weights_only=True)
+    assert set(back) == set(enc) and all(torch.equal(back[k], enc[k]) for k in enc)
+    # its args.model names MAE's ViT-B, which these weights (width 32) are not: said so
+    out = capsys.readouterr().out
+    assert "num_heads=1 is a guess" in out and "--num_heads N" in out
+    assert convert_ckpt.main([str(tmp_path / "checkpoint-799.pth"), str(dst), "--force",
+                              "--num_heads", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "note:" not in out
+    trained = copy.deepcopy(model.base_encoder)
+    trained.head = torch.nn.Identity()
+    assert torch.allclose(features(run_printed_call(out)), features(trained), atol=1e-6)
+
+
+@pytest.mark.parametrize("mae_model,timm_name,heads", [
+    ("mae_vit_base_patch16", "vit_base_patch16_224", 12),
+    ("mae_vit_large_patch16", "vit_large_patch16_224", 16),
+    ("mae_vit_huge_patch14", "vit_huge_patch14_224", 16)])
+def test_mae_args_model_names_the_timm_model(mae_model, timm_name, heads):
+    """MAE's models_mae: ViT-B 12 heads, ViT-L 16, ViT-H/14 16 (shapes on the meta device)."""
+    with torch.device("meta"):
+        sd = timm.create_model(timm_name, num_classes=0).state_dict()
+    spec = convert.model_spec(sd, mae_model)
+    assert (spec.name, spec.kwargs, spec.notes) == (timm_name, {}, [])
+    assert spec.shape["num_heads"] == heads
+
+
+def test_files_holding_code_are_refused_with_one_line(tmp_path, capsys):
+    torch.save({"model": {"w": torch.zeros(2)}, "args": argparse.Namespace(model="x"),
+                "hook": print}, tmp_path / "evil.pth")
+    assert convert_ckpt.main([str(tmp_path / "evil.pth"), str(tmp_path / "o.pth")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: ")
+    assert "refused to load" in err and "print" in err
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    assert convert_ckpt.main([str(tmp_path / "junk.pth"), str(tmp_path / "o.pth")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "not a readable checkpoint" in err
+
+
+@pytest.mark.parametrize("fmt,other", [("moco", "mae_full.pth"), ("mae", "moco_v3.pth.tar"),
+                                       ("timm", "mae_full.pth"), ("timm", "moco_v3.pth.tar"),
+                                       ("lgp_ds", "timm.pth"), ("mae", "a_folder")])
+def test_forced_format_on_another_layout_is_one_error_line(tmp_path, graft, capsys, fmt, other):
+    official_files(tmp_path, graft)
+    (tmp_path / "a_folder").mkdir()
+    assert convert_ckpt.main([str(tmp_path / other), str(tmp_path / "o.pth"), "--from", fmt]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    assert f"--from {fmt} expects {convert.EXPECTED[fmt]}; found " in err
+    assert not (tmp_path / "o.pth").exists()
+
+
+def moco_v3_vit_small_file(path):
+    """An official MoCo v3 checkpoint of its vit_small: timm's ViT with 12 heads (vits.py)."""
+    torch.manual_seed(1)
+    vit = VisionTransformer(patch_size=16, embed_dim=384, depth=12, num_heads=12, num_classes=0)
+    model = GraftModel(vit, dim=16, mlp_dim=32, cross_rank_bn=False)
+    sd = {f"module.{k}": v for k, v in model.state_dict().items()}
+    sd.update({k.replace("module.base_encoder.", "module.momentum_encoder."): v
+               for k, v in sd.items() if k.startswith("module.base_encoder.")})
+    torch.save({"epoch": 300, "arch": "vit_small", "state_dict": sd}, path)
+    model.base_encoder.head = torch.nn.Identity()
+    return model.base_encoder
+
+
+def test_official_vit_small_converts_to_a_twelve_head_timm_model(tmp_path, capsys):
+    official = moco_v3_vit_small_file(tmp_path / "vit-s-300ep.pth.tar")
+    dst = tmp_path / "vit_s.safetensors"
+    assert convert_ckpt.main([str(tmp_path / "vit-s-300ep.pth.tar"), str(dst)]) == 0
+    out = capsys.readouterr().out
+    assert "12 heads" in out and "grafting code" in out  # its other vit_small (6 heads) named
+    built = run_printed_call(out)
+    assert built.blocks[0].attn.num_heads == 12
+    want = features(official)
+    assert torch.allclose(features(built), want, atol=1e-5)
+    with safe_open(str(dst), framework="pt") as f:  # the file itself says how to build it
+        meta = f.metadata()
+    assert meta["timm_model"] == "vit_small_patch16_224"
+    assert json.loads(meta["timm_kwargs"]) == {"num_heads": 12}
+    six = timm.create_model("vit_small_patch16_224", num_classes=0, checkpoint_path=str(dst))
+    assert not torch.allclose(features(six), want, atol=1e-3)  # loads strictly, computes otherwise
+    # a file from the grafting code (its vit_small has 6 heads): --num_heads says so
+    spec = convert.model_spec(official.state_dict(), "vit_small", num_heads=6)
+    assert (spec.name, spec.kwargs, spec.notes) == ("vit_small_patch16_224", {}, [])
+
+
+@pytest.mark.parametrize("arch", ["vit_conv_small", "vit_conv_base", None])
+def test_convolutional_stem_is_refused_with_the_reason(tmp_path, capsys, arch):
+    """MoCo v3's vit_conv_* (its ConvStem: patch_embed.proj.0-12) has no timm model."""
+    stem = {"module.base_encoder.patch_embed.proj.0.weight": torch.zeros(4, 3, 3, 3),
+            "module.base_encoder.patch_embed.proj.12.weight": torch.zeros(32, 32, 1, 1),
+            "module.base_encoder.cls_token": torch.zeros(1, 1, 32)}
+    torch.save({"arch": arch, "state_dict": stem}, tmp_path / "conv.pth.tar")
+    for to in ("timm", "mae"):
+        assert convert_ckpt.main([str(tmp_path / "conv.pth.tar"), str(tmp_path / "o.pth"),
+                                  "--to", to]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "convolutional stem" in err, err
+        assert "no timm equivalent" in err and (arch is None or arch in err)
+
+
+# (zero stage, bf16, option): every stage, fp32 and bf16; ZeRO 1 + bf16 + fp32 accumulation is
+# DeepSpeed's BF16_Optimizer (what lgp_ds sets when the MIM anchor is on); ZeRO 0 + bf16 with
+# FusedAdam keeps its masters flat (FP16_Optimizer)
+CASES = [(0, False, ""), (0, True, ""), (0, True, "fused_adam"), (1, False, ""), (1, True, ""),
+         (1, True, "fp32accum"), (2, True, ""), (3, False, ""), (3, True, "")]
+CASE_IDS = [f"zero{s}-{'bf16' if b else 'fp32'}" + (f"-{opt}" if opt else "") for s, b, opt in CASES]
+OPTIMIZERS = {(0, False, ""): "AdamW", (0, True, ""): "FP16_UnfusedOptimizer",
+              (0, True, "fused_adam"): "FP16_Optimizer", (1, True, "fp32accum"): "BF16_Optimizer"}
 
 
 @pytest.fixture(scope="module")
 def zero_checkpoints(tmp_path_factory):
-    return run_ranks(jobs.save_job, CASES, str(tmp_path_factory.mktemp("saved")))
+    return run_ranks(jobs.checkpoint_job, CASES, str(tmp_path_factory.mktemp("saved")))
 
 
-@pytest.mark.parametrize("stage,bf16", CASES, ids=["zero1-fp32", "zero2-bf16", "zero3-fp32"])
-def test_deepspeed_checkpoint_converts_to_exact_fp32_masters(zero_checkpoints, tmp_path, stage, bf16):
-    saved = zero_checkpoints[0][(stage, bf16)]
+@pytest.fixture(scope="module")
+def initial_encoder():
+    """The trainer's base encoder before any step (same seed): frozen values never change."""
+    cfg = jobs.tiny_config()
+    torch.manual_seed(cfg.seed)
+    return build_graft_model(cfg, cross_rank_bn=False).base_encoder
+
+
+def expected_encoders(saved, initial) -> dict:
+    """The fp32 encoders a checkpoint holds: trainable masters, frozen initial values, momentum."""
+    frozen = {n: p.detach() for n, p in initial.named_parameters() if not p.requires_grad}
+    assert {"pos_embed", "patch_embed.proj.weight"} <= set(frozen)  # the tiny config freezes them
+    base = {k.removeprefix("base_encoder."): v for k, v in saved["weights"].items()
+            if k.startswith("base_encoder.")}
+    return {"base": encoder_of({**base, **frozen}), "momentum": encoder_of(saved["momentum"])}
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_deepspeed_checkpoint_converts_to_exact_fp32_masters(zero_checkpoints, initial_encoder,
+                                                             tmp_path, capsys, case):
+    saved = zero_checkpoints[0][case]
+    assert saved["optimizer"] == OPTIMIZERS.get(case, saved["optimizer"])
     weights = convert.read(saved["checkpoints"])
     for name, want in saved["weights"].items():
         part, key = name.split(".", 1)
@@ -141,13 +306,49 @@ def test_deepspeed_checkpoint_converts_to_exact_fp32_masters(zero_checkpoints, t
         assert got.dtype == torch.float32 and torch.equal(got, want), name
     for key, want in saved["momentum"].items():
         assert torch.equal(weights.momentum[key], want), key
-    dst = tmp_path / "enc.pth"
-    assert convert_ckpt.main([saved["checkpoints"], str(dst), "--to", "mae", "--encoder",
-                              "momentum"]) == 0
+    expected = expected_encoders(saved, initial_encoder)
+    for which, want in expected.items():
+        dst = tmp_path / f"{which}.safetensors"
+        assert convert_ckpt.main([saved["checkpoints"], str(dst), "--encoder", which]) == 0
+        got = run_printed_call(capsys.readouterr().out).state_dict()  # loaded strictly by timm
+        assert set(got) == set(want)
+        for k in want:
+            assert got[k].dtype == torch.float32 and torch.equal(got[k], want[k]), (which, k)
+
+
+def test_custom_vit_summary_builds_the_trained_model(zero_checkpoints, initial_encoder, tmp_path,
+                                                     capsys):
+    """img 16, patch 8, width 32, depth 3, 2 heads on top of arch vit_tiny_patch16_224."""
+    saved = zero_checkpoints[0][(1, False, "")]
+    want = expected_encoders(saved, initial_encoder)["base"]
+    trained = build_graft_model(jobs.tiny_config(), cross_rank_bn=False).base_encoder
+    trained.head = torch.nn.Identity()
+    trained.load_state_dict(want)
+    for dst in (tmp_path / "enc.safetensors", tmp_path / "enc.pth", tmp_path / "ft.pth"):
+        to = "mae" if dst.name == "ft.pth" else "timm"
+        assert convert_ckpt.main([saved["checkpoints"], str(dst), "--to", to]) == 0
+        out = capsys.readouterr().out
+        assert "patch 8, width 32, depth 3, 2 heads, 16 px input" in out and "note:" not in out
+        vit = run_printed_call(out)
+        assert vit.patch_embed.img_size == (16, 16) and vit.blocks[0].attn.num_heads == 2
+        assert torch.allclose(features(vit), features(trained), atol=1e-6)
+    info = convert.convert(saved["checkpoints"], str(tmp_path / "api.pth"))
+    vit = timm.create_model(info["timm_model"], **info["timm_kwargs"],
+                            checkpoint_path=str(tmp_path / "api.pth"))
+    assert torch.allclose(features(vit), features(trained), atol=1e-6)
+    # the record in the output keeps the model through a second conversion and --to moco
+    assert convert_ckpt.main([str(tmp_path / "enc.safetensors"), str(tmp_path / "again.pth")]) == 0
+    assert "2 heads, 16 px input" in capsys.readouterr().out
+    assert convert_ckpt.main([saved["checkpoints"], str(tmp_path / "full.pth.tar"), "--to",
+                              "moco"]) == 0
+    assert "2 heads" in capsys.readouterr().out
+    assert convert_ckpt.main([str(tmp_path / "full.pth.tar"), str(tmp_path / "back.pth")]) == 0
+    assert torch.allclose(features(run_printed_call(capsys.readouterr().out)), features(trained),
+                          atol=1e-6)
 
 
 def test_incomplete_deepspeed_checkpoint_is_refused(zero_checkpoints, tmp_path):
-    src = zero_checkpoints[0][(1, False)]["checkpoints"]
+    src = zero_checkpoints[0][(1, False, "")]["checkpoints"]
     tag = sorted(f for f in os.listdir(src) if f.startswith("step"))[-1]
     broken = tmp_path / "broken"
     subprocess.run(["cp", "-r", os.path.join(src, tag), str(broken)], check=True)

@@ -1,4 +1,6 @@
 """The ViT factory switches and loading MIM weights (MAE/timm layouts) into the graft model."""
+import argparse
+
 import pytest
 import torch
 
@@ -49,10 +51,26 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
 
 def test_non_tensor_pickles_are_not_executed(tmp_path):
     torch.save({"model": {"w": torch.zeros(1)}, "extra": object()}, tmp_path / "evil.pth")
-    with pytest.raises(Exception, match="(?i)weights_only|unsupported|global"):
+    with pytest.raises(ValueError, match=r"^init=.*evil\.pth: refused to load: .*'object'"):
         read_mim_state_dict(str(tmp_path / "evil.pth"))
+    torch.save({"model": {"w": torch.zeros(1)}, "hook": print}, tmp_path / "code.pth")
+    with pytest.raises(ValueError, match=r"^init=.*code\.pth: refused to load: .*'print'"):
+        read_mim_state_dict(str(tmp_path / "code.pth"))
     with pytest.raises(FileNotFoundError, match="no such file"):
         read_mim_state_dict(str(tmp_path / "missing.pth"))
+
+
+def test_mae_training_checkpoint_with_args_loads(tmp_path):
+    """MAE's main_pretrain.py saves ``args`` (argparse.Namespace) next to model/optimizer/epoch."""
+    cfg = jobs.tiny_config()
+    state = _mae_checkpoint(cfg)
+    args = argparse.Namespace(model="mae_vit_base_patch16", input_size=224, mask_ratio=0.75,
+                              norm_pix_loss=True, blr=1.5e-4, lr=None, output_dir="./out")
+    torch.save({"model": state, "optimizer": {"state": {}, "param_groups": []}, "epoch": 799,
+                "scaler": {"scale": 65536.0}, "args": args}, tmp_path / "checkpoint-799.pth")
+    got = read_mim_state_dict(str(tmp_path / "checkpoint-799.pth"))
+    want = {k: v for k, v in state.items() if not k.startswith(("decoder_", "mask_token"))}
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
 
 
 def test_vit_switches():

@@ -9,6 +9,8 @@ import os
 import torch
 import torch.nn as nn
 
+from lgp_ds import checkpoint_file
+
 from .heads import build_mlp
 from .vit import create_vit
 
@@ -44,11 +46,16 @@ def build_graft_model(cfg, cross_rank_bn: bool = True) -> GraftModel:
 def read_mim_state_dict(path: str) -> dict[str, torch.Tensor]:
     """Encoder weights from an MAE/timm file: a bare state dict or ``{'model': state_dict}``.
 
-    Decoder keys and the mask token are dropped. The file is read with ``weights_only=True``.
+    Decoder keys and the mask token are dropped. The file is read by the safe loader
+    (:mod:`lgp_ds.checkpoint_file`: MAE's ``args`` Namespace is accepted, code is not);
+    ValueError for a file it refuses, FileNotFoundError for a missing one.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"init={path}: no such file")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = checkpoint_file.load(path)
+    except ValueError as e:
+        raise ValueError(f"init={e}") from e
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
