@@ -12,6 +12,7 @@ import sys
 import deepspeed
 
 from lgp_ds.config import load_run_config
+from lgp_ds.data.shards import DataError
 from lgp_ds.dist import init_process_group
 from lgp_ds.engine.trainer import GraftTrainer
 
@@ -23,7 +24,7 @@ def main(argv=None) -> None:
     parser.add_argument("--local_rank", type=int, default=-1, help="set by the launcher")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
     parser = deepspeed.add_config_arguments(parser)
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value overrides before or after options
     if not args.deepspeed_config:
         parser.error("--deepspeed_config is required (see ds_configs/)")
 
@@ -36,12 +37,18 @@ def main(argv=None) -> None:
             print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     init_process_group()
+    rank = os.environ.get("RANK", 0)
     try:  # data, init weights and resume checkpoints are checked while the trainer is built
         trainer = GraftTrainer(cfg, ds_config)
     except (ValueError, FileNotFoundError) as e:
-        print(f"error on rank {os.environ.get('RANK', 0)}: {e}", file=sys.stderr)
+        print(f"error on rank {rank}: {e}", file=sys.stderr)
         sys.exit(2)
-    trainer.fit()
+    try:
+        trainer.fit()
+    except DataError as e:  # raised in a DataLoader worker, it arrives wrapped in its traceback
+        message = str(e).strip().splitlines()[-1].removeprefix(f"{DataError.__module__}.DataError: ")
+        print(f"error on rank {rank}: {message}", file=sys.stderr)
+        sys.exit(1)  # the launcher ends the other ranks
 
 
 if __name__ == "__main__":

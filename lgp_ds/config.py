@@ -56,6 +56,7 @@ class Config:
     samples_per_epoch: int | None = None  # None: the embedded set's size; required with data
     num_workers: int = 8
     shuffle_buffer: int = 5000
+    max_corrupt_run: int = 100  # undecodable samples in a row that stop the run (fewer: skipped)
     crop_min: float = 0.08
     # run
     output_dir: str = "runs/graft"
@@ -98,6 +99,9 @@ def _check_type(key: str, value, hint):
             pass
     if hint is bool and not isinstance(value, bool) or hint is not bool and isinstance(value, bool):
         raise ValueError(f"{key}: expected {hint.__name__}, got {value!r}")
+    if isinstance(value, dict):  # YAML reads an unquoted {a,b} as a mapping
+        raise ValueError(f"{key}: expected {hint.__name__}, got the YAML mapping {value!r}; "
+                         f"quote brace patterns: '{{a,b}}-{{0..9}}.tar'")
     if not isinstance(value, hint):
         raise ValueError(f"{key}: expected {hint.__name__}, got {type(value).__name__} {value!r}")
     return value
@@ -111,8 +115,6 @@ def _validate(cfg: Config) -> None:
         ("momentum", 0 <= cfg.momentum <= 1, "must lie in [0, 1]"),
         ("stage_blrs", len(cfg.stage_blrs) == cfg.num_stages,
          f"has {len(cfg.stage_blrs)} values but num_stages={cfg.num_stages}"),
-        ("anchor_weight", cfg.anchor_weight == 0 or cfg.init is not None,
-         "needs init= (the MIM weights to stay close to)"),
         ("samples_per_epoch", cfg.data is None or cfg.samples_per_epoch is not None,
          "must be given with data= (the number of training samples in the shards)"),
         ("betas", len(cfg.betas) == 2, "needs two values"),
@@ -122,9 +124,23 @@ def _validate(cfg: Config) -> None:
     for key, ok, why in checks:
         if not ok:
             raise ValueError(f"config key {key}={getattr(cfg, key)!r} {why}")
-    for key in ("img_size", "epochs", "num_stages", "log_every", "save_every", "shuffle_buffer"):
-        if getattr(cfg, key) <= 0:
+    positive = ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "proj_dim", "mlp_dim",
+                "epochs", "num_stages", "batch_size", "max_steps", "samples_per_epoch", "log_every",
+                "save_every", "shuffle_buffer", "max_corrupt_run")
+    for key in positive:  # None (where allowed) means "not set"
+        if getattr(cfg, key) is not None and getattr(cfg, key) <= 0:
             raise ValueError(f"config key {key}={getattr(cfg, key)!r} must be positive")
+    for key in ("anchor_weight", "anchor_blocks", "weight_decay", "warmup_epochs", "num_workers"):
+        if getattr(cfg, key) is not None and getattr(cfg, key) < 0:
+            raise ValueError(f"config key {key}={getattr(cfg, key)!r} must not be negative")
+    in_range = [("warmup_epochs", cfg.warmup_epochs <= cfg.epochs, f"exceeds epochs={cfg.epochs}"),
+                ("crop_min", 0 < cfg.crop_min <= 1, "must lie in (0, 1]"),
+                ("drop_path", 0 <= cfg.drop_path < 1, "must lie in [0, 1)"),
+                ("betas", all(0 <= b < 1 for b in cfg.betas), "must lie in [0, 1)"),
+                ("stage_blrs", all(b >= 0 for b in cfg.stage_blrs), "must not be negative")]
+    for key, ok, why in in_range:
+        if not ok:
+            raise ValueError(f"config key {key}={getattr(cfg, key)!r} {why}")
 
 
 def build_config(values: dict, source: str = "config") -> Config:
@@ -144,17 +160,27 @@ def build_config(values: dict, source: str = "config") -> Config:
 def parse_overrides(pairs: list[str]) -> dict:
     """``["key=value", ...]`` -> {key: value}, the value read as YAML where it is YAML.
 
-    A value that is not valid YAML (a shard pattern ``{a,b}.tar``) stays the string it is.
+    A value that is not valid YAML (a shard pattern ``{a,b}-{0..9}.tar``) stays the string it
+    is, and so does one that YAML reads as a mapping (``{a.tar,b.tar}``): no key takes a mapping,
+    so such a value can only be a brace pattern. A ``[...]`` value that is not a valid YAML list
+    is an error: it is a list whose patterns need quotes.
     """
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
+        key = key.strip()
         if not sep or not key:
             raise ValueError(f"override {pair!r} is not of the form key=value")
         try:
-            out[key.strip()] = yaml.safe_load(value) if value.strip() else None
-        except yaml.YAMLError:
-            out[key.strip()] = value
+            parsed = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError as e:
+            if value.strip().startswith("["):
+                raise ValueError(
+                    f"override {pair!r}: not a valid YAML list ({str(e).splitlines()[0]}); quote "
+                    f"each item that holds braces or commas, e.g. "
+                    f"{key}=\"['train-{{000..099}}.tar', 'extra.tar']\"") from None
+            parsed = value
+        out[key] = value if isinstance(parsed, dict) else parsed
     return out
 
 
@@ -182,9 +208,51 @@ def load_config(recipe: str | None, overrides: list[str]) -> Config:
     return build_config(values, source=recipe)
 
 
+# Keys a resumed run may change: where it writes and logs, how long it runs, where its input
+# files are, and switches that leave the numbers alone (num_workers changes which worker reads
+# which shard, so the stream after the resume is another, equally shuffled one). Every other
+# key defines the run: a resume that changes one is refused.
+MAY_CHANGE_ON_RESUME = frozenset({"output_dir", "resume", "max_steps", "log_every", "save_every",
+                                  "init", "data", "num_workers", "max_corrupt_run", "grad_ckpt",
+                                  "fused_attn"})
+
+
 # DeepSpeed keys that the recipe owns: stating them in the DeepSpeed config is refused.
 _RECIPE_OWNED = {"optimizer": "optimizer / weight_decay / betas / stage_blrs",
                  "scheduler": "epochs / warmup_epochs (a per-iteration warmup-cosine schedule)"}
+
+
+def precision(ds: dict) -> str:
+    """``"bf16"``, ``"fp16"`` or ``"fp32"``: the model's dtype under the DeepSpeed config ``ds``."""
+    if ds.get("bf16", ds.get("bfloat16", {})).get("enabled"):
+        return "bf16"
+    return "fp16" if ds.get("fp16", {}).get("enabled") else "fp32"
+
+
+def _anchor_precision(ds: dict, cfg: Config) -> dict:
+    """``ds`` with fp32 gradient accumulation where the MIM anchor needs it.
+
+    DeepSpeed keeps gradients in the model dtype by default. The anchor's gradient (weight 1e-5
+    in the ViT-L recipe) added to a bf16 gradient of 1e-2 rounds away entirely, so under bf16/fp16
+    the gradients must be held in fp32 (``data_types.grad_accum_dtype``): ZeRO 1 then runs
+    DeepSpeed's BF16_Optimizer, ZeRO 2/3 keep fp32 gradient partitions. ZeRO 0 has no fp32
+    gradient accumulation in low precision, so it is refused.
+    """
+    low = precision(ds)
+    if cfg.anchor_weight == 0 or low == "fp32":
+        return ds
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage == 0:
+        raise ValueError(f"anchor_weight={cfg.anchor_weight} with ZeRO stage 0 in {low}: DeepSpeed "
+                         f"keeps stage-0 gradients in {low}, which rounds the anchor's gradient "
+                         f"away, and has no fp32 gradient accumulation for it; use ZeRO stage 1 or "
+                         f"higher (e.g. ds_configs/zero1_{low}.json) or fp32")
+    accum = ds.get("data_types", {}).get("grad_accum_dtype")
+    if accum not in (None, "fp32"):
+        raise ValueError(f"DeepSpeed config key data_types.grad_accum_dtype={accum!r}: with "
+                         f"anchor_weight={cfg.anchor_weight} gradients must be accumulated in fp32 "
+                         f"(in {low} the anchor's gradient rounds away); remove the key or set fp32")
+    return {**ds, "data_types": {**ds.get("data_types", {}), "grad_accum_dtype": "fp32"}}
 
 
 def resolve_ds_config(ds: dict, cfg: Config, world_size: int) -> dict:
@@ -192,7 +260,8 @@ def resolve_ds_config(ds: dict, cfg: Config, world_size: int) -> dict:
 
     ``cfg.batch_size`` (global) is the one source of truth; when it is None it is taken from
     ``ds``. Any batch key of ``ds`` that disagrees, or a world size x gradient accumulation that
-    does not divide the batch, raises ValueError naming the keys. Sets ``cfg.batch_size``.
+    does not divide the batch, raises ValueError naming the keys. Sets ``cfg.batch_size``. Also
+    switches on fp32 gradient accumulation where the MIM anchor needs it.
     """
     for key, owner in _RECIPE_OWNED.items():
         if key in ds:
@@ -204,7 +273,7 @@ def resolve_ds_config(ds: dict, cfg: Config, world_size: int) -> dict:
             raise ValueError(f"DeepSpeed config key zero_optimization.{key}: offloading is not "
                              f"supported (the momentum EMA and the MIM anchor read the fp32 "
                              f"master weights in place on the device)")
-    ds = dict(ds)
+    ds = _anchor_precision(dict(ds), cfg)
     gas = ds.get("gradient_accumulation_steps", 1)
     micro = ds.get("train_micro_batch_size_per_gpu")
     total = ds.get("train_batch_size")

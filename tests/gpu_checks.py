@@ -1,8 +1,9 @@
 """GPU-only checks, run by test_gpu.py in a fresh process with DeepSpeed's CUDA accelerator.
 
 fp16 with DeepSpeed's loss scaler and FusedAdam under ZeRO 2 (an overflow step is skipped,
-counted, and leaves the momentum encoder alone), bf16 under ZeRO 3, and SDPA (flash) attention
-against the explicit softmax on the GPU. Prints one line per check; exits non-zero on failure.
+counted, and leaves the momentum encoder alone), bf16 under ZeRO 3, the MIM anchor under fp16
+ZeRO 2 (fp32 gradient accumulation), and SDPA (flash) attention against the explicit softmax on
+the GPU. Prints one line per check; exits non-zero on failure.
 """
 import os
 import sys
@@ -58,6 +59,28 @@ def check_bf16_zero3(out):
     print(f"bf16 zero3: losses {losses}", flush=True)
 
 
+def check_anchor(out, precision="fp16"):
+    """The shipped ZeRO 2 config with the MIM anchor: fp32 gradient accumulation is switched on,
+    the masters start at the MIM weights, and the anchor grows once steps apply."""
+    cfg = jobs.tiny_config(batch_size=16, warmup_epochs=0)
+    mim = os.path.join(out, "mim.pth")
+    encoder = create_vit(cfg.arch, img_size=cfg.img_size, patch_size=cfg.patch_size,
+                         embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads)
+    torch.save({"model": encoder.state_dict()}, mim)
+    cfg = jobs.tiny_config(output_dir=os.path.join(out, f"{precision}_anchor"), batch_size=16,
+                           warmup_epochs=0, init=mim, anchor_weight=1e-4, anchor_blocks=2)
+    ds = jobs.shipped_ds_config(cfg, f"zero2_{precision}.json")
+    assert ds["data_types"] == {"grad_accum_dtype": "fp32"}, ds.get("data_types")
+    t = GraftTrainer(cfg, ds)
+    anchors = []
+    for step in range(12):  # the first steps may overflow at the initial loss scale
+        x1, x2 = jobs.global_batch(step, cfg)
+        anchors.append(t.train_step(x1, x2)["anchor"])
+    assert anchors[0] == 0.0 and t.applied_steps() > 1 and anchors[-1] > 0, anchors
+    print(f"{precision} zero2 anchor: fp32 gradient accumulation, anchor {anchors[0]} -> "
+          f"{anchors[-1]:.3g} over {t.applied_steps()} applied steps", flush=True)
+
+
 def check_flash_attention():
     vit = create_vit("vit_base_patch16_224", fused_attn=False).cuda().eval()
     x = torch.randn(4, 3, 224, 224, device="cuda")
@@ -75,4 +98,5 @@ if __name__ == "__main__":
     deepspeed.init_distributed()  # NCCL
     check_fp16_fused_adam(sys.argv[1])
     check_bf16_zero3(sys.argv[1])
+    check_anchor(sys.argv[1])
     check_flash_attention()

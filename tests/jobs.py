@@ -3,7 +3,9 @@
 They use lgp_ds as a user would and return plain tensors; the tests compare them with
 single-process references computed independently in ``reference.py``.
 """
+import json
 import os
+import shutil
 
 import deepspeed
 import torch
@@ -24,12 +26,23 @@ def tiny_config(**overrides):
     return build_config({**TINY, **overrides}, source="test")
 
 
-def ds_config(cfg, stage: int, bf16: bool, fp32_reduce: bool = False) -> dict:
+# Variants of a (zero stage, precision) set-up: (config keys, DeepSpeed config keys)
+OPTIONS = {"": ({}, {}),
+           "fp32reduce": ({}, {"communication_data_type": "fp32"}),
+           "fp32accum": ({}, {"data_types": {"grad_accum_dtype": "fp32"}}),
+           "fused_adam": ({"optimizer": "fused_adam"}, {})}
+
+
+def ds_config(cfg, stage: int, bf16: bool, option: str = "") -> dict:
     ds = {"zero_optimization": {"stage": stage}, "bf16": {"enabled": bf16},
-          "steps_per_print": 10 ** 9}
-    if fp32_reduce:
-        ds["communication_data_type"] = "fp32"
+          "steps_per_print": 10 ** 9, **OPTIONS[option][1]}
     return resolve_ds_config(ds, cfg, dist.get_world_size())
+
+
+def build_trainer(stage: int, bf16: bool, option: str = "", **overrides) -> GraftTrainer:
+    """GraftTrainer for the tiny config with ``overrides`` under (stage, bf16, option)."""
+    cfg = tiny_config(**OPTIONS[option][0], **overrides)
+    return GraftTrainer(cfg, ds_config(cfg, stage, bf16, option))
 
 
 def global_batch(seed: int, cfg) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,10 +62,15 @@ def full_master_weights(engine) -> dict[str, torch.Tensor]:
     named = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
     if engine.zero_optimization_stage() > 0:
         return {n: safe_get_full_fp32_param(p).cpu().clone() for n, p in named}
-    fp32 = getattr(engine.optimizer, "fp32_groups", None)
-    if fp32 is None:  # plain optimizer: the parameters are the masters
+    opt = engine.optimizer
+    if hasattr(opt, "fp32_groups_flat"):  # FusedAdam's FP16_Optimizer: one flat tensor a group
+        fp32 = [flat.split([lp.numel() for lp in lps])
+                for lps, flat in zip(opt.fp16_groups, opt.fp32_groups_flat)]
+    elif hasattr(opt, "fp32_groups"):  # FP16_UnfusedOptimizer: a tensor a parameter
+        fp32 = opt.fp32_groups
+    else:  # plain optimizer: the parameters are the masters
         return {n: p.detach().cpu().clone() for n, p in named}
-    master_of = {id(lp): hp for lps, hps in zip(engine.optimizer.fp16_groups, fp32)
+    master_of = {id(lp): hp.view_as(lp) for lps, hps in zip(opt.fp16_groups, fp32)
                  for lp, hp in zip(lps, hps)}
     return {n: master_of[id(p)].detach().cpu().clone() for n, p in named}
 
@@ -63,16 +81,16 @@ def momentum_partition_numel(trainer) -> int:
 
 
 def train_job(configs, batches, out_dir):
-    """For each (zero stage, bf16): one grafting step per global batch of ``batches``."""
+    """For each (zero stage, bf16, option): one grafting step per global batch of ``batches``."""
     results = {}
-    for stage, bf16, *fp32_reduce in configs:
-        cfg = tiny_config(output_dir=os.path.join(out_dir, f"z{stage}{bf16}{fp32_reduce}"))
-        trainer = GraftTrainer(cfg, ds_config(cfg, stage, bf16, *fp32_reduce))
+    for stage, bf16, option in configs:
+        trainer = build_trainer(stage, bf16, option,
+                                output_dir=os.path.join(out_dir, f"z{stage}{bf16}{option}"))
         lrs, losses = [], []
         for x1, x2 in batches:
             lrs.append({g["name"]: g["lr"] for g in trainer.engine.optimizer.param_groups})
             losses.append(trainer.train_step(local(x1), local(x2))["loss"].float().item())
-        results[(stage, bf16, *fp32_reduce)] = {
+        results[(stage, bf16, option)] = {
             "weights": full_master_weights(trainer.engine),
             "momentum": trainer.momentum.state_dict(),
             "momentum_numel": momentum_partition_numel(trainer),
@@ -109,9 +127,15 @@ def contrastive_job(q1, q2, k1, k2, tau):
     return loss.item()
 
 
-def resume_job(stage, bf16, out_dir):
-    """2N steps straight vs N steps + resume + N steps, on the real data pipeline."""
-    common = dict(samples_per_epoch=24, save_every=1000, seed=3)  # 3 steps per epoch
+def read_metrics(output_dir: str) -> list[dict]:
+    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def resume_job(stage, bf16, data, out_dir):
+    """4 steps straight vs 3 steps whose last checkpoint (step 3) never completed, then
+    resume=auto from step 2 and 2 more steps; on the real data pipeline with corrupt samples."""
+    common = dict(samples_per_epoch=24, save_every=2, seed=3, data=[data])  # 3 steps per epoch
 
     def run(name, max_steps, resume=None):
         cfg = tiny_config(output_dir=os.path.join(out_dir, name), max_steps=max_steps,
@@ -121,26 +145,154 @@ def resume_job(stage, bf16, out_dir):
         return trainer
 
     straight = run("straight", 4)
-    first = run("split", 2)
+    first = run("split", 3)
+    if dist.is_main():  # interrupted while saving step 3: its marker never got written
+        os.remove(os.path.join(out_dir, "split", "checkpoints", "step00000003", "lgp_ds_complete"))
     deepspeed.comm.barrier()
     second = run("split", 4, resume="auto")
-    return {name: {"weights": full_master_weights(t.engine), "momentum": t.momentum.state_dict(),
-                   "step": t.step, "epoch": t.epoch}
-            for name, t in (("straight", straight), ("first", first), ("resumed", second))}
+    out = {name: {"weights": full_master_weights(t.engine), "momentum": t.momentum.state_dict(),
+                  "step": t.step, "epoch": t.epoch}
+           for name, t in (("straight", straight), ("first", first), ("resumed", second))}
+    out["metrics"] = {name: read_metrics(os.path.join(out_dir, name))
+                      for name in ("straight", "split")}
+    return out
 
 
-def save_job(cases, out_dir):
-    """Per (zero stage, bf16): two steps, a checkpoint, and the exact fp32 masters it holds."""
+def resume_choice_job(out_dir, drop_rank1_shard):
+    """Ranks whose storage disagrees: rank 0's output folder holds checkpoints 2 and 4, rank 1's
+    only 2 (node-local disks, a stale cache). Resume with each rank pointed at its own folder;
+    with ``drop_rank1_shard`` the chosen checkpoint lacks rank 1's ZeRO shard.
+
+    Returns (step resumed at, None) or (None, the error message)."""
+    shared = os.path.join(out_dir, "rank0")
+    cfg = tiny_config(output_dir=shared, max_steps=4, save_every=2)
+    GraftTrainer(cfg, ds_config(cfg, 2, False)).fit()
+    if dist.is_main():
+        stale = os.path.join(out_dir, "rank1", "checkpoints")
+        os.makedirs(stale)
+        shutil.copytree(os.path.join(shared, "checkpoints", "step00000002"),
+                        os.path.join(stale, "step00000002"))
+        if drop_rank1_shard:
+            tag = os.path.join(shared, "checkpoints", "step00000004")
+            for f in os.listdir(tag):
+                if f.startswith("zero_pp_rank_1_"):
+                    os.remove(os.path.join(tag, f))
+    deepspeed.comm.barrier()
+    mine = os.path.join(out_dir, f"rank{dist.get_rank()}")
+    cfg = tiny_config(output_dir=mine, max_steps=5, save_every=2, resume="auto")
+    try:
+        return GraftTrainer(cfg, ds_config(cfg, 2, False)).step, None
+    except ValueError as e:
+        return None, str(e)
+
+
+def batchnorm_job(x, grad_out, weight, bias):
+    """CrossRankBatchNorm1d on this rank's rows of ``x`` [N, C]: output, input gradient, the
+    affine gradients (summed over ranks, as DeepSpeed's reduction would) and running stats."""
+    from lgp_ds.models.heads import CrossRankBatchNorm1d
+    bn = CrossRankBatchNorm1d(x.shape[1])
+    with torch.no_grad():
+        bn.weight.copy_(weight)
+        bn.bias.copy_(bias)
+    xl = local(x).clone().requires_grad_(True)
+    y = bn(xl)
+    y.backward(local(grad_out))
+    grads = torch.cat([bn.weight.grad, bn.bias.grad])
+    deepspeed.comm.all_reduce(grads)
+    return {"y": y.detach(), "dx": xl.grad, "daffine": grads, "running_mean": bn.running_mean,
+            "running_var": bn.running_var}
+
+
+def shipped_ds_config(cfg, name: str, **extra) -> dict:
+    """A DeepSpeed config from ds_configs/ as users get it, plus ``extra`` keys, resolved."""
+    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "ds_configs", name)
+    with open(path) as f:
+        ds = json.load(f)
+    return resolve_ds_config({**ds, **extra}, cfg, dist.get_world_size())
+
+
+def _full(engine, read) -> dict[str, torch.Tensor]:
+    return {n: read(p).float().cpu().clone()
+            for n, p in engine.module.named_parameters() if p.requires_grad}
+
+
+def local_optimizer_state(trainer, key: str) -> dict[str, tuple[int, torch.Tensor]]:
+    """name -> (start, values) of optimizer state ``key`` for this rank's master slices.
+
+    Read straight from the torch optimizer's state of the flat fp32 tensor each master slice lives
+    in (DeepSpeed's safe_get_full_optimizer_state links the state of the first param group only
+    when ZeRO 1/2 step lazily initialise it).
+    """
+    basic = trainer.engine.optimizer.optimizer
+    flats = [p for g in basic.param_groups for p in g["params"]]
+    # ZeRO 3 hands its flat partitions to the torch optimizer only during the step
+    flats += getattr(trainer.engine.optimizer, "fp32_partitioned_groups_flat", [])
+    out = {}
+    for s in trainer.slices:
+        ptr = s.weight.data_ptr()
+        flat = next(f for f in flats
+                    if f.data_ptr() <= ptr < f.data_ptr() + f.numel() * f.element_size())
+        offset = (ptr - flat.data_ptr()) // flat.element_size()
+        out[s.name] = (s.start, basic.state[flat][key].view(-1)[offset:offset + s.numel].clone())
+    return out
+
+
+def anchor_precision_job(stage, anchor_weight, mim_path, out_dir):
+    """The shipped ``zero{stage}_bf16.json`` (overlap_comm on; ZeRO 0: the ZeRO 1 file with stage
+    0) with gradient accumulation 2 and
+    ``init=``: the state after construction, the anchor at steps 0 and 1 (LR 0 at step 0), and
+    at step 2 the gradient DeepSpeed holds before the anchor adds its own, the masters it is
+    computed from, and this rank's slices of Adam's first moment before and after the step (from
+    which the gradient the optimizer applied follows exactly)."""
+    cfg = tiny_config(output_dir=os.path.join(out_dir, f"z{stage}"), init=mim_path,
+                      anchor_weight=anchor_weight, anchor_norm="l1", anchor_blocks=2)
+    extra = {"zero_optimization": {"stage": 0}} if stage == 0 else {}  # no zero0 file shipped
+    trainer = GraftTrainer(cfg, shipped_ds_config(cfg, f"zero{max(stage, 1)}_bf16.json",
+                                                  gradient_accumulation_steps=2, **extra))
+    engine = trainer.engine
+    out = {"masters": full_master_weights(engine), "momentum": trainer.momentum.state_dict(),
+           "optimizer": type(engine.optimizer).__name__}
+    if trainer.anchor is None:
+        return out
+
+    def step(seed):
+        x1, x2 = global_batch(seed, cfg)
+        half = x1.shape[0] // 2  # two micro-batches of the global batch
+        for m in range(2):
+            result = trainer.train_step(local(x1[m * half:(m + 1) * half]),
+                                        local(x2[m * half:(m + 1) * half]))
+        return result["anchor"]
+
+    out["anchor"] = [step(0), step(1)]
+    add_gradient = trainer.anchor.add_gradient
+
+    def recorded(slices, grad_scale=1.0):  # the anchor's own call, observed from outside
+        out["grad_before"] = _full(engine, safe_get_full_grad)
+        out["masters_before"] = full_master_weights(engine)
+        out["exp_avg_before"] = local_optimizer_state(trainer, "exp_avg")
+        return add_gradient(slices, grad_scale)
+
+    trainer.anchor.add_gradient = recorded
+    step(2)
+    out["exp_avg_after"] = local_optimizer_state(trainer, "exp_avg")
+    out["betas"] = cfg.betas
+    return out
+
+
+def checkpoint_job(cases, out_dir):
+    """Per (zero stage, bf16, option): two steps and a checkpoint, with the exact fp32 masters
+    it holds and the optimizer DeepSpeed chose."""
     results = {}
-    for stage, bf16 in cases:
-        cfg = tiny_config(output_dir=os.path.join(out_dir, f"z{stage}{bf16}"), warmup_epochs=0)
-        trainer = GraftTrainer(cfg, ds_config(cfg, stage, bf16))
+    for stage, bf16, option in cases:
+        trainer = build_trainer(stage, bf16, option, warmup_epochs=0,
+                                output_dir=os.path.join(out_dir, f"z{stage}{bf16}{option}"))
         for seed in range(2):
-            x1, x2 = global_batch(seed, cfg)
+            x1, x2 = global_batch(seed, trainer.cfg)
             trainer.train_step(local(x1), local(x2))
         trainer.step = trainer.engine.global_steps
         trainer.save()
-        results[(stage, bf16)] = {"weights": full_master_weights(trainer.engine),
-                                  "momentum": trainer.momentum.state_dict(),
-                                  "checkpoints": trainer.ckpt_dir}
+        results[(stage, bf16, option)] = {
+            "weights": full_master_weights(trainer.engine),
+            "momentum": trainer.momentum.state_dict(), "checkpoints": trainer.ckpt_dir,
+            "optimizer": type(trainer.engine.optimizer).__name__}
     return results

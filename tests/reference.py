@@ -25,7 +25,8 @@ def stage_of(name: str, depth: int, num_stages: int) -> int:
 
 
 def no_weight_decay(name: str, p) -> bool:
-    return p.ndim <= 1 or name in ("base_encoder.cls_token", "base_encoder.pos_embed")
+    """Official grafting code: its no-weight-decay list is empty; 1-D parameters are exempt."""
+    return p.ndim <= 1
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:

@@ -22,3 +22,14 @@ def test_bench_reports_step_and_data_throughput(tmp_path):
                           text=True, timeout=300)
     assert data.returncode == 0, data.stderr[-3000:]
     assert re.search(r"data: [\d.]+ img/s per rank with 0 workers", data.stdout), data.stdout
+
+
+def test_bench_runs_the_vit_l_recipe_as_shipped(tmp_path):
+    """The README's command: the ViT-L recipe has the MIM anchor and no init= (shrunk here)."""
+    cmd = [sys.executable, "tools/bench.py", "--deepspeed_config", "ds_configs/zero1_bf16.json",
+           "--config", "vit_l_graft", "--steps", "2", "--warmup", "1"] + TINY + ["anchor_blocks=2"]
+    env = dict(os.environ, LGP_DS_CACHE=str(tmp_path), MASTER_PORT="29562", TMPDIR=str(tmp_path))
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "vit_large_patch16_224 16px batch 8/rank x 1 rank(s) on cpu" in proc.stdout, proc.stdout
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("lgp_ds_bench")] == []

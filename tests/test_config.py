@@ -23,6 +23,15 @@ def test_overrides_are_typed():
     assert parse_overrides(["data={a,b}-{0..9}.tar"]) == {"data": "{a,b}-{0..9}.tar"}  # not YAML
     assert parse_overrides(["data=['a-{0..9}.tar', 'b-*.tar']"]) == {
         "data": ["a-{0..9}.tar", "b-*.tar"]}
+    # YAML reads {a.tar,b.tar} as a mapping; no key takes one, so it is the brace pattern it looks
+    cfg = load_config(None, ["data={a.tar,b.tar}", "samples_per_epoch=10"])
+    assert cfg.data == ["{a.tar,b.tar}"]
+
+
+def test_list_override_with_unquoted_patterns_says_how_to_write_it():
+    with pytest.raises(ValueError, match=r"data=\[a-\{0..9\}.tar, b.tar\]'?: not a valid YAML list"
+                                         r".*quote each item"):
+        parse_overrides(["data=[a-{0..9}.tar, b.tar]"])
 
 
 @pytest.mark.parametrize("values,message", [
@@ -32,7 +41,12 @@ def test_overrides_are_typed():
     ({"epochs": 1.5}, "epochs: expected int"),
     ({"fused_attn": 1}, "fused_attn: expected bool"),
     ({"stage_blrs": [1e-4, 1e-3]}, "stage_blrs=.* has 2 values but num_stages=3"),
-    ({"anchor_weight": 1e-5}, "anchor_weight=.* needs init="),
+    ({"max_steps": 0}, "max_steps=0 must be positive"),
+    ({"max_corrupt_run": 0}, "max_corrupt_run=0 must be positive"),
+    ({"max_steps": -1}, "max_steps=-1 must be positive"),
+    ({"anchor_blocks": -2}, "anchor_blocks=-2 must not be negative"),
+    ({"warmup_epochs": 50, "epochs": 10}, "warmup_epochs=50 exceeds epochs=10"),
+    ({"data": {"a.tar": None, "b.tar": None}}, "got the YAML mapping .* quote brace patterns"),
     ({"anchor_norm": "l3"}, "anchor_norm='l3' must be l1 or l2"),
     ({"data": ["x.tar"]}, "samples_per_epoch=None must be given with data="),
     ({"resume": "/no/such/ckpt"}, "resume='/no/such/ckpt' must be 'auto' or an existing"),

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import webdataset as wds
 import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -12,12 +13,19 @@ TINY = ["img_size=16", "patch_size=8", "embed_dim=32", "depth=3", "num_heads=2",
         "max_steps=4"]
 
 
+def _launch(tmp_path, args, ranks=2, port=29533):
+    """launch/graft.py on the cpu_demo config through the deepspeed launcher (``ranks``) or plain
+    python (``ranks=None``); the finished process."""
+    start = (["deepspeed", "--num_gpus", str(ranks), "--master_port", str(port)] if ranks
+             else [sys.executable])
+    cmd = start + ["launch/graft.py", "--deepspeed_config", "ds_configs/cpu_demo.json"] + args
+    env = dict(os.environ, LGP_DS_CACHE=str(tmp_path / "cache"))
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
 def test_deepspeed_launcher_runs_the_embedded_default(tmp_path):
     out = tmp_path / "run"
-    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", "29533", "launch/graft.py",
-           "--deepspeed_config", "ds_configs/cpu_demo.json", "--output_dir", str(out)] + TINY
-    env = dict(os.environ, LGP_DS_CACHE=str(tmp_path / "cache"))
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = _launch(tmp_path, ["--output_dir", str(out)] + TINY)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "step 4/4" in proc.stdout
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -34,6 +42,28 @@ def test_deepspeed_launcher_runs_the_embedded_default(tmp_path):
         "step00000003", "step00000004"}
     assert (ckpts / "step00000004" / "lgp_ds_complete").exists()
 
+    # What a user does next with that folder. Each mistake is one error line, and nothing of the
+    # run is touched.
+    (ckpts / "step00000009").mkdir()  # a save that never finished
+    for extra, message in (
+            ([], f"output_dir={out} already holds a run (metrics.jsonl, checkpoints/): continue "
+                 f"it with resume=auto, or give a new output_dir"),
+            (["resume=auto"], "was written by 2 ranks and this run has 1"),
+            ([f"resume={ckpts / 'step00000009'}"], "not a complete lgp_ds checkpoint")):
+        proc = _launch(tmp_path, ["--output_dir", str(out)] + TINY + extra, ranks=None)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-3000:]
+        assert "Traceback" not in proc.stderr
+    proc = _launch(tmp_path, ["--output_dir", str(out), "resume=auto"] + TINY + ["batch_size=32"])
+    assert proc.returncode != 0 and "batch_size=16 -> 32" in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    # resume= the checkpoints folder (its newest complete checkpoint), overrides on both sides of
+    # an option
+    proc = _launch(tmp_path, TINY + ["--output_dir", str(out), f"resume={ckpts}", "max_steps=5"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"resumed from {ckpts / 'step00000004'} at step 4" in proc.stdout
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4, 5]
+
 
 def test_bad_input_exits_with_the_reason(tmp_path):
     base = [sys.executable, "launch/graft.py", "--deepspeed_config", "ds_configs/cpu_demo.json",
@@ -42,11 +72,28 @@ def test_bad_input_exits_with_the_reason(tmp_path):
             (["learning_rate=1"], {}, "unknown config key 'learning_rate'"),
             (["batch_size=250"], {"WORLD_SIZE": "4"}, "not divisible by world size 4"),
             (["data=/no/such-{0..3}.tar", "samples_per_epoch=9", "batch_size=8"], {},
-             "4 shard(s) missing, e.g. ['/no/such-0.tar'")):
+             "4 shard(s) missing, e.g. ['/no/such-0.tar'"),
+            (["anchor_weight=1e-5"], {}, "anchor_weight=1e-05 needs init="),
+            (["anchor_weight=1e-5", "init=mim.pth", "anchor_blocks=7"], {},
+             "anchor_blocks=7 exceeds the model depth 6")):
         proc = subprocess.run(base + extra, cwd=ROOT, capture_output=True, text=True, timeout=300,
                               env=dict(os.environ, **env))
         assert proc.returncode == 2, proc.stderr[-2000:]
         assert message in proc.stderr, proc.stderr[-2000:]
+
+
+def test_data_without_images_stops_with_one_error_line(tmp_path):
+    """Samples a DataLoader worker can never decode: the run stops, naming shard and keys."""
+    for shard in range(2):
+        with wds.TarWriter(str(tmp_path / f"t-{shard}.tar")) as sink:
+            for j in range(8):
+                sink.write({"__key__": f"{shard}-{j}", "txt": b"no image", "cls": b"0"})
+    proc = _launch(tmp_path, ["--output_dir", str(tmp_path / "run"), f"data={tmp_path}/t-{{0,1}}.tar",
+                              "samples_per_epoch=16", "max_corrupt_run=5"] + TINY, ranks=None)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error on rank 0: 5 samples in a row could not be used"), last
+    assert "has no image (keys found: ['cls', 'txt']" in last and "t-0.tar" in last, last
 
 
 def test_two_nodes_with_a_hostfile(tmp_path):

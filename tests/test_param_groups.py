@@ -14,7 +14,7 @@ def model():
 
 def test_every_trainable_parameter_in_exactly_one_group(model):
     lrs = [1.0, 2.0, 3.0]
-    groups = build_param_groups(model, 6, lrs, 0.1, model.base_encoder.no_weight_decay())
+    groups = build_param_groups(model, 6, lrs, 0.1)
     members = [id(p) for g in groups for p in g["params"]]
     assert len(members) == len(set(members))
     trainable = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
@@ -29,6 +29,8 @@ def test_every_trainable_parameter_in_exactly_one_group(model):
             name = trainable[id(p)]
             assert reference.stage_of(name, 6, 3) == s, name
             assert reference.no_weight_decay(name, p) == g["name"].endswith("_no_wd"), name
+    decayed = {trainable[id(p)] for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert "base_encoder.cls_token" in decayed  # the official rule: only 1-D params are exempt
     names = {g["name"] for g in groups}
     assert names == {f"stage{s}{x}" for s in (1, 2, 3) for x in ("", "_no_wd")}
 

@@ -8,10 +8,11 @@ import jobs
 import reference
 from multirank import run_ranks
 
-# (zero stage, bf16[, gradients reduced in fp32 through "communication_data_type"])
-CONFIGS = [(stage, bf16) for stage in (0, 1, 2, 3) for bf16 in (False, True)] + [(2, True, True)]
-IDS = [f"zero{c[0]}-{'bf16' if c[1] else 'fp32'}" + ("-fp32reduce" if len(c) > 2 else "")
-       for c in CONFIGS]
+# (zero stage, bf16, option): gradients reduced in fp32 ("communication_data_type"); DeepSpeed's
+# FusedAdam, whose ZeRO-0 mixed-precision wrapper keeps its masters in one flat tensor per group
+CONFIGS = [(stage, bf16, "") for stage in (0, 1, 2, 3) for bf16 in (False, True)] + [
+    (2, True, "fp32reduce"), (0, True, "fused_adam")]
+IDS = [f"zero{s}-{'bf16' if bf16 else 'fp32'}" + (f"-{opt}" if opt else "") for s, bf16, opt in CONFIGS]
 STEPS = 4
 
 
@@ -77,8 +78,8 @@ def test_zero3_momentum_is_partitioned(runs, bf16):
     full = sum(v.numel() for k, v in initial.items() if k.startswith("base_encoder."))
     for rank in out:
         # each rank holds about half of the momentum encoder (partitions are padded)
-        assert rank[(3, bf16)]["momentum_numel"] < 0.55 * full
-        assert rank[(0, bf16)]["momentum_numel"] == full
+        assert rank[(3, bf16, "")]["momentum_numel"] < 0.55 * full
+        assert rank[(0, bf16, "")]["momentum_numel"] == full
 
 
 def test_group_lrs_follow_stage_rule_and_schedule(runs):

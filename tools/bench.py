@@ -4,12 +4,17 @@
         [--config RECIPE] [--steps 20] [--warmup 5] [--peak_tflops 989] [--data_only] [key=value ...]
 
 The step benchmark feeds synthetic images already on the device, so it measures model,
-optimizer, momentum encoder and communication; ``--data_only`` measures the WebDataset pipeline
-(decode + two MoCo views) of this rank alone. FLOPs come from fvcore's counter on the encoder and
+optimizer, momentum encoder, MIM anchor and communication; ``--data_only`` measures the WebDataset
+pipeline (decode + two MoCo views) of this rank alone. Recipes run as shipped: one with the MIM
+anchor but no ``init=`` takes the model's own initial weights as its MIM weights (the anchor costs
+the same whatever they are). Each run writes into a fresh temporary folder, removed at the end. FLOPs come from fvcore's counter on the encoder and
 projector: one image costs 3 forward passes (forward + backward) of the base encoder on each of
 two views plus one forward of the momentum encoder on each view.
 """
 import argparse
+import os
+import shutil
+import tempfile
 import time
 
 import deepspeed
@@ -32,6 +37,16 @@ def forward_flops(cfg) -> float:
     x = torch.zeros(2, 3, cfg.img_size, cfg.img_size)
     counter = FlopCountAnalysis(model, (x, x)).unsupported_ops_warnings(False)
     return 2 * counter.total() / 4  # fvcore counts multiply-adds; 2 images x 2 views
+
+
+def stand_in_mim_weights(cfg, folder: str) -> str:
+    """Write the encoder's initial weights (what ``cfg.seed`` gives) as an MAE file; its path."""
+    torch.manual_seed(cfg.seed)
+    encoder = build_graft_model(cfg, cross_rank_bn=False).base_encoder
+    path = os.path.join(folder, "mim_stand_in.pth")
+    torch.save({"model": {k: v for k, v in encoder.state_dict().items()
+                          if not k.startswith("head.")}}, path)
+    return path
 
 
 def bench_step(trainer, steps: int, warmup: int) -> float:
@@ -60,12 +75,21 @@ def main() -> None:
     p.add_argument("--local_rank", type=int, default=-1)
     p.add_argument("overrides", nargs="*")
     p = deepspeed.add_config_arguments(p)
-    args = p.parse_args()
-    cfg, ds_config = load_run_config(args.config,
-                                     args.overrides + ["output_dir=/tmp/lgp_ds_bench"],
-                                     args.deepspeed_config)
+    args = p.parse_intermixed_args()
+    cfg, ds_config = load_run_config(args.config, args.overrides, args.deepspeed_config)
     dist.init_process_group()
-    trainer = GraftTrainer(cfg, ds_config)
+    folder = tempfile.mkdtemp(prefix="lgp_ds_bench_")  # per rank: node-local /tmp is fine
+    try:
+        cfg.output_dir = os.path.join(folder, "run")
+        if cfg.anchor_weight > 0 and cfg.init is None:
+            cfg.init = stand_in_mim_weights(cfg, folder)
+        run(args, cfg, ds_config)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def run(args, cfg, ds_config) -> None:
+    trainer = GraftTrainer(cfg, ds_config, with_data=args.data_only)
     world, n = dist.get_world_size(), trainer.engine.train_micro_batch_size_per_gpu()
     device = get_accelerator().device_name()
     if device == "cuda":

@@ -38,7 +38,7 @@ class MIMAnchor:
                 full = mim_state[s.name[len(prefix):]].reshape(-1).float()
                 self.reference[s.name] = full[s.start:s.start + s.numel].clone().to(s.weight.device)
         # Every rank must agree on the tensor order for the all-reduce of partial norms.
-        self.names = sorted(set().union(*[set(n) for n in _all_gather_names(self.names)]))
+        self.names = sorted(set().union(*[set(n) for n in dist.all_gather_object(self.names)]))
 
     @torch.no_grad()
     def add_gradient(self, slices: list[MasterSlice], grad_scale: float = 1.0) -> float:
@@ -64,11 +64,3 @@ class MIMAnchor:
                 g = torch.where(norm > 0, d / norm.clamp_min(1e-30), torch.zeros_like(d))
             mine[n].add_to_grad(g * (self.weight * grad_scale))
         return self.weight * norms.sum().item()
-
-
-def _all_gather_names(names: list[str]) -> list[list[str]]:
-    if dist.get_world_size() == 1:
-        return [names]
-    out = [None] * dist.get_world_size()
-    torch.distributed.all_gather_object(out, names)
-    return out

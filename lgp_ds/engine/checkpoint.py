@@ -4,19 +4,25 @@
 ranks are done; a crash then leaves a half-written checkpoint that looks complete. Here every
 rank writes, all ranks meet at a barrier, and only then does rank 0 put a completion marker in
 the tag folder and atomically replace ``latest``. Resuming accepts marked checkpoints only.
+
+The marker records the world size and the run's config, so a resume that cannot continue the
+same run (another world size, another batch size or schedule) is refused, with the reason,
+before DeepSpeed reads anything.
 """
 import json
 import os
 import re
 
 from lgp_ds import dist
+from lgp_ds.config import MAY_CHANGE_ON_RESUME
 
 COMPLETE_MARKER = "lgp_ds_complete"
 LATEST = "latest"
 _TAG = re.compile(r"step(\d+)$")
 
 
-def _write_atomic(path: str, text: str) -> None:
+def write_atomic(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file: readers see the old or the new file."""
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
         f.write(text)
@@ -25,15 +31,15 @@ def _write_atomic(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save(engine, save_dir: str, step: int, client_state: dict) -> str:
+def save(engine, save_dir: str, step: int, client_state: dict, config: dict) -> str:
     """Collective: save ``engine`` and ``client_state`` as tag ``step{step:08d}``; return the tag."""
     tag = f"step{step:08d}"
     engine.save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=False)
     dist.barrier()  # every rank's shards are on disk
     if dist.is_main():
-        record = {"step": step, "world_size": dist.get_world_size()}
-        _write_atomic(os.path.join(save_dir, tag, COMPLETE_MARKER), json.dumps(record) + "\n")
-        _write_atomic(os.path.join(save_dir, LATEST), tag)
+        record = {"step": step, "world_size": dist.get_world_size(), "config": config}
+        write_atomic(os.path.join(save_dir, tag, COMPLETE_MARKER), json.dumps(record) + "\n")
+        write_atomic(os.path.join(save_dir, LATEST), tag)
     dist.barrier()
     return tag
 
@@ -42,19 +48,8 @@ def is_complete(save_dir: str, tag: str) -> bool:
     return os.path.isfile(os.path.join(save_dir, tag, COMPLETE_MARKER))
 
 
-def find_checkpoint(resume: str, save_dir: str) -> tuple[str, str] | None:
-    """(save_dir, tag) to resume from.
-
-    ``resume="auto"``: the newest complete checkpoint under ``save_dir`` (None if there is none).
-    Otherwise ``resume`` is a tag folder, which must be complete.
-    """
-    if resume != "auto":
-        folder = os.path.abspath(resume.rstrip("/"))
-        parent, tag = os.path.dirname(folder), os.path.basename(folder)
-        if not is_complete(parent, tag):
-            raise ValueError(f"resume={resume}: not a complete lgp_ds checkpoint (no "
-                             f"{COMPLETE_MARKER} marker: the save did not finish on every rank)")
-        return parent, tag
+def newest_complete(save_dir: str) -> tuple[str, str] | None:
+    """(save_dir, tag) of the newest complete checkpoint under ``save_dir``, or None."""
     if not os.path.isdir(save_dir):
         return None
     latest = os.path.join(save_dir, LATEST)
@@ -68,15 +63,101 @@ def find_checkpoint(resume: str, save_dir: str) -> tuple[str, str] | None:
     return (save_dir, tags[-1][1]) if tags else None
 
 
+def find_checkpoint(resume: str, save_dir: str) -> tuple[str, str] | None:
+    """(save_dir, tag) to resume from.
+
+    ``resume="auto"``: the newest complete checkpoint under ``save_dir`` (None if there is none).
+    Otherwise ``resume`` is a tag folder, which must be complete, or a checkpoints folder, whose
+    newest complete checkpoint is taken.
+    """
+    if resume == "auto":
+        return newest_complete(save_dir)
+    folder = os.path.abspath(resume.rstrip("/"))
+    parent, tag = os.path.dirname(folder), os.path.basename(folder)
+    if is_complete(parent, tag):
+        return parent, tag
+    if _TAG.match(tag) or not os.path.isdir(folder):
+        raise ValueError(f"resume={resume}: not a complete lgp_ds checkpoint (no {COMPLETE_MARKER} "
+                         f"marker: the save did not finish on every rank)")
+    found = newest_complete(folder)
+    if found is None:
+        raise ValueError(f"resume={resume}: neither a complete lgp_ds checkpoint nor a folder "
+                         f"holding one (step* folders with a {COMPLETE_MARKER} marker)")
+    return found
+
+
+def read_marker(save_dir: str, tag: str) -> dict:
+    with open(os.path.join(save_dir, tag, COMPLETE_MARKER)) as f:
+        return json.load(f)
+
+
+def check_resumable(save_dir: str, tag: str, config: dict) -> list[str]:
+    """Refuse (ValueError) a checkpoint this run cannot continue; return the allowed changes.
+
+    The world size must be the one that wrote it (ZeRO shards load only there), and every config
+    key outside ``MAY_CHANGE_ON_RESUME`` must be unchanged: another batch size, schedule or model
+    would continue with a wrong LR and data position without a word. Returns the changed keys
+    that are allowed, as ``"key: old -> new"`` lines.
+    """
+    where = os.path.join(save_dir, tag)
+    marker = read_marker(save_dir, tag)
+    if marker["world_size"] != dist.get_world_size():
+        raise ValueError(f"{where} was written by {marker['world_size']} ranks and this run has "
+                         f"{dist.get_world_size()}: ZeRO shards only load on the world size that "
+                         f"wrote them. Resume with {marker['world_size']} ranks, or convert the "
+                         f"weights (tools/convert_ckpt.py) and start from them with init=")
+    saved = marker.get("config", {})
+    changed = {k: (saved[k], v) for k, v in config.items() if k in saved and saved[k] != v}
+    refused = [f"{k}={old!r} -> {new!r}" for k, (old, new) in changed.items()
+               if k not in MAY_CHANGE_ON_RESUME]
+    if refused:
+        raise ValueError(f"{where} belongs to a run with other settings ({', '.join(refused)}): "
+                         f"continuing it would silently change its LR schedule, data position or "
+                         f"model. Resume with the checkpoint's values, or start a fresh run in a "
+                         f"new output_dir (from converted weights with init=)")
+    return [f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items()]
+
+
+def _local_problem(save_dir: str, tag: str, zero_stage: int) -> str | None:
+    """Why this rank cannot read checkpoint ``tag`` (node-local storage, stale caches), or None."""
+    folder = os.path.join(save_dir, tag)
+    if not is_complete(save_dir, tag):
+        return f"{folder} is missing or incomplete here"
+    if zero_stage > 0:
+        mine = f"zero_pp_rank_{dist.get_rank()}_"
+        if not any(mine in f for f in os.listdir(folder)):
+            return f"{folder} holds no ZeRO shard of rank {dist.get_rank()} ({mine}*)"
+    return None
+
+
+def choose(resume: str, save_dir: str, zero_stage: int) -> tuple[str, str] | None:
+    """Collective: the checkpoint every rank resumes from, decided by rank 0.
+
+    Ranks that picked on their own could choose different tags (node-local storage, a stale NFS
+    cache) and then hang or diverge. Every rank checks that it can read rank 0's choice; if one
+    cannot, all raise ValueError naming the ranks and the reason, instead of some hanging.
+    """
+    choice = None
+    if dist.is_main():
+        try:
+            choice = ("ok", find_checkpoint(resume, save_dir))
+        except ValueError as e:
+            choice = ("error", str(e))
+    status, found = dist.broadcast_object(choice)
+    if status == "error":
+        raise ValueError(found)
+    if found is None:
+        return None
+    problems = dist.all_gather_object(_local_problem(*found, zero_stage))
+    bad = [f"rank {r}: {p}" for r, p in enumerate(problems) if p]
+    if bad:
+        raise ValueError(f"rank 0 chose {os.path.join(*found)} to resume from, but "
+                         + "; ".join(bad))
+    return found
+
+
 def load(engine, save_dir: str, tag: str) -> dict:
     """Collective: restore ``engine`` (weights, optimizer, LR schedule); return the client state."""
-    with open(os.path.join(save_dir, tag, COMPLETE_MARKER)) as f:
-        saved_world = json.load(f)["world_size"]
-    if saved_world != dist.get_world_size():
-        raise ValueError(f"{os.path.join(save_dir, tag)} was written by {saved_world} ranks and "
-                         f"this run has {dist.get_world_size()}: ZeRO shards only load on the "
-                         f"world size that wrote them. Resume with {saved_world} ranks, or convert "
-                         f"the weights (tools/convert_ckpt.py) and start from them with init=")
     path, client_state = engine.load_checkpoint(save_dir, tag=tag, load_optimizer_states=True,
                                                 load_lr_scheduler_states=True)
     if path is None:

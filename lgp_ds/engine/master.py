@@ -7,7 +7,8 @@ bf16/fp16 copies the model computes with. DeepSpeed holds them differently per s
 - ZeRO 1/2 (and bf16 with ZeRO 0 through the BF16 optimizer): each rank owns a fragment of the
   flattened parameter, found through ``param._hp_mapping``; some ranks own none of a tensor.
 - ZeRO 0 with a plain optimizer: the parameter is its own master, whole on every rank.
-- ZeRO 0 with mixed precision (FP16_UnfusedOptimizer): fp32 copies, whole on every rank.
+- ZeRO 0 with mixed precision: fp32 copies, whole on every rank; one tensor per parameter
+  (FP16_UnfusedOptimizer, torch AdamW) or one flat tensor per group (FP16_Optimizer, FusedAdam).
 
 :func:`master_slices` hides those four behind one record per (parameter, rank).
 """
@@ -28,6 +29,11 @@ class MasterSlice:
     start: int
     numel: int
     weight: torch.Tensor  # fp32 [numel], a live view of the master weights
+
+    @torch.no_grad()
+    def copy_from(self, full: torch.Tensor) -> None:
+        """Set this slice of the master weights from the whole parameter ``full`` (any shape)."""
+        self.weight.copy_(full.reshape(-1)[self.start:self.start + self.numel])
 
     def add_to_grad(self, g: torch.Tensor) -> None:
         """Add ``g`` [numel] to this slice's gradient; valid between backward and step."""
@@ -55,10 +61,13 @@ def master_slices(optimizer, named_params) -> list[MasterSlice]:
     (name, parameter) of the engine's module.
     """
     fp32_copy = {}  # ZeRO 0 mixed precision: low-precision param -> fp32 master copy
-    for lp_group, hp_group in zip(getattr(optimizer, "fp16_groups", []),
-                                  getattr(optimizer, "fp32_groups", [])):
-        if isinstance(lp_group, list):
-            fp32_copy.update({id(lp): hp for lp, hp in zip(lp_group, hp_group)})
+    hp_groups = getattr(optimizer, "fp32_groups", None) or getattr(optimizer, "fp32_groups_flat", [])
+    for lp_group, hp_group in zip(getattr(optimizer, "fp16_groups", []), hp_groups):
+        if not isinstance(lp_group, list):
+            continue
+        if torch.is_tensor(hp_group):  # one flat fp32 tensor holding the group's params in order
+            hp_group = torch.split(hp_group.detach(), [lp.numel() for lp in lp_group])
+        fp32_copy.update({id(lp): hp for lp, hp in zip(lp_group, hp_group)})
     out = []
     for name, p in named_params:
         if not p.requires_grad:

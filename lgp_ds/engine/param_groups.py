@@ -3,8 +3,9 @@
 The official grafting rule: layer 0 = patch embedding, cls token, position embedding; layer i+1 =
 block i; everything after the blocks (final norm, projector, predictor) = the last layer. Blocks
 split into ``num_stages`` equal stages; the embeddings ride with the first stage and the rest
-with the last. Frozen parameters join no group; 1-D parameters (biases, norms) and the tokens
-that timm exempts from weight decay get none.
+with the last. Frozen parameters join no group. As in the official code, only 1-D parameters
+(biases, norm weights) are exempt from weight decay: the cls token decays (timm's
+``no_weight_decay()`` would exempt it).
 """
 import torch.nn as nn
 
@@ -22,7 +23,6 @@ def stage_of(name: str, depth: int, num_stages: int, encoder_prefix: str = "base
 
 
 def build_param_groups(model: nn.Module, depth: int, stage_lrs, weight_decay: float,
-                       no_weight_decay: set[str] = frozenset(),
                        encoder_prefix: str = "base_encoder.") -> list[dict]:
     """Param groups named ``stage{s}`` / ``stage{s}_no_wd`` (s from 1) with lr = ``stage_lrs[s-1]``.
 
@@ -37,7 +37,7 @@ def build_param_groups(model: nn.Module, depth: int, stage_lrs, weight_decay: fl
         if not p.requires_grad:
             continue
         s = stage_of(name, depth, len(stage_lrs), encoder_prefix)
-        decay = p.ndim > 1 and name.removeprefix(encoder_prefix) not in no_weight_decay
+        decay = p.ndim > 1
         key = f"stage{s + 1}" + ("" if decay else "_no_wd")
         group = groups.setdefault(key, {"name": key, "params": [], "lr": stage_lrs[s],
                                         "weight_decay": weight_decay if decay else 0.0})

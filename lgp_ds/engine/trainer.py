@@ -7,7 +7,6 @@ One iteration (per micro-batch of this rank):
     at the accumulation boundary: anchor gradient on the master weights -> engine.step()
     if DeepSpeed applied the step: momentum EMA from the master weights
 """
-import json
 import math
 import os
 import time
@@ -15,21 +14,21 @@ from functools import partial
 
 import deepspeed
 import torch
-import yaml
 from deepspeed.accelerator import get_accelerator
 from torch.optim.lr_scheduler import LambdaLR
 
 from lgp_ds import dist
-from lgp_ds.config import Config
-from lgp_ds.data.pipeline import TrainData
+from lgp_ds.config import Config, precision
+from lgp_ds.data.pipeline import TrainData, samples_per_epoch
 from lgp_ds.models.moco import build_graft_model, load_mim_weights, read_mim_state_dict
 from lgp_ds.objectives import moco_loss
 
-from . import checkpoint
+from . import checkpoint, run_dir
 from .anchor import MIMAnchor
 from .master import master_slices
 from .momentum import MomentumEncoder
 from .param_groups import build_param_groups
+from .run_dir import MetricsLog
 from .schedules import lr_factor, momentum_at
 
 
@@ -43,57 +42,83 @@ def build_optimizer(cfg: Config, groups: list[dict]) -> torch.optim.Optimizer:
 
 
 class GraftTrainer:
-    """Builds model, engine, momentum encoder, anchor and data for ``cfg``; :meth:`fit` trains."""
+    """Builds model, engine, momentum encoder, anchor and data for ``cfg``; :meth:`fit` trains.
 
-    def __init__(self, cfg: Config, ds_config: dict):
+    Everything that can be wrong with the input (data, init weights, the checkpoint to resume
+    from) raises ValueError or FileNotFoundError here, on every rank alike, before training.
+    ``with_data=False`` leaves out the data (for :meth:`train_step` on batches of one's own).
+    """
+
+    def __init__(self, cfg: Config, ds_config: dict, with_data: bool = True):
+        if cfg.anchor_weight > 0 and cfg.init is None:
+            raise ValueError(f"config key anchor_weight={cfg.anchor_weight} needs init= (the MIM "
+                             f"weights to stay close to)")
         self.cfg = cfg
         self.device = get_accelerator().current_device_name()
-        write_run_files(cfg, ds_config)
+        run_dir.prepare(cfg, ds_config)
+        self.metrics = MetricsLog(cfg.output_dir)
         torch.manual_seed(cfg.seed)  # same initial weights on every rank
         model = build_graft_model(cfg)
         self.depth = len(model.base_encoder.blocks)
+        anchor_blocks = cfg.anchor_blocks if cfg.anchor_blocks is not None else self.depth // 2
+        if anchor_blocks > self.depth:
+            raise ValueError(f"config key anchor_blocks={anchor_blocks} exceeds the model depth "
+                             f"{self.depth}")
         lrs = [blr * cfg.batch_size / 256 for blr in cfg.stage_blrs]
-        groups = build_param_groups(model, self.depth, lrs, cfg.weight_decay,
-                                    model.base_encoder.no_weight_decay())
+        groups = build_param_groups(model, self.depth, lrs, cfg.weight_decay)
+        name_of = {id(p): n for n, p in model.named_parameters()}
+        # Parameter names in optimizer order: the ZeRO-0 fp32 master groups in a checkpoint are
+        # flat lists in this order, with no names of their own.
+        self.group_params = [[name_of[id(p)] for p in g["params"]] for g in groups]
+        self.group_names = [g["name"] for g in groups]
         mim_state = None
         if cfg.init:
             mim_state = read_mim_state_dict(cfg.init)
             load_mim_weights(model.base_encoder, mim_state, cfg.init)
 
-        self.data = TrainData(cfg, ds_config["train_micro_batch_size_per_gpu"])
-        self.steps_per_epoch = self.data.samples_per_epoch // cfg.batch_size
+        self.data = TrainData(cfg, ds_config["train_micro_batch_size_per_gpu"]) if with_data else None
+        self.steps_per_epoch = samples_per_epoch(cfg) // cfg.batch_size
         if self.steps_per_epoch == 0:
-            raise ValueError(f"samples_per_epoch={self.data.samples_per_epoch} is smaller than "
+            raise ValueError(f"samples_per_epoch={samples_per_epoch(cfg)} is smaller than "
                              f"batch_size={cfg.batch_size}")
         self.total_steps = cfg.epochs * self.steps_per_epoch
         warmup_steps = cfg.warmup_epochs * self.steps_per_epoch
 
         zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
-        low = {"bf16": torch.bfloat16, "fp16": torch.float16}
-        self.dtype = next((dt for k, dt in low.items() if ds_config.get(k, {}).get("enabled")),
-                          torch.float32)
+        self.dtype = getattr(torch, {"bf16": "bfloat16", "fp16": "float16",
+                                     "fp32": "float32"}[precision(ds_config)])
+        # The momentum encoder is copied before DeepSpeed casts the model, so it holds the exact
+        # fp32 weights; so does this copy, from which the masters are restored below.
         self.momentum = MomentumEncoder(model.base_encoder, zero_stage, self.dtype)
+        exact = {name_of[id(p)]: p.detach().clone() for g in groups for p in g["params"]}
 
         schedule = partial(lr_factor, total_steps=self.total_steps, warmup_steps=warmup_steps)
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=build_optimizer(cfg, groups), config=ds_config,
             lr_scheduler=lambda opt: LambdaLR(opt, schedule))
-        self.group_names = [g["name"] for g in groups]
         # This rank's fp32 master slices: live views into DeepSpeed's buffers, found once (and
         # again after a checkpoint load) rather than on every step.
         self.slices = self._find_slices()
+        # Under bf16/fp16 DeepSpeed builds the masters from the rounded module; without this the
+        # base encoder would start off the MIM weights (and off the momentum encoder).
+        for s in self.slices:
+            s.copy_from(exact[s.name])
+        del exact
 
         self.anchor = None
         if cfg.anchor_weight > 0:
-            blocks = cfg.anchor_blocks if cfg.anchor_blocks is not None else self.depth // 2
             self.anchor = MIMAnchor(mim_state, self.slices, cfg.anchor_weight, cfg.anchor_norm,
-                                    blocks, sharded=zero_stage > 0)
+                                    anchor_blocks, sharded=zero_stage > 0)
         del mim_state
 
         self.step = 0  # optimizer steps applied or skipped (engine.global_steps)
         self.epoch, self.batch_in_epoch = 0, 0
-        self.corrupt_samples = 0
-        self.ckpt_dir = os.path.join(cfg.output_dir, "checkpoints")
+        # Corrupt samples: the global count before this process started (from the checkpoint)
+        # and this rank's own count since; ranks are summed only when logging or saving.
+        self.corrupt_before, self.corrupt_local = 0, 0
+        self.ckpt_dir = os.path.join(cfg.output_dir, run_dir.CHECKPOINTS)
+        if cfg.resume is not None:
+            self._resume(zero_stage)
 
     def _find_slices(self):
         return master_slices(self.engine.optimizer, self.engine.module.named_parameters())
@@ -101,26 +126,34 @@ class GraftTrainer:
     def applied_steps(self) -> int:
         return self.engine.global_steps - self.engine.skipped_steps
 
+    def corrupt_samples(self) -> int:
+        """Collective: corrupt samples skipped so far by all ranks, over the whole run."""
+        local = torch.tensor([self.corrupt_local], device=self.device)
+        return self.corrupt_before + int(dist.all_reduce_sum(local).item())
+
     # -- checkpoints -------------------------------------------------------------------------
     def save(self) -> str:
         state = {"momentum": self.momentum.state_dict(), "step": self.step, "epoch": self.epoch,
-                 "batch_in_epoch": self.batch_in_epoch, "corrupt_samples": self.corrupt_samples,
-                 "config": self.cfg.to_dict()}
-        return checkpoint.save(self.engine, self.ckpt_dir, self.step, state)
+                 "batch_in_epoch": self.batch_in_epoch, "corrupt_samples": self.corrupt_samples(),
+                 "config": self.cfg.to_dict(), "group_params": self.group_params}
+        return checkpoint.save(self.engine, self.ckpt_dir, self.step, state, self.cfg.to_dict())
 
-    def maybe_resume(self) -> None:
-        if self.cfg.resume is None:
-            return
-        found = checkpoint.find_checkpoint(self.cfg.resume, self.ckpt_dir)
+    def _resume(self, zero_stage: int) -> None:
+        """Collective: continue from the checkpoint that ``cfg.resume`` names (rank 0 decides)."""
+        found = checkpoint.choose(self.cfg.resume, self.ckpt_dir, zero_stage)
         if found is None:
             dist.print_main(f"resume=auto: no complete checkpoint in {self.ckpt_dir}, starting fresh")
+            self.metrics.truncate(0)
             return
+        for change in checkpoint.check_resumable(*found, self.cfg.to_dict()):
+            dist.print_main(f"resume: {change}")
         state = checkpoint.load(self.engine, *found)
         self.slices = self._find_slices()
         self.momentum.load_state_dict(state["momentum"])
         self.step, self.epoch = state["step"], state["epoch"]
         self.batch_in_epoch = state["batch_in_epoch"]
-        self.corrupt_samples = state["corrupt_samples"]
+        self.corrupt_before = state["corrupt_samples"]
+        self.metrics.truncate(self.step)
         dist.print_main(f"resumed from {os.path.join(*found)} at step {self.step}, "
                         f"epoch {self.epoch}, batch {self.batch_in_epoch}")
 
@@ -149,7 +182,6 @@ class GraftTrainer:
     def fit(self) -> list[dict]:
         """Train until ``epochs`` or ``max_steps``; return the logged records."""
         cfg = self.cfg
-        self.maybe_resume()
         last_step = min(self.total_steps, cfg.max_steps or self.total_steps)
         gas = self.engine.gradient_accumulation_steps()
         records, meter = [], _Meter()
@@ -159,7 +191,7 @@ class GraftTrainer:
             for x1, x2, _, skipped in batches:
                 out = self.train_step(x1, x2)
                 self.batch_in_epoch += 1
-                self.corrupt_samples += int(skipped.sum())
+                self.corrupt_local += int(skipped.sum())
                 meter.add(out, x1.shape[0])
                 if not out["boundary"]:
                     continue
@@ -176,19 +208,17 @@ class GraftTrainer:
 
     def log(self, window: dict, out: dict) -> dict:
         loss = dist.all_reduce_sum(window["loss"].clone()) / dist.get_world_size()
-        corrupt = dist.all_reduce_sum(torch.tensor([self.corrupt_samples], device=self.device))
         record = {
             "step": self.step, "epoch": self.epoch, "loss": loss.item(),
             "lr": {n: g["lr"] for n, g in zip(self.group_names, self.engine.optimizer.param_groups)},
             "momentum": out["momentum"], "anchor": out["anchor"],
             "img_per_s": window["images"] * dist.get_world_size() / window["seconds"],
-            "skipped_steps": self.engine.skipped_steps, "corrupt_samples": int(corrupt.item()),
+            "skipped_steps": self.engine.skipped_steps, "corrupt_samples": self.corrupt_samples(),
         }
         if self.dtype == torch.float16:
             record["loss_scale"] = float(self.engine.optimizer.loss_scale)
+        self.metrics.append(record)
         if dist.is_main():
-            with open(os.path.join(self.cfg.output_dir, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(record) + "\n")
             top = f"stage{self.cfg.num_stages}"
             print(f"step {self.step}/{min(self.total_steps, self.cfg.max_steps or math.inf)} "
                   f"epoch {self.epoch} loss {record['loss']:.4f} anchor {record['anchor']:.4g} "
@@ -212,14 +242,3 @@ class _Meter:
                   "seconds": max(now - self.start, 1e-9)}
         self.start, self.loss, self.n, self.images = now, 0.0, 0, 0
         return window
-
-
-def write_run_files(cfg: Config, ds_config: dict) -> None:
-    """Rank 0: create ``output_dir`` with the resolved ``config.yaml`` and ``ds_config.json``."""
-    if dist.is_main():
-        os.makedirs(cfg.output_dir, exist_ok=True)
-        with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as f:
-            yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
-        with open(os.path.join(cfg.output_dir, "ds_config.json"), "w") as f:
-            json.dump(ds_config, f, indent=2)
-    dist.barrier()

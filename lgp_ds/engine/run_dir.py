@@ -1,0 +1,80 @@
+"""A run's folder: ``config.yaml``, ``ds_config.json``, ``metrics.jsonl`` and ``checkpoints/``.
+
+One folder holds one run. A second run started into it without ``resume=`` is refused (it would
+append to the first run's metrics and mix its checkpoints with them); a resumed run keeps one
+metrics record per step by dropping the records logged after the checkpoint it resumes from.
+"""
+import json
+import os
+
+import yaml
+
+from lgp_ds import dist
+
+from .checkpoint import write_atomic
+
+METRICS = "metrics.jsonl"
+CHECKPOINTS = "checkpoints"
+
+
+def _previous_run(output_dir: str) -> list[str]:
+    """What in ``output_dir`` shows that a run already wrote there."""
+    found = []
+    if os.path.isfile(os.path.join(output_dir, METRICS)):
+        found.append(METRICS)
+    ckpts = os.path.join(output_dir, CHECKPOINTS)
+    if os.path.isdir(ckpts) and os.listdir(ckpts):
+        found.append(CHECKPOINTS + "/")
+    return found
+
+
+def prepare(cfg, ds_config: dict) -> None:
+    """Collective: create ``cfg.output_dir`` and write the resolved configs into it.
+
+    Raises ValueError on every rank when the folder already holds a run and ``cfg.resume`` is
+    not set.
+    """
+    problem = None
+    if dist.is_main():
+        found = _previous_run(cfg.output_dir) if cfg.resume is None else []
+        if found:
+            problem = (f"output_dir={cfg.output_dir} already holds a run ({', '.join(found)}): "
+                       f"continue it with resume=auto, or give a new output_dir")
+        else:
+            os.makedirs(cfg.output_dir, exist_ok=True)
+            with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as f:
+                yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+            with open(os.path.join(cfg.output_dir, "ds_config.json"), "w") as f:
+                json.dump(ds_config, f, indent=2)
+    problem = dist.broadcast_object(problem)
+    if problem:
+        raise ValueError(problem)
+
+
+class MetricsLog:
+    """``metrics.jsonl``: one JSON object per logged step, written by rank 0."""
+
+    def __init__(self, output_dir: str):
+        self.path = os.path.join(output_dir, METRICS)
+
+    def append(self, record: dict) -> None:
+        if dist.is_main():
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def truncate(self, last_step: int) -> None:
+        """Drop the records after ``last_step`` (logged by an interrupted run after its last
+        checkpoint, and about to be logged again by the resumed run)."""
+        if not dist.is_main() or not os.path.isfile(self.path):
+            return
+        with open(self.path) as f:
+            kept = [line for line in f if _step(line) is not None and _step(line) <= last_step]
+        write_atomic(self.path, "".join(kept))
+
+
+def _step(line: str) -> int | None:
+    """The step of a metrics line; None for a line torn by a crash while it was written."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return None
