@@ -9,13 +9,16 @@ no code when rebuilt). Callers may allow further plain record types (DeepSpeed's
 """
 import argparse
 import contextlib
+import hashlib
 import os
-import pickle
 import re
 
 import torch
 
 PLAIN_TYPES = (argparse.Namespace,)  # rebuilt from their attributes alone: no code runs
+# torch.load as imported: lgp_ds.convert points torch.load at load() while DeepSpeed's
+# zero_to_fp32 reads its files
+_TORCH_LOAD = torch.load
 
 
 @contextlib.contextmanager
@@ -26,7 +29,7 @@ def allowed_types(*types):
 
 
 def refusal(path: str, error: Exception) -> ValueError:
-    """The one-line ValueError for a file that ``torch.load(weights_only=True)`` refused."""
+    """The one-line ValueError for a file that could not be read or was refused."""
     text = str(error)
     code = re.search(r"Unsupported global: GLOBAL (\S+)", text)
     if code:
@@ -34,30 +37,29 @@ def refusal(path: str, error: Exception) -> ValueError:
                           f"'{code.group(1)}', which could run code when unpickled (accepted: "
                           f"tensors, plain containers and argparse.Namespace)")
     reason = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|$)", text, re.S)
-    reason = reason.group(1) if reason else text.strip().splitlines()[0] if text.strip() else \
-        type(error).__name__
+    if reason:
+        reason = reason.group(1)
+    else:  # the first line, with the exception type: damaged files raise KeyError('43') ...
+        reason = " ".join([f"{type(error).__name__}:", *text.strip().splitlines()[:1]])
     return ValueError(f"{path}: not a readable checkpoint file ({' '.join(reason.split())[:200]})")
 
 
-def load(path: str):
+def load(path: str, mmap: bool = False):
     """The content of a checkpoint file as tensors, plain containers and argparse.Namespace.
 
     Raises FileNotFoundError for a missing file and ValueError (one line, naming the file) for
-    one that holds code or is not a checkpoint.
+    one that holds code, is not a checkpoint or is damaged (whatever the reader raised).
+    ``mmap``: map a pickle file's tensors instead of reading them (``torch.load(mmap=True)``).
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file")
-    if path.endswith(".safetensors"):
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-        try:
-            return load_file(path)
-        except SafetensorError as e:
-            raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
+    from safetensors.torch import load_file
     try:
+        if path.endswith(".safetensors"):
+            return load_file(path)
         with allowed_types():
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+            return _TORCH_LOAD(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:  # a damaged file raises anything: KeyError, struct.error, ...
         raise refusal(path, e) from e
 
 
@@ -66,3 +68,13 @@ def safetensors_metadata(path: str) -> dict[str, str]:
     from safetensors import safe_open
     with safe_open(path, framework="pt") as f:
         return dict(f.metadata() or {})
+
+
+def tensor_digest(state: dict[str, torch.Tensor]) -> str:
+    """sha256 (16 hex digits) of a state dict's names, dtypes, shapes and bytes, in key order."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]

@@ -4,8 +4,9 @@ import copy
 import json
 import os
 import re
-import subprocess
+import shutil
 import sys
+import warnings
 
 import pytest
 import timm
@@ -97,7 +98,7 @@ def test_moco_round_trip_keeps_both_encoders_and_predictor(tmp_path, graft):
     src, dst = str(tmp_path / "moco_v3.pth.tar"), str(tmp_path / "again.pth")
     assert convert_ckpt.main([src, dst, "--to", "moco"]) == 0
     a, b = convert.read(src), convert.read(dst)
-    assert convert.compare(a, b) == (0.0, "", [])
+    assert convert.compare(a, b) == convert.Comparison(0.0, "", [], [])
     assert b.momentum is not None and b.predictor is not None
 
 
@@ -347,11 +348,133 @@ def test_custom_vit_summary_builds_the_trained_model(zero_checkpoints, initial_e
                           atol=1e-6)
 
 
-def test_incomplete_deepspeed_checkpoint_is_refused(zero_checkpoints, tmp_path):
-    src = zero_checkpoints[0][(1, False, "")]["checkpoints"]
+def tag_copy(zero_checkpoints, case, dst) -> str:
+    """A copy of the newest tag folder of the fixture's checkpoint ``case``, to damage."""
+    src = zero_checkpoints[0][case]["checkpoints"]
     tag = sorted(f for f in os.listdir(src) if f.startswith("step"))[-1]
-    broken = tmp_path / "broken"
-    subprocess.run(["cp", "-r", os.path.join(src, tag), str(broken)], check=True)
-    os.remove(broken / "lgp_ds_complete")
+    shutil.copytree(os.path.join(src, tag), dst)
+    return str(dst)
+
+
+def test_incomplete_deepspeed_checkpoint_is_refused(zero_checkpoints, tmp_path):
+    broken = tag_copy(zero_checkpoints, (1, False, ""), tmp_path / "broken")
+    os.remove(os.path.join(broken, "lgp_ds_complete"))
     with pytest.raises(ValueError, match="incomplete checkpoint"):
-        convert.read(str(broken))
+        convert.read(broken)
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    return err
+
+
+@pytest.mark.parametrize("case,remove", [
+    ((3, False, ""), ["zero_pp_rank_1_mp_rank_00_model_states.pt"]),
+    ((3, True, ""), ["zero_pp_rank_0_mp_rank_00_model_states.pt"]),
+    ((1, False, ""), ["zero_pp_rank_1_mp_rank_00_optim_states.pt"]),
+    ((1, True, "fp32accum"), ["bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"]),
+    ((2, True, ""), ["bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                     "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"])])
+def test_deepspeed_checkpoint_missing_rank_files_are_named(zero_checkpoints, tmp_path, capsys,
+                                                           case, remove):
+    broken = tag_copy(zero_checkpoints, case, tmp_path / "step00000002")
+    for name in remove:
+        os.remove(os.path.join(broken, name))
+    assert convert_ckpt.main([broken, str(tmp_path / "o.pth")]) == 2
+    err = one_error_line(capsys)
+    if len(remove) == 1:
+        assert f"written by 2 ranks, but their files {remove[0]} are missing" in err, err
+    else:  # no optimizer file at all (not the masters: the bf16 module copy would be taken)
+        assert "ZeRO stage 2, but it holds none of the optimizer states files" in err, err
+    assert not (tmp_path / "o.pth").exists()
+
+
+@pytest.mark.parametrize("case,damaged", [
+    ((3, False, ""), "zero_pp_rank_1_mp_rank_00_optim_states.pt"),
+    ((2, True, ""), "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"),
+    ((3, True, ""), "zero_pp_rank_1_mp_rank_00_model_states.pt"),
+    ((1, True, "fp32accum"), "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt")])
+def test_deepspeed_checkpoint_unreadable_file_is_named(zero_checkpoints, tmp_path, capsys, case,
+                                                       damaged):
+    broken = tag_copy(zero_checkpoints, case, tmp_path / "step00000002")
+    path = os.path.join(broken, damaged)
+    data = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(data[:len(data) // 2])  # truncated, as by a full disk or an interrupted copy
+    assert convert_ckpt.main([broken, str(tmp_path / "o.pth")]) == 2
+    err = one_error_line(capsys)
+    assert f"{path}: not a readable checkpoint file" in err, err
+
+
+def test_check_exit_status_means_equal_within_atol(zero_checkpoints, tmp_path, capsys):
+    src = zero_checkpoints[0][(1, False, "")]["checkpoints"]
+    enc = str(tmp_path / "enc.pth")
+    assert convert_ckpt.main([src, enc]) == 0
+    capsys.readouterr()
+    assert convert_ckpt.main(["--check", src, src]) == 0
+    # its own timm conversion: the projector, momentum encoder and predictor are not compared
+    assert convert_ckpt.main(["--check", src, enc]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^not compared .*base\.head\.\* \(\d+ tensors\)", out, re.M), out
+    assert "momentum" in out and "predictor" in out
+    sd = torch.load(enc, weights_only=True)
+    sd["blocks.0.norm1.weight"] = sd["blocks.0.norm1.weight"] + 1e-3
+    torch.save(sd, tmp_path / "changed.pth")
+    changed = str(tmp_path / "changed.pth")
+    assert convert_ckpt.main(["--check", src, changed]) == 1
+    assert "base.blocks.0.norm1.weight" in capsys.readouterr().out
+    assert convert_ckpt.main(["--check", src, changed, "--atol", "1e-2"]) == 0
+    del sd["blocks.0.norm1.bias"]
+    torch.save(sd, tmp_path / "missing.pth")
+    assert convert_ckpt.main(["--check", enc, str(tmp_path / "missing.pth"), "--atol", "1"]) == 1
+    assert "base.blocks.0.norm1.bias: only in A" in capsys.readouterr().out
+    # two runs (fp32 and bf16 training): different values, the same keys
+    other = zero_checkpoints[0][(1, True, "")]["checkpoints"]
+    assert convert_ckpt.main(["--check", src, other]) == 1
+
+
+def test_damaged_files_are_one_error_line(tmp_path, capsys):
+    """Whatever torch.load raises on a damaged file (KeyError, IndexError, struct.error,
+    AssertionError ...) becomes the one ValueError naming the file."""
+    obj = {"model": {"cls_token": torch.zeros(1, 1, 8), "w": torch.zeros(20, 20)}}
+    torch.save(obj, tmp_path / "zip.pth")
+    torch.save(obj, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    path = str(tmp_path / "damaged.pth")
+    damaged = []
+    for name in ("zip.pth", "legacy.pth"):
+        data = (tmp_path / name).read_bytes()
+        damaged += [data[:n] for n in range(len(data))]
+        damaged += [data[:i] + bytes([43 if data[i] != 43 else 52]) + data[i + 1:]
+                    for i in range(len(data))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns about the unknown pickle protocols
+        for data in damaged:
+            with open(path, "wb") as f:
+                f.write(data)
+            try:
+                convert.checkpoint_file.load(path)
+            except ValueError as e:
+                assert str(e).startswith(f"{path}: ") and "\n" not in str(e), str(e)
+    with open(path, "wb") as f:
+        f.write((tmp_path / "legacy.pth").read_bytes()[:28])  # struct.error
+    assert convert_ckpt.main([path, str(tmp_path / "o.pth")]) == 2
+    assert "not a readable checkpoint file" in one_error_line(capsys)
+
+
+def test_impossible_options_are_refused(tmp_path, graft, capsys):
+    official_files(tmp_path, graft)
+    src, dst = str(tmp_path / "timm.pth"), str(tmp_path / "o.pth")
+    for option, words in ((["--num_heads", "0"], "num_heads=0"),
+                          (["--num_heads", "-2"], "num_heads=-2"),  # divides the width 32
+                          (["--img_size", "0"], "--img_size 0"),
+                          (["--img_size", "20"], "--img_size 20"),  # patch 8
+                          (["--arch", "vit_nonexistent"], "--arch 'vit_nonexistent'")):
+        assert convert_ckpt.main([src, dst, *option]) == 2, option
+        assert words in one_error_line(capsys)
+        assert not os.path.exists(dst)
+    (tmp_path / "a_dir").mkdir()
+    assert convert_ckpt.main([src, str(tmp_path / "a_dir"), "--force"]) == 2
+    assert "is a directory" in one_error_line(capsys)
+    assert convert_ckpt.main([src, str(tmp_path / "timm.pth" / "sub" / "o.pth")]) == 2
+    one_error_line(capsys)  # an OSError (NotADirectoryError) too

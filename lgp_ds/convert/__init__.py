@@ -20,9 +20,10 @@ format has room for it.
 Every file is read through :mod:`lgp_ds.checkpoint_file`: no code in a checkpoint runs. Outputs
 are written under a temporary name and renamed when complete.
 """
-import hashlib
 import json
+import math
 import os
+from typing import NamedTuple
 
 import torch
 from timm.layers import resample_abs_pos_embed
@@ -34,9 +35,9 @@ from .deepspeed_ckpt import _read_lgp_ds
 from .timm_model import _VIT_KEYS, OFFICIAL_ARCHS, ModelSpec, _timm_defaults, model_spec
 from .weights import Weights, _strip
 
-__all__ = ["EXPECTED", "FORMATS_IN", "FORMATS_OUT", "OFFICIAL_ARCHS", "ModelSpec", "Weights",
-           "build_output", "compare", "convert", "detect", "model_spec", "output_encoder", "read",
-           "resample_pos_embed", "verify", "write"]
+__all__ = ["EXPECTED", "FORMATS_IN", "FORMATS_OUT", "OFFICIAL_ARCHS", "Comparison", "ModelSpec",
+           "Weights", "build_output", "compare", "convert", "detect", "model_spec",
+           "output_encoder", "read", "resample_pos_embed", "verify", "write"]
 
 FORMATS_IN = ("mae", "moco", "timm", "lgp_ds")
 FORMATS_OUT = ("timm", "mae", "init", "moco")
@@ -138,8 +139,14 @@ def read(path: str, fmt: str | None = None) -> Weights:
 
 # -- writing --------------------------------------------------------------------------------------
 def resample_pos_embed(encoder: dict, img_size: int) -> dict:
-    """Bicubic resampling of the position embedding to ``img_size`` (as MAE's fine-tuning does)."""
+    """Bicubic resampling of the position embedding to ``img_size`` (as MAE's fine-tuning does).
+
+    ValueError unless ``img_size`` is a positive multiple of the patch size.
+    """
     pe, patch = encoder["pos_embed"], encoder["patch_embed.proj.weight"].shape[-1]
+    if img_size <= 0 or img_size % patch:
+        raise ValueError(f"--img_size {img_size}: not a positive multiple of the patch size "
+                         f"{patch}")
     prefix = 1 if "cls_token" in encoder else 0
     old = round((pe.shape[1] - prefix) ** 0.5)
     new = img_size // patch
@@ -168,14 +175,14 @@ def build_output(w: Weights, fmt: str, encoder: str = "base", dtype=None,
             raise ValueError("--to moco needs both encoders and the predictor; the source has "
                              "only an encoder")
         parts = {"base_encoder": w.base, "momentum_encoder": w.momentum, "predictor": w.predictor}
-        if img_size:
+        if img_size is not None:
             parts["base_encoder"] = resample_pos_embed(parts["base_encoder"], img_size)
             parts["momentum_encoder"] = resample_pos_embed(parts["momentum_encoder"], img_size)
         sd = {f"module.{p}.{k}": v for p, part in parts.items()
               for k, v in _cast(part, dtype).items()}
         return {"state_dict": sd, "arch": w.arch}
     sd = w.encoder(encoder)
-    sd = _cast(resample_pos_embed(sd, img_size) if img_size else sd, dtype)
+    sd = _cast(sd if img_size is None else resample_pos_embed(sd, img_size), dtype)
     return {"model": sd} if fmt in ("mae", "init") else sd
 
 
@@ -194,6 +201,8 @@ def write(obj: dict, dst: str, force: bool = False, record: dict | None = None) 
     ``record`` (:meth:`ModelSpec.record`) goes into the safetensors metadata, or next to the
     state dict of a dict output; a flat ``.pth`` state dict has no room for it.
     """
+    if os.path.isdir(dst):
+        raise ValueError(f"{dst} is a directory: name the output file")
     if os.path.exists(dst) and not force:
         raise FileExistsError(f"{dst} exists: pass --force to overwrite it")
     flat = all(torch.is_tensor(v) for v in obj.values())
@@ -241,12 +250,9 @@ def verify(obj: dict, fmt: str, spec: ModelSpec) -> dict:
         sd = obj["model"] if fmt in ("mae", "init") else obj
         _load_strict(spec.create(), sd, what)
     tensors = [sd[k] for k in sorted(sd)]
-    digest = hashlib.sha256()
-    for t in tensors:
-        digest.update(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return {"arch": spec.describe(), "params": sum(t.numel() for t in tensors),
             "dtype": str(tensors[0].dtype).removeprefix("torch."),
-            "sha256": digest.hexdigest()[:16], "timm_model": spec.name,
+            "sha256": checkpoint_file.tensor_digest(sd), "timm_model": spec.name,
             "timm_kwargs": {"num_classes": 0, **spec.kwargs}, "notes": spec.notes}
 
 
@@ -256,13 +262,15 @@ def convert(src: str, dst: str, to: str = "timm", src_format: str | None = None,
     """Read ``src``, build the ``to`` output, verify it, write ``dst``; return the summary.
 
     ``arch``/``num_heads`` override what the source records (``--arch`` alone drops the source's
-    head count). The summary holds ``call``: the ``timm.create_model`` expression that loads
-    ``dst`` (for ``--to moco``: builds its encoder), and ``notes`` (plus the source's).
+    head count); an ``arch`` that names no known model is refused. The summary holds ``call``:
+    the ``timm.create_model`` expression that loads ``dst`` (for ``--to moco``: builds its
+    encoder), and ``notes`` (plus the source's).
     """
     weights = read(src, src_format)
     obj = build_output(weights, to, encoder, dtype, img_size)
     heads = num_heads if num_heads is not None else (None if arch else weights.num_heads)
-    spec = model_spec(output_encoder(obj, to), arch or weights.arch, heads)
+    spec = model_spec(output_encoder(obj, to), arch or weights.arch, heads,
+                      arch_recorded=not arch)
     info = verify(obj, to, spec)
     write(obj, dst, force=force, record=spec.record())
     info["call"] = spec.call(None if to == "moco" else dst)
@@ -270,19 +278,55 @@ def convert(src: str, dst: str, to: str = "timm", src_format: str | None = None,
     return info
 
 
-def compare(a: Weights, b: Weights) -> tuple[float, str, list[str]]:
-    """(largest |difference|, where, keys in only one of them) over the parts both have."""
-    worst, where, only = 0.0, "", []
+class Comparison(NamedTuple):
+    """What :func:`compare` found; the two checkpoints are equal within ``atol`` when
+    ``differences`` is empty."""
+    worst: float  # the largest |difference| over the tensors both have
+    where: str  # its key ('' when all are equal)
+    differences: list[str]  # keys or parts in only one, other shapes, values beyond atol
+    not_compared: list[str]  # projector or predictor of one side, the other an encoder alone
+
+
+def _difference(x: torch.Tensor, y: torch.Tensor) -> float:
+    """max |x - y| of two tensors of one shape (NaN against NaN is equal, against a number inf)."""
+    if not x.numel():
+        return 0.0
+    x, y = x.double(), y.double()
+    same = (x == y) | (x.isnan() & y.isnan())
+    return (x - y).abs().nan_to_num(nan=math.inf).masked_fill(same, 0).max().item()
+
+
+def compare(a: Weights, b: Weights, atol: float = 0.0) -> Comparison:
+    """Tensor by tensor comparison of ``a`` and ``b`` (called A and B in the lines it returns).
+
+    Every key of either is a difference unless both have it with the same shape and values
+    within ``atol``. Except: the projector (``head.*`` of an encoder), the momentum encoder and
+    the predictor that one side has and the other, an encoder alone (a timm or MAE file), cannot
+    have are not compared (listed in ``not_compared``).
+    """
+    worst, where, differences, not_compared = 0.0, "", [], []
+    alone = {"A": a.momentum is None and a.predictor is None,
+             "B": b.momentum is None and b.predictor is None}
     for part in ("base", "momentum", "predictor"):
         x, y = getattr(a, part), getattr(b, part)
         if x is None or y is None:
+            if x is not y:
+                has, lacks = ("A", "B") if y is None else ("B", "A")
+                (not_compared if alone[lacks] else differences).append(f"{part}: only in {has}")
             continue
-        only += [f"{part}.{k}" for k in sorted(set(x) ^ set(y))]
+        for has, lacks, sd, other in (("A", "B", x, y), ("B", "A", y, x)):
+            only = sorted(set(sd) - set(other))
+            head = [k for k in only if k.startswith("head.")] if alone[lacks] else []
+            if head:
+                not_compared.append(f"{part}.head.* ({len(head)} tensors): only in {has}")
+            differences += [f"{part}.{k}: only in {has}" for k in only if k not in head]
         for k in sorted(set(x) & set(y)):
             if x[k].shape != y[k].shape:
-                only.append(f"{part}.{k} (shape {tuple(x[k].shape)} vs {tuple(y[k].shape)})")
+                differences.append(f"{part}.{k}: shape {tuple(x[k].shape)} vs {tuple(y[k].shape)}")
                 continue
-            diff = (x[k].double() - y[k].double()).abs().max().item() if x[k].numel() else 0.0
+            diff = _difference(x[k], y[k])
+            if diff > atol:
+                differences.append(f"{part}.{k}: differs by {diff:.3e}")
             if diff > worst:
                 worst, where = diff, f"{part}.{k}"
-    return worst, where, only
+    return Comparison(worst, where, differences, not_compared)

@@ -6,11 +6,14 @@ them: DeepSpeed's ZeRO 1-3 optimizers (through DeepSpeed's own zero_to_fp32), it
 Buffers come from the module copy, frozen parameters from the fp32 momentum encoder that lgp_ds
 saves next to them.
 
-Every file is read through :mod:`lgp_ds.checkpoint_file` with only DeepSpeed's plain record
-classes allowed: no code in a checkpoint runs.
+Before anything is consolidated, the tag folder must hold the files of every rank that wrote it
+(its completion marker records how many). Every file is read through
+:mod:`lgp_ds.checkpoint_file` with only DeepSpeed's plain record classes allowed: no code in a
+checkpoint runs, and a damaged file is an error that names it.
 """
 import contextlib
 import io
+import json
 import os
 import re
 
@@ -30,10 +33,10 @@ def _deepspeed_record_types() -> tuple:
     return LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address
 
 
-def _load_ds_file(path: str):
+def _load_ds_file(path: str, mmap: bool = False):
     """A DeepSpeed checkpoint file through the safe loader, DeepSpeed's records allowed."""
     with checkpoint_file.allowed_types(*_deepspeed_record_types()):
-        return checkpoint_file.load(path)
+        return checkpoint_file.load(path, mmap)
 
 
 def _model_states_file(folder: str) -> str | None:
@@ -48,9 +51,8 @@ def _tag_folder(path: str) -> str:
     """The complete DeepSpeed tag folder that ``path`` names (itself, or the newest in it)."""
     from lgp_ds.engine import checkpoint
     path = os.path.abspath(path.rstrip("/"))
-    if _model_states_file(path):
-        save_dir, tag = os.path.dirname(path), os.path.basename(path)
-    else:
+    save_dir, tag = os.path.split(path)
+    if not (checkpoint.is_complete(save_dir, tag) or _model_states_file(path)):
         found = checkpoint.find_checkpoint("auto", path)
         if found is None:
             raise ValueError(f"{path}: no complete lgp_ds checkpoint in this folder")
@@ -61,9 +63,44 @@ def _tag_folder(path: str) -> str:
     return os.path.join(save_dir, tag)
 
 
+# The files DeepSpeed writes per rank: optimizer states under ZeRO 1-3 (bf16_ for its bf16
+# optimizers), model states under ZeRO 3 (rank 0 alone writes mp_rank_00_model_states.pt below)
+_RANK_FILE = re.compile(r"(bf16_)?zero_pp_rank_(\d+)_mp_rank_00_(model|optim)_states\.pt$")
+
+
+def _check_rank_files(folder: str) -> None:
+    """ValueError naming the missing files unless ``folder`` holds those of every rank.
+
+    The completion marker (JSON) records the world size that wrote the checkpoint, in every
+    lgp_ds version; each kind of per-rank file in the folder must be there for every rank, and
+    rank 0's model states too.
+    """
+    from lgp_ds.engine.checkpoint import COMPLETE_MARKER
+    marker = os.path.join(folder, COMPLETE_MARKER)
+    try:
+        with open(marker) as f:
+            world = int(json.load(f)["world_size"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{marker}: not a readable completion marker ({type(e).__name__}: "
+                         f"{e})") from None
+    ranks = {}  # (prefix, kind): ranks that have that file
+    for name in os.listdir(folder):
+        if m := _RANK_FILE.match(name):
+            ranks.setdefault((m.group(1) or "", m.group(3)), set()).add(int(m.group(2)))
+    missing = [f"{prefix}zero_pp_rank_{r}_mp_rank_00_{kind}_states.pt"
+               for (prefix, kind), have in sorted(ranks.items()) for r in range(world)
+               if r not in have]
+    if not _model_states_file(folder) and not any(kind == "model" for _, kind in ranks):
+        missing.insert(0, "mp_rank_00_model_states.pt")
+    if missing:
+        raise ValueError(f"{folder}: written by {world} ranks, but their files "
+                         f"{', '.join(missing)} are missing")
+
+
 def _read_lgp_ds(path: str) -> Weights:
     """Exact fp32 weights of an lgp_ds checkpoint: masters, buffers, frozen params, momentum."""
     folder = _tag_folder(path)
+    _check_rank_files(folder)
     states = _load_ds_file(_model_states_file(folder))
     if "momentum" not in states or "config" not in states:
         raise ValueError(f"{folder}: a DeepSpeed checkpoint, but not one written by lgp_ds (no "
@@ -82,6 +119,11 @@ def _fp32_masters(folder: str, states: dict) -> tuple[dict, list[str]]:
     """({name: exact fp32 master} of the optimizer's parameters, notes), per optimizer kind."""
     optim = sorted(f for f in os.listdir(folder) if f.endswith("optim_states.pt"))
     if not optim:
+        stage = (states.get("ds_config") or {}).get("zero_optimization", {}).get("stage", 0)
+        if stage:
+            raise ValueError(f"{folder}: written under ZeRO stage {stage}, but it holds none of "
+                             f"the optimizer states files (*optim_states.pt, one per rank) that "
+                             f"hold its fp32 master weights")
         return _stage0_masters(states, folder)
     first = _load_ds_file(os.path.join(folder, optim[0]))["optimizer_state_dict"]
     if "zero_stage" in first:  # a ZeRO optimizer (bf16 ones too write bf16_zero_pp_rank_* files)
@@ -94,13 +136,12 @@ def _zero_masters(folder: str, states: dict) -> dict:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     original = torch.load
 
-    def safe_load(*args, **kwargs):  # zero_to_fp32 unpickles with weights_only=False
-        return original(*args, **{**kwargs, "weights_only": True})
+    def safe_load(f, *args, mmap=False, **kwargs):  # zero_to_fp32 unpickles with weights_only=False
+        return _load_ds_file(f, mmap)
 
     torch.load = safe_load
-    try:  # its progress prints would mix with the converter's summary on stdout
-        with checkpoint_file.allowed_types(*_deepspeed_record_types()), \
-                contextlib.redirect_stdout(io.StringIO()):
+    try:  # its progress prints and bars would mix with the converter's summary and errors
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             sd = get_fp32_state_dict_from_zero_checkpoint(*os.path.split(folder))
     finally:
         torch.load = original

@@ -68,8 +68,12 @@ def _shape_spec(sd: dict) -> dict:
             "qkv_bias": "blocks.0.attn.qkv.bias" in sd}
 
 
-def _timm_name(arch: str | None) -> tuple[str | None, int | None, list[str]]:
-    """(timm model, head count it implies, notes) for an architecture name a source records."""
+def _timm_name(arch: str | None, recorded: bool) -> tuple[str | None, int | None, list[str]]:
+    """(timm model, head count it implies, notes) for an architecture name.
+
+    An unknown name is a note when the source ``recorded`` it, and a ValueError when the user
+    gave it (a model that does not exist).
+    """
     import timm
     if not arch:
         return None, None, []
@@ -83,9 +87,11 @@ def _timm_name(arch: str | None) -> tuple[str | None, int | None, list[str]]:
         return f"{mae.group(1)}_224", None, []
     if timm.is_model(arch):
         return arch, None, []
-    return None, None, [f"the source names its architecture {arch!r}, which is neither a timm "
-                        f"model nor an official MoCo v3 / MAE one: the model is inferred from "
-                        f"the shapes"]
+    unknown = "neither a timm model nor an official MoCo v3 / MAE one"
+    if not recorded:
+        raise ValueError(f"--arch {arch!r}: {unknown}")
+    return None, None, [f"the source names its architecture {arch!r}, which is {unknown}: the "
+                        f"model is inferred from the shapes"]
 
 
 @dataclass
@@ -118,14 +124,16 @@ class ModelSpec:
         return {"timm_model": self.name, "timm_kwargs": dict(self.kwargs)}
 
 
-def model_spec(sd: dict, arch: str | None = None, num_heads: int | None = None) -> ModelSpec:
+def model_spec(sd: dict, arch: str | None = None, num_heads: int | None = None,
+               arch_recorded: bool = False) -> ModelSpec:
     """The timm model for the encoder state dict ``sd``.
 
-    ``arch``: architecture name recorded by the source or given by the user (timm, official MoCo
-    v3 / grafting or MAE name); ``num_heads``: head count recorded or given. The shapes fix
+    ``arch``: architecture name given by the user or, with ``arch_recorded``, recorded by the
+    source (timm, official MoCo v3 / grafting or MAE name; an unknown one is refused when given,
+    a note when recorded); ``num_heads``: head count recorded or given. The shapes fix
     everything else; a head count that nothing records is a guess, and the notes say so.
     """
-    name, arch_heads, notes = _timm_name(arch)
+    name, arch_heads, notes = _timm_name(arch, arch_recorded)
     shape = _shape_spec(sd)
     if num_heads is not None:
         notes = [n for n in notes if n != _VIT_SMALL_NOTE]
@@ -146,8 +154,9 @@ def model_spec(sd: dict, arch: str | None = None, num_heads: int | None = None) 
         notes.append(f"num_heads={num_heads} is a guess ({source}; no tensor shape records it): "
                      f"if the model was trained with another head count, convert again with "
                      f"--num_heads N (or --arch NAME)")
-    if shape["embed_dim"] % num_heads:
-        raise ValueError(f"num_heads={num_heads} does not divide the width {shape['embed_dim']}")
+    if num_heads < 1 or shape["embed_dim"] % num_heads:
+        raise ValueError(f"num_heads={num_heads}: not a positive divisor of the width "
+                         f"{shape['embed_dim']}")
     shape["num_heads"] = num_heads
     kwargs = {k: shape[k] for k in _SPEC_KEYS if shape[k] != base[k]}
     return ModelSpec(name, kwargs, shape, notes)
