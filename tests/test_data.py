@@ -22,7 +22,11 @@ def batches(urls, steps, rank=0, world=1, workers=0, batch=8, buffer=1, epoch=0,
 def test_patterns_expand_and_missing_shards_are_named(tmp_path):
     pattern = make_shards(tmp_path, [2, 2, 2])
     assert len(expand_shards([pattern])) == 3
-    assert len(expand_shards([str(tmp_path / "s-*.tar"), pattern])) == 6
+    (tmp_path / "t-0.tar").touch()
+    assert len(expand_shards([str(tmp_path / "s-*.tar"), str(tmp_path / "t-*.tar")])) == 4
+    with pytest.raises(ValueError, match=r"3 shard\(s\) named twice, e.g. .*s-00.tar.* the same "
+                                         r"images"):  # overlapping patterns
+        expand_shards([str(tmp_path / "s-*.tar"), pattern])
     with pytest.raises(FileNotFoundError, match=r"2 shard\(s\) missing, e.g. .*s-03.tar"):
         expand_shards([str(tmp_path / "s-{00..04}.tar")])
     with pytest.raises(FileNotFoundError, match="matches no file"):
@@ -122,6 +126,14 @@ def test_corrupt_sample_is_skipped_and_counted(tmp_path):
     assert int(got[3].sum()) == 1 and got[0].shape[0] == 19
 
 
+def test_class_names_instead_of_indices_are_no_corrupt_samples(tmp_path):
+    with wds.TarWriter(str(tmp_path / "names.tar")) as sink:
+        for j in range(8):
+            sink.write({"__key__": str(j), "png": png(j), "cls": b"n01440764"})
+    (got,) = batches([str(tmp_path / "names.tar")], 1)
+    assert int(got[3].sum()) == 0 and got[2].tolist() == [-1] * 8
+
+
 def test_corrupt_shard_is_skipped_with_a_warning_naming_it(tmp_path, caplog):
     urls = expand_shards([make_shards(tmp_path, [8, 8])])
     bad = tmp_path / "s-02.tar"
@@ -146,3 +158,9 @@ def test_embedded_digits_shards(tmp_path):
     labels = torch.cat([b[2] for b in batches(expand_shards([pattern]), 4, batch=64, buffer=256)])
     assert set(labels.tolist()) == set(range(10))
     assert digits_shards(size=16, num_shards=4, root=str(tmp_path)) == (pattern, n)  # cached
+
+
+def test_embedded_set_has_a_shard_for_every_reader(tmp_path, monkeypatch):
+    monkeypatch.setenv("LGP_DS_CACHE", str(tmp_path))
+    data = TrainData(Config(img_size=16, num_workers=12), batch_per_rank=8)
+    assert len(data.urls) == 12  # 8 shards would leave 4 of the 12 workers without one

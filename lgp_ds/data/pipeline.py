@@ -23,10 +23,12 @@ class TrainData:
 
     def __init__(self, cfg, batch_per_rank: int):
         if cfg.data is None:
+            # at least a shard for every reader (rank x worker) of this world
+            shards = max(8, dist.get_world_size() * max(1, cfg.num_workers))
             if dist.is_main():  # build once; the other ranks wait and then find it cached
-                digits_shards(size=cfg.img_size)
+                digits_shards(size=cfg.img_size, num_shards=shards)
             dist.barrier()
-            patterns = [digits_shards(size=cfg.img_size)[0]]
+            patterns = [digits_shards(size=cfg.img_size, num_shards=shards)[0]]
         else:
             patterns = cfg.data
         self.urls = expand_shards(patterns)

@@ -38,7 +38,9 @@ def expand_shards(patterns: list[str]) -> list[str]:
     """Shard URLs from brace (``train-{000..099}.tar``) and glob patterns.
 
     A local pattern that matches no file, or a brace pattern with missing files, raises
-    FileNotFoundError naming them. Remote URLs are passed through unchecked.
+    FileNotFoundError naming them; a shard named twice (overlapping patterns) raises ValueError,
+    as two readers would feed the same images to different ranks. Remote URLs are passed through
+    unchecked.
     """
     urls = []
     for pattern in patterns:
@@ -58,6 +60,15 @@ def expand_shards(patterns: list[str]) -> list[str]:
                 urls.append(url)
     if not urls:
         raise FileNotFoundError(f"data={patterns}: no shards")
+    seen, twice = set(), []
+    for url in urls:
+        key = url if url.startswith(_REMOTE) else os.path.realpath(url)
+        if key in seen:
+            twice.append(url)
+        seen.add(key)
+    if twice:
+        raise ValueError(f"data={patterns}: {len(twice)} shard(s) named twice, e.g. {twice[:3]}: "
+                         f"each shard must appear once, or ranks would train on the same images")
     return urls
 
 
@@ -126,16 +137,18 @@ class _NoImage(ValueError):
 
 
 def _image_and_label(sample: dict):
-    """Tar sample -> (RGB PIL image, label: int of ``cls``, or -1 without one).
+    """Tar sample -> (RGB PIL image, label: the integer in ``cls``, or -1 without one).
 
-    The image is the first key in IMAGE_KEYS, any case; _NoImage when the sample has none.
+    The image is the first key in IMAGE_KEYS, any case; _NoImage when the sample has none. A
+    ``cls`` that is not an integer (a class name) gives -1: pre-training needs no labels.
     """
     key = next((k for k in sample if k.lower() in IMAGE_KEYS), None)
     if key is None:
         found = sorted(k for k in sample if not k.startswith("__"))
         raise _NoImage(f"has no image (keys found: {found}; image keys: "
                        f"{', '.join(IMAGE_KEYS)}, any case)")
-    return _decode_image(key, sample[key]), int(sample["cls"]) if "cls" in sample else -1
+    label = sample.get("cls", b"-1").strip()
+    return _decode_image(key, sample[key]), int(label) if label.lstrip(b"-").isdigit() else -1
 
 
 def _decode_two_views(samples, transform, max_corrupt_run: int):
