@@ -6,11 +6,10 @@
 Without --config the bundled ``digits_demo`` recipe trains a tiny ViT on the embedded data.
 """
 import argparse
-import os
-import sys
 
 import deepspeed
 
+from lgp_ds.cli import errors_as_one_line
 from lgp_ds.config import load_run_config
 from lgp_ds.data.shards import DataError
 from lgp_ds.dist import init_process_group
@@ -29,26 +28,14 @@ def main(argv=None) -> None:
         parser.error("--deepspeed_config is required (see ds_configs/)")
 
     # Bad input fails here, on every rank alike, before any process group or engine exists.
-    try:
+    with errors_as_one_line(ranks_started=False):
         overrides = args.overrides + ([f"output_dir={args.output_dir}"] if args.output_dir else [])
         cfg, ds_config = load_run_config(args.config, overrides, args.deepspeed_config)
-    except (ValueError, FileNotFoundError) as e:
-        if int(os.environ.get("RANK", 0)) == 0:
-            print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     init_process_group()
-    rank = os.environ.get("RANK", 0)
-    try:  # data, init weights and resume checkpoints are checked while the trainer is built
+    with errors_as_one_line():  # data, init weights and the resume checkpoint are checked here
         trainer = GraftTrainer(cfg, ds_config)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error on rank {rank}: {e}", file=sys.stderr)
-        sys.exit(2)
-    try:
+    with errors_as_one_line((DataError,)):  # shards that turn out hopeless while training
         trainer.fit()
-    except DataError as e:  # raised in a DataLoader worker, it arrives wrapped in its traceback
-        message = str(e).strip().splitlines()[-1].removeprefix(f"{DataError.__module__}.DataError: ")
-        print(f"error on rank {rank}: {message}", file=sys.stderr)
-        sys.exit(1)  # the launcher ends the other ranks
 
 
 if __name__ == "__main__":

@@ -229,6 +229,20 @@ def precision(ds: dict) -> str:
     return "fp16" if ds.get("fp16", {}).get("enabled") else "fp32"
 
 
+def run_identity(cfg: Config, ds: dict, mim_digest: str | None = None) -> dict:
+    """What defines a run, for a resume to compare: every config key, the DeepSpeed settings
+    that change the numbers or the data position (``deepspeed.*``) and, with the MIM anchor on,
+    a digest of the MIM weights it pulls towards (``init_digest``: the ``init=`` path may move,
+    its content may not)."""
+    zero = ds.get("zero_optimization", {})
+    return {**cfg.to_dict(), "init_digest": mim_digest,
+            "deepspeed.zero_stage": zero.get("stage", 0), "deepspeed.precision": precision(ds),
+            "deepspeed.gradient_accumulation_steps": ds.get("gradient_accumulation_steps", 1),
+            "deepspeed.gradient_clipping": ds.get("gradient_clipping", 0.0),
+            "deepspeed.communication_data_type": ds.get("communication_data_type"),
+            "deepspeed.grad_accum_dtype": ds.get("data_types", {}).get("grad_accum_dtype")}
+
+
 def _anchor_precision(ds: dict, cfg: Config) -> dict:
     """``ds`` with fp32 gradient accumulation where the MIM anchor needs it.
 

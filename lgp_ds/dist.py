@@ -3,6 +3,9 @@
 Everything here works with and without an initialised process group (world size 1), and on
 gloo as well as NCCL: the multi-rank tests run on CPUs.
 """
+import contextlib
+import os
+
 import torch
 import torch.distributed as dist
 
@@ -95,8 +98,6 @@ def init_process_group() -> None:
 
     Without a launcher (``python launch/graft.py``) the world is this one process.
     """
-    import os
-
     import deepspeed
     from deepspeed.accelerator import get_accelerator
     if "RANK" not in os.environ:
@@ -104,3 +105,20 @@ def init_process_group() -> None:
         os.environ.setdefault("MASTER_PORT", "29500")
     cpu = get_accelerator().device_name() == "cpu"
     deepspeed.init_distributed(dist_backend="gloo" if cpu else None)
+    if cpu:
+        _unlink_shm_buffer()
+
+
+def _unlink_shm_buffer() -> None:
+    """Remove the name of this rank's DeepSpeed shared-memory all-reduce buffer.
+
+    On a CPU machine whose ranks are all local, DeepSpeed creates a 66 MB file per rank in
+    /dev/shm and never removes it: every run leaks them until reboot (hundreds of test runs
+    filled a 24 GB machine). Every rank maps every buffer while joining the world; after a
+    barrier the names can go, and the mappings stay valid until the processes end.
+    """
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{get_rank()}")
+    barrier()
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join("/dev/shm", name))

@@ -13,6 +13,7 @@ from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
 
 from lgp_ds import dist
 from lgp_ds.config import build_config, resolve_ds_config
+from lgp_ds.engine import checkpoint
 from lgp_ds.engine.trainer import GraftTrainer
 from lgp_ds.objectives import moco_loss
 
@@ -237,18 +238,21 @@ def local_optimizer_state(trainer, key: str) -> dict[str, tuple[int, torch.Tenso
     return out
 
 
-def anchor_precision_job(stage, anchor_weight, mim_path, out_dir):
+def anchor_precision_job(stage, anchor_weight, persistence, mim_path, out_dir):
     """The shipped ``zero{stage}_bf16.json`` (overlap_comm on; ZeRO 0: the ZeRO 1 file with stage
-    0) with gradient accumulation 2 and
-    ``init=``: the state after construction, the anchor at steps 0 and 1 (LR 0 at step 0), and
+    0; ``persistence``: another stage3_param_persistence_threshold) with gradient accumulation 2
+    and ``init=``: the state after construction, the anchor at steps 0 and 1 (LR 0 at step 0), and
     at step 2 the gradient DeepSpeed holds before the anchor adds its own, the masters it is
     computed from, and this rank's slices of Adam's first moment before and after the step (from
     which the gradient the optimizer applied follows exactly)."""
     cfg = tiny_config(output_dir=os.path.join(out_dir, f"z{stage}"), init=mim_path,
                       anchor_weight=anchor_weight, anchor_norm="l1", anchor_blocks=2)
-    extra = {"zero_optimization": {"stage": 0}} if stage == 0 else {}  # no zero0 file shipped
-    trainer = GraftTrainer(cfg, shipped_ds_config(cfg, f"zero{max(stage, 1)}_bf16.json",
-                                                  gradient_accumulation_steps=2, **extra))
+    name = f"zero{max(stage, 1)}_bf16.json"  # no zero0 file is shipped
+    zero = shipped_ds_config(cfg, name)["zero_optimization"]
+    zero.update(stage=stage, **({} if persistence is None else
+                                {"stage3_param_persistence_threshold": persistence}))
+    trainer = GraftTrainer(cfg, shipped_ds_config(cfg, name, gradient_accumulation_steps=2,
+                                                  zero_optimization=zero))
     engine = trainer.engine
     out = {"masters": full_master_weights(engine), "momentum": trainer.momentum.state_dict(),
            "optimizer": type(engine.optimizer).__name__}
@@ -296,3 +300,23 @@ def checkpoint_job(cases, out_dir):
             "momentum": trainer.momentum.state_dict(), "checkpoints": trainer.ckpt_dir,
             "optimizer": type(trainer.engine.optimizer).__name__}
     return results
+
+
+def resave_crash_job(out_dir):
+    """Steps 1-4 (checkpoints 2 and 4), a resume from 2, then a crash as step 4 is saved again
+    (fault injected where DeepSpeed starts writing): where resume=auto would continue."""
+    ckpts = os.path.join(out_dir, "checkpoints")
+    build_trainer(2, False, output_dir=out_dir, max_steps=4, save_every=2).fit()
+    trainer = build_trainer(2, False, output_dir=out_dir, max_steps=4, save_every=2,
+                            resume=os.path.join(ckpts, "step00000002"))
+
+    def lost_node(*args, **kwargs):
+        raise RuntimeError("node lost while saving")
+
+    trainer.engine.save_checkpoint = lost_node
+    trainer.step = 4
+    try:
+        trainer.save()
+    except RuntimeError:
+        pass
+    return checkpoint.find_checkpoint("auto", ckpts)

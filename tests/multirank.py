@@ -8,7 +8,8 @@ import torch
 import torch.multiprocessing as mp
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free right now on this machine (for a rendezvous)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -20,8 +21,8 @@ def _entry(rank, world, port, out_dir, fn, args):
                       OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
     try:
-        import deepspeed
-        deepspeed.init_distributed(dist_backend="gloo")
+        from lgp_ds.dist import init_process_group
+        init_process_group()  # gloo on the CPU
         result = fn(*args)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     except BaseException:
@@ -34,7 +35,7 @@ def run_ranks(fn, *args, world: int = 2) -> list:
     """``fn(*args)`` on ``world`` ranks with torch.distributed initialised; per-rank return values."""
     with tempfile.TemporaryDirectory() as out_dir:
         try:
-            mp.spawn(_entry, args=(world, _free_port(), out_dir, fn, args), nprocs=world)
+            mp.spawn(_entry, args=(world, free_port(), out_dir, fn, args), nprocs=world)
         except Exception as e:
             errors = [open(os.path.join(out_dir, f)).read() for f in sorted(os.listdir(out_dir))
                       if f.endswith(".err")]

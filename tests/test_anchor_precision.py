@@ -11,7 +11,11 @@ from multirank import run_ranks
 
 WEIGHT = 1e-4  # against the tiny model's gradients (1e-3..1), as small as the ViT-L recipe's 1e-5 is
 # against ViT-L's; still above what the check resolves (fp32 rounding of Adam's moments)
-CASES = [(1, WEIGHT), (2, WEIGHT), (3, WEIGHT), (0, 0.0)]  # ZeRO 0 + bf16 + anchor is refused
+# (zero stage, anchor weight, stage3_param_persistence_threshold if not the shipped one). The
+# shipped threshold keeps all of the tiny model's parameters whole on every rank; 0 partitions
+# them all. ZeRO 0 + bf16 + anchor is refused: that case checks the exact start alone.
+CASES = [(1, WEIGHT, None), (2, WEIGHT, None), (3, WEIGHT, None), (3, WEIGHT, 0), (0, 0.0, None)]
+IDS = [f"zero{s}" + ("-partitioned" if t == 0 else "") for s, _, t in CASES]
 
 
 @pytest.fixture(scope="module")
@@ -23,9 +27,9 @@ def runs(tmp_path_factory):
            for k, v in reference.initial_weights(jobs.tiny_config()).items()
            if k.startswith("base_encoder.") and not k.startswith("base_encoder.head.")}
     torch.save({"model": mim}, tmp / "mim.pth")
-    out = {(stage, w): run_ranks(jobs.anchor_precision_job, stage, w, str(tmp / "mim.pth"),
-                                 str(tmp / str(stage)))
-           for stage, w in CASES}
+    out = {case: run_ranks(jobs.anchor_precision_job, *case, str(tmp / "mim.pth"),
+                           str(tmp / "-".join(map(str, case))))
+           for case in CASES}
     return out, mim
 
 
@@ -34,7 +38,7 @@ def _anchored(name: str) -> bool:
     return (m is not None and int(m.group(1)) < 2) or name == "base_encoder.cls_token"
 
 
-@pytest.mark.parametrize("case", CASES, ids=[f"zero{s}" for s, _ in CASES])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_encoders_start_at_the_exact_mim_weights(runs, case):
     out, mim = runs
     for rank in out[case]:
@@ -58,7 +62,7 @@ def _assemble(ranks: list[dict], key: str, like: dict) -> dict[str, torch.Tensor
     return {name: t.view_as(like[name]) for name, t in full.items()}
 
 
-@pytest.mark.parametrize("case", CASES[:3], ids=[f"zero{s}" for s, _ in CASES[:3]])
+@pytest.mark.parametrize("case", CASES[:4], ids=IDS[:4])
 def test_anchor_gradient_reaches_the_fp32_update(runs, case):
     out, mim = runs
     got = out[case][0]

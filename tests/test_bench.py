@@ -4,6 +4,8 @@ import re
 import subprocess
 import sys
 
+from multirank import free_port
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["img_size=16", "patch_size=8", "embed_dim=32", "depth=3", "num_heads=2", "proj_dim=16",
         "mlp_dim=32", "batch_size=8", "num_workers=0"]
@@ -12,7 +14,7 @@ TINY = ["img_size=16", "patch_size=8", "embed_dim=32", "depth=3", "num_heads=2",
 def test_bench_reports_step_and_data_throughput(tmp_path):
     base = [sys.executable, "tools/bench.py", "--deepspeed_config", "ds_configs/cpu_demo.json",
             "--steps", "2", "--warmup", "1", "--peak_tflops", "1"]
-    env = dict(os.environ, LGP_DS_CACHE=str(tmp_path), MASTER_PORT="29561")
+    env = dict(os.environ, LGP_DS_CACHE=str(tmp_path), MASTER_PORT=str(free_port()))
     step = subprocess.run(base + TINY, cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
     assert step.returncode == 0, step.stderr[-3000:]
@@ -28,7 +30,7 @@ def test_bench_runs_the_vit_l_recipe_as_shipped(tmp_path):
     """The README's command: the ViT-L recipe has the MIM anchor and no init= (shrunk here)."""
     cmd = [sys.executable, "tools/bench.py", "--deepspeed_config", "ds_configs/zero1_bf16.json",
            "--config", "vit_l_graft", "--steps", "2", "--warmup", "1"] + TINY + ["anchor_blocks=2"]
-    env = dict(os.environ, LGP_DS_CACHE=str(tmp_path), MASTER_PORT="29562", TMPDIR=str(tmp_path))
+    env = dict(os.environ, LGP_DS_CACHE=str(tmp_path), MASTER_PORT=str(free_port()), TMPDIR=str(tmp_path))
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "vit_large_patch16_224 16px batch 8/rank x 1 rank(s) on cpu" in proc.stdout, proc.stdout

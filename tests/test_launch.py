@@ -7,19 +7,22 @@ import sys
 import webdataset as wds
 import yaml
 
+from multirank import free_port
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["img_size=16", "patch_size=8", "embed_dim=32", "depth=3", "num_heads=2", "proj_dim=16",
         "mlp_dim=32", "batch_size=16", "num_workers=1", "log_every=2", "save_every=3",
         "max_steps=4"]
 
 
-def _launch(tmp_path, args, ranks=2, port=29533):
+def _launch(tmp_path, args, ranks=2):
     """launch/graft.py on the cpu_demo config through the deepspeed launcher (``ranks``) or plain
     python (``ranks=None``); the finished process."""
+    port = free_port()
     start = (["deepspeed", "--num_gpus", str(ranks), "--master_port", str(port)] if ranks
              else [sys.executable])
     cmd = start + ["launch/graft.py", "--deepspeed_config", "ds_configs/cpu_demo.json"] + args
-    env = dict(os.environ, LGP_DS_CACHE=str(tmp_path / "cache"))
+    env = dict(os.environ, LGP_DS_CACHE=str(tmp_path / "cache"), MASTER_PORT=str(port))
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -45,17 +48,23 @@ def test_deepspeed_launcher_runs_the_embedded_default(tmp_path):
     # What a user does next with that folder. Each mistake is one error line, and nothing of the
     # run is touched.
     (ckpts / "step00000009").mkdir()  # a save that never finished
+    (tmp_path / "other" / "checkpoints").mkdir(parents=True)
+    files = {name: (out / name).read_text() for name in ("config.yaml", "ds_config.json",
+                                                        "metrics.jsonl")}
     for extra, message in (
             ([], f"output_dir={out} already holds a run (metrics.jsonl, checkpoints/): continue "
                  f"it with resume=auto, or give a new output_dir"),
             (["resume=auto"], "was written by 2 ranks and this run has 1"),
-            ([f"resume={ckpts / 'step00000009'}"], "not a complete lgp_ds checkpoint")):
+            ([f"resume={ckpts / 'step00000009'}"], "not a complete lgp_ds checkpoint"),
+            ([f"resume={tmp_path / 'other' / 'checkpoints'}"],
+             "is another run's checkpoint: continuing it here would mix the two runs' records")):
         proc = _launch(tmp_path, ["--output_dir", str(out)] + TINY + extra, ranks=None)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-3000:]
         assert "Traceback" not in proc.stderr
     proc = _launch(tmp_path, ["--output_dir", str(out), "resume=auto"] + TINY + ["batch_size=32"])
     assert proc.returncode != 0 and "batch_size=16 -> 32" in proc.stderr, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
+    assert {name: (out / name).read_text() for name in files} == files
     # resume= the checkpoints folder (its newest complete checkpoint), overrides on both sides of
     # an option
     proc = _launch(tmp_path, TINY + ["--output_dir", str(out), f"resume={ckpts}", "max_steps=5"])
@@ -75,9 +84,10 @@ def test_bad_input_exits_with_the_reason(tmp_path):
              "4 shard(s) missing, e.g. ['/no/such-0.tar'"),
             (["anchor_weight=1e-5"], {}, "anchor_weight=1e-05 needs init="),
             (["anchor_weight=1e-5", "init=mim.pth", "anchor_blocks=7"], {},
-             "anchor_blocks=7 exceeds the model depth 6")):
+             "anchor_blocks=7 exceeds the model depth 6"),
+            (["--output_dir", __file__], {}, f"output_dir={__file__}: cannot create it")):
         proc = subprocess.run(base + extra, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                              env=dict(os.environ, **env))
+                              env=dict(os.environ, MASTER_PORT=str(free_port()), **env))
         assert proc.returncode == 2, proc.stderr[-2000:]
         assert message in proc.stderr, proc.stderr[-2000:]
 
@@ -100,11 +110,11 @@ def test_two_nodes_with_a_hostfile(tmp_path):
     """A 2-node world on one machine: one launcher per node, as on a cluster without ssh."""
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("nodeA slots=1\nnodeB slots=1\n")
-    out = tmp_path / "run"
+    out, port = tmp_path / "run", free_port()
     env = dict(os.environ, LGP_DS_CACHE=str(tmp_path / "cache"))
     procs = [subprocess.Popen(
         ["deepspeed", "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node),
-         "--master_addr", "127.0.0.1", "--master_port", "29547", "launch/graft.py",
+         "--master_addr", "127.0.0.1", "--master_port", str(port), "launch/graft.py",
          "--deepspeed_config", "ds_configs/cpu_demo.json", "--output_dir", str(out)] + TINY,
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for node in (1, 0)]

@@ -1,12 +1,13 @@
 """Resuming: the same run bit for bit, one metrics record per step, and every way a resume can
 be wrong refused with the reason (2 ranks, real data pipeline)."""
 import json
+import re
 
 import pytest
 import torch
 
 import jobs
-from lgp_ds.config import build_config
+from lgp_ds.config import build_config, resolve_ds_config, run_identity
 from lgp_ds.engine import checkpoint
 from multirank import run_ranks
 from tarfiles import make_shards
@@ -46,11 +47,24 @@ def test_rank_0_chooses_the_checkpoint_for_every_rank(tmp_path):
         assert "rank 1: " in error and "holds no ZeRO shard of rank 1" in error
 
 
-def _marker(save_dir, tag, world_size=1, **config):
+def test_overwriting_a_checkpoint_unmarks_it_first(tmp_path):
+    """A run resumed from step 2 saves step 4 again; a crash halfway must not leave the old
+    marker on a mix of old and new shards."""
+    ckpts = str(tmp_path / "checkpoints")
+    assert run_ranks(jobs.resave_crash_job, str(tmp_path)) == [(ckpts, "step00000002")] * 2
+
+
+def _run(gas=1, digest=None, **config) -> dict:
+    """What a run with ``config`` (batch 8) on 1 rank and ``gas`` accumulation steps is."""
+    cfg = build_config({"batch_size": 8, **config})
+    ds = resolve_ds_config({"gradient_accumulation_steps": gas}, cfg, 1)
+    return run_identity(cfg, ds, digest)
+
+
+def _marker(save_dir, tag, world_size=1, **run):
     folder = save_dir / tag
     folder.mkdir(parents=True)
-    record = {"step": 5, "world_size": world_size,
-              "config": build_config({"batch_size": 8, **config}).to_dict()}
+    record = {"step": 5, "world_size": world_size, "run": _run(**run)}
     (folder / checkpoint.COMPLETE_MARKER).write_text(json.dumps(record) + "\n")
 
 
@@ -72,15 +86,20 @@ def test_which_checkpoint_resume_names(tmp_path):
 
 def test_resume_that_would_change_the_run_is_refused(tmp_path):
     _marker(tmp_path, "step00000005", world_size=2)
-    current = build_config({"batch_size": 8}).to_dict()
     with pytest.raises(ValueError, match="written by 2 ranks and this run has 1"):
-        checkpoint.check_resumable(str(tmp_path), "step00000005", current)
-    _marker(tmp_path, "step00000006", epochs=100)
-    changed = build_config({"batch_size": 16, "epochs": 100, "max_steps": 50,
-                            "log_every": 1}).to_dict()
-    with pytest.raises(ValueError, match=r"\(batch_size=8 -> 16\).*Resume with the checkpoint's "
-                                         r"values, or start a fresh run in a new output_dir"):
-        checkpoint.check_resumable(str(tmp_path), "step00000006", changed)
-    allowed = build_config({"batch_size": 8, "epochs": 100, "max_steps": 50}).to_dict()
+        checkpoint.check_resumable(str(tmp_path), "step00000005", _run())
+    _marker(tmp_path, "step00000006", epochs=100, digest="ab12")
+    refused = {  # each would continue with another LR, data position or anchor target
+        "batch_size=8 -> 16": _run(batch_size=16, epochs=100, digest="ab12"),
+        "deepspeed.gradient_accumulation_steps=1 -> 2": _run(gas=2, epochs=100, digest="ab12"),
+        "init_digest='ab12' -> 'cd34'": _run(epochs=100, digest="cd34", init="moved.pth")}
+    for change, run in refused.items():
+        with pytest.raises(ValueError, match=rf"\({re.escape(change)}\).*Resume with the "
+                                             r"checkpoint's values, or start a fresh run"):
+            checkpoint.check_resumable(str(tmp_path), "step00000006", run)
+    allowed = _run(epochs=100, max_steps=50, digest="ab12", init="moved.pth")
     assert checkpoint.check_resumable(str(tmp_path), "step00000006", allowed) == [
-        "max_steps: None -> 50"]
+        "init: None -> 'moved.pth'", "max_steps: None -> 50"]
+    (tmp_path / "step00000006" / checkpoint.COMPLETE_MARKER).write_text("{torn")
+    with pytest.raises(ValueError, match="not a completion record written by lgp_ds"):
+        checkpoint.check_resumable(str(tmp_path), "step00000006", allowed)

@@ -23,6 +23,8 @@ from deepspeed.accelerator import get_accelerator
 from fvcore.nn import FlopCountAnalysis
 
 from lgp_ds import dist
+from lgp_ds.cli import errors_as_one_line
+from lgp_ds.data.shards import DataError
 from lgp_ds.config import load_run_config
 from lgp_ds.engine.trainer import GraftTrainer
 from lgp_ds.models.moco import build_graft_model
@@ -76,20 +78,24 @@ def main() -> None:
     p.add_argument("overrides", nargs="*")
     p = deepspeed.add_config_arguments(p)
     args = p.parse_intermixed_args()
-    cfg, ds_config = load_run_config(args.config, args.overrides, args.deepspeed_config)
+    with errors_as_one_line(ranks_started=False):
+        cfg, ds_config = load_run_config(args.config, args.overrides, args.deepspeed_config)
     dist.init_process_group()
     folder = tempfile.mkdtemp(prefix="lgp_ds_bench_")  # per rank: node-local /tmp is fine
     try:
         cfg.output_dir = os.path.join(folder, "run")
         if cfg.anchor_weight > 0 and cfg.init is None:
             cfg.init = stand_in_mim_weights(cfg, folder)
-        run(args, cfg, ds_config)
+        with errors_as_one_line():
+            trainer = GraftTrainer(cfg, ds_config, with_data=args.data_only)
+        with errors_as_one_line((DataError,)):
+            run(args, trainer)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def run(args, cfg, ds_config) -> None:
-    trainer = GraftTrainer(cfg, ds_config, with_data=args.data_only)
+def run(args, trainer) -> None:
+    cfg = trainer.cfg
     world, n = dist.get_world_size(), trainer.engine.train_micro_batch_size_per_gpu()
     device = get_accelerator().device_name()
     if device == "cuda":

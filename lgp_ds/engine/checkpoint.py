@@ -5,9 +5,9 @@ ranks are done; a crash then leaves a half-written checkpoint that looks complet
 rank writes, all ranks meet at a barrier, and only then does rank 0 put a completion marker in
 the tag folder and atomically replace ``latest``. Resuming accepts marked checkpoints only.
 
-The marker records the world size and the run's config, so a resume that cannot continue the
-same run (another world size, another batch size or schedule) is refused, with the reason,
-before DeepSpeed reads anything.
+The marker records the world size and what defines the run (:func:`lgp_ds.config.run_identity`),
+so a resume that cannot continue the same run (another world size, batch size, schedule,
+accumulation or MIM weights) is refused, with the reason, before DeepSpeed reads anything.
 """
 import json
 import os
@@ -31,14 +31,23 @@ def write_atomic(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save(engine, save_dir: str, step: int, client_state: dict, config: dict) -> str:
-    """Collective: save ``engine`` and ``client_state`` as tag ``step{step:08d}``; return the tag."""
+def save(engine, save_dir: str, step: int, client_state: dict, run: dict) -> str:
+    """Collective: save ``engine`` and ``client_state`` as tag ``step{step:08d}``; return the tag.
+
+    ``run`` (:func:`lgp_ds.config.run_identity`) goes into the completion marker.
+    """
     tag = f"step{step:08d}"
+    marker = os.path.join(save_dir, tag, COMPLETE_MARKER)
+    if dist.is_main() and os.path.exists(marker):
+        # The tag exists from before a resume to an earlier step: it is being overwritten, and a
+        # crash halfway must not leave old and new shards under the old marker.
+        os.remove(marker)
+    dist.barrier()
     engine.save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=False)
     dist.barrier()  # every rank's shards are on disk
     if dist.is_main():
-        record = {"step": step, "world_size": dist.get_world_size(), "config": config}
-        write_atomic(os.path.join(save_dir, tag, COMPLETE_MARKER), json.dumps(record) + "\n")
+        record = {"step": step, "world_size": dist.get_world_size(), "run": run}
+        write_atomic(marker, json.dumps(record) + "\n")
         write_atomic(os.path.join(save_dir, LATEST), tag)
     dist.barrier()
     return tag
@@ -87,17 +96,27 @@ def find_checkpoint(resume: str, save_dir: str) -> tuple[str, str] | None:
 
 
 def read_marker(save_dir: str, tag: str) -> dict:
-    with open(os.path.join(save_dir, tag, COMPLETE_MARKER)) as f:
-        return json.load(f)
+    """The completion record of checkpoint ``tag``; ValueError if it is not one lgp_ds wrote."""
+    path = os.path.join(save_dir, tag, COMPLETE_MARKER)
+    try:
+        with open(path) as f:
+            marker = json.load(f)
+        if {"world_size", "run"} <= set(marker):
+            return marker
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        pass
+    raise ValueError(f"{path}: not a completion record written by lgp_ds (JSON with world_size "
+                     f"and run)")
 
 
-def check_resumable(save_dir: str, tag: str, config: dict) -> list[str]:
+def check_resumable(save_dir: str, tag: str, run: dict) -> list[str]:
     """Refuse (ValueError) a checkpoint this run cannot continue; return the allowed changes.
 
-    The world size must be the one that wrote it (ZeRO shards load only there), and every config
-    key outside ``MAY_CHANGE_ON_RESUME`` must be unchanged: another batch size, schedule or model
-    would continue with a wrong LR and data position without a word. Returns the changed keys
-    that are allowed, as ``"key: old -> new"`` lines.
+    The world size must be the one that wrote it (ZeRO shards load only there), and every key of
+    ``run`` (:func:`lgp_ds.config.run_identity`) outside ``MAY_CHANGE_ON_RESUME`` must be
+    unchanged: another batch size, schedule, accumulation or model would continue with a wrong
+    LR and data position without a word. Returns the changed keys that are allowed, as
+    ``"key: old -> new"`` lines.
     """
     where = os.path.join(save_dir, tag)
     marker = read_marker(save_dir, tag)
@@ -106,8 +125,8 @@ def check_resumable(save_dir: str, tag: str, config: dict) -> list[str]:
                          f"{dist.get_world_size()}: ZeRO shards only load on the world size that "
                          f"wrote them. Resume with {marker['world_size']} ranks, or convert the "
                          f"weights (tools/convert_ckpt.py) and start from them with init=")
-    saved = marker.get("config", {})
-    changed = {k: (saved[k], v) for k, v in config.items() if k in saved and saved[k] != v}
+    saved = marker["run"]
+    changed = {k: (saved[k], v) for k, v in run.items() if k in saved and saved[k] != v}
     refused = [f"{k}={old!r} -> {new!r}" for k, (old, new) in changed.items()
                if k not in MAY_CHANGE_ON_RESUME]
     if refused:
@@ -130,30 +149,33 @@ def _local_problem(save_dir: str, tag: str, zero_stage: int) -> str | None:
     return None
 
 
-def choose(resume: str, save_dir: str, zero_stage: int) -> tuple[str, str] | None:
-    """Collective: the checkpoint every rank resumes from, decided by rank 0.
+def choose(resume: str, save_dir: str, zero_stage: int,
+           run: dict) -> tuple[tuple[str, str], list[str]] | None:
+    """Collective: ((save_dir, tag), allowed config changes) every rank resumes from, or None.
 
-    Ranks that picked on their own could choose different tags (node-local storage, a stale NFS
-    cache) and then hang or diverge. Every rank checks that it can read rank 0's choice; if one
-    cannot, all raise ValueError naming the ranks and the reason, instead of some hanging.
+    Rank 0 decides (:func:`find_checkpoint`, :func:`check_resumable`): ranks that picked on
+    their own could choose different tags (node-local storage, a stale NFS cache) and then hang
+    or diverge. Every rank checks that it can read rank 0's choice. Whatever is wrong raises
+    ValueError on every rank alike, naming the ranks and the reason, instead of some hanging.
     """
     choice = None
     if dist.is_main():
         try:
-            choice = ("ok", find_checkpoint(resume, save_dir))
+            found = find_checkpoint(resume, save_dir)
+            choice = ("ok", found and (found, check_resumable(*found, run)))
         except ValueError as e:
             choice = ("error", str(e))
-    status, found = dist.broadcast_object(choice)
+    status, chosen = dist.broadcast_object(choice)
     if status == "error":
-        raise ValueError(found)
-    if found is None:
+        raise ValueError(chosen)
+    if chosen is None:
         return None
-    problems = dist.all_gather_object(_local_problem(*found, zero_stage))
+    problems = dist.all_gather_object(_local_problem(*chosen[0], zero_stage))
     bad = [f"rank {r}: {p}" for r, p in enumerate(problems) if p]
     if bad:
-        raise ValueError(f"rank 0 chose {os.path.join(*found)} to resume from, but "
+        raise ValueError(f"rank 0 chose {os.path.join(*chosen[0])} to resume from, but "
                          + "; ".join(bad))
-    return found
+    return chosen
 
 
 def load(engine, save_dir: str, tag: str) -> dict:

@@ -1,8 +1,9 @@
 """A run's folder: ``config.yaml``, ``ds_config.json``, ``metrics.jsonl`` and ``checkpoints/``.
 
-One folder holds one run. A second run started into it without ``resume=`` is refused (it would
-append to the first run's metrics and mix its checkpoints with them); a resumed run keeps one
-metrics record per step by dropping the records logged after the checkpoint it resumes from.
+One folder holds one run. A second run started into it without ``resume=``, or resuming another
+folder's checkpoint, is refused (it would append to the first run's metrics and mix its
+checkpoints with them); a resumed run keeps one metrics record per step by dropping the records
+logged after the checkpoint it resumes from.
 """
 import json
 import os
@@ -28,27 +29,50 @@ def _previous_run(output_dir: str) -> list[str]:
     return found
 
 
-def prepare(cfg, ds_config: dict) -> None:
-    """Collective: create ``cfg.output_dir`` and write the resolved configs into it.
+def _own_checkpoint(resume: str, output_dir: str) -> bool:
+    """Whether ``resume`` names ``output_dir``'s own checkpoints (or is ``auto``)."""
+    if resume == "auto":
+        return True
+    own = os.path.realpath(os.path.join(output_dir, CHECKPOINTS))
+    return os.path.commonpath([os.path.realpath(resume), own]) == own
 
-    Raises ValueError on every rank when the folder already holds a run and ``cfg.resume`` is
-    not set.
+
+def _problem(cfg) -> str | None:
+    """Why ``cfg.output_dir`` cannot take this run, or None (then it exists)."""
+    found = _previous_run(cfg.output_dir)
+    if found and cfg.resume is None:
+        return (f"output_dir={cfg.output_dir} already holds a run ({', '.join(found)}): continue "
+                f"it with resume=auto, or give a new output_dir")
+    if found and not _own_checkpoint(cfg.resume, cfg.output_dir):
+        return (f"output_dir={cfg.output_dir} already holds a run ({', '.join(found)}), and "
+                f"resume={cfg.resume} is another run's checkpoint: continuing it here would mix "
+                f"the two runs' records and checkpoints; give a new output_dir")
+    try:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+    except OSError as e:
+        return f"output_dir={cfg.output_dir}: cannot create it ({e.strerror})"
+    return None
+
+
+def prepare(cfg) -> None:
+    """Collective: make sure ``cfg.output_dir`` exists and may take this run.
+
+    Raises ValueError on every rank when the folder already holds a run that this one does not
+    resume, or cannot be created.
     """
-    problem = None
-    if dist.is_main():
-        found = _previous_run(cfg.output_dir) if cfg.resume is None else []
-        if found:
-            problem = (f"output_dir={cfg.output_dir} already holds a run ({', '.join(found)}): "
-                       f"continue it with resume=auto, or give a new output_dir")
-        else:
-            os.makedirs(cfg.output_dir, exist_ok=True)
-            with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as f:
-                yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
-            with open(os.path.join(cfg.output_dir, "ds_config.json"), "w") as f:
-                json.dump(ds_config, f, indent=2)
-    problem = dist.broadcast_object(problem)
+    problem = dist.broadcast_object(_problem(cfg) if dist.is_main() else None)
     if problem:
         raise ValueError(problem)
+
+
+def write_configs(cfg, ds_config: dict) -> None:
+    """Rank 0: the resolved ``config.yaml`` and ``ds_config.json`` (once the run is accepted:
+    a refused resume leaves the run's files as they were)."""
+    if dist.is_main():
+        with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as f:
+            yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+        with open(os.path.join(cfg.output_dir, "ds_config.json"), "w") as f:
+            json.dump(ds_config, f, indent=2)
 
 
 class MetricsLog:

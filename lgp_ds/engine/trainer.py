@@ -18,7 +18,8 @@ from deepspeed.accelerator import get_accelerator
 from torch.optim.lr_scheduler import LambdaLR
 
 from lgp_ds import dist
-from lgp_ds.config import Config, precision
+from lgp_ds.checkpoint_file import tensor_digest
+from lgp_ds.config import Config, precision, run_identity
 from lgp_ds.data.pipeline import TrainData, samples_per_epoch
 from lgp_ds.models.moco import build_graft_model, load_mim_weights, read_mim_state_dict
 from lgp_ds.objectives import moco_loss
@@ -55,7 +56,7 @@ class GraftTrainer:
                              f"weights to stay close to)")
         self.cfg = cfg
         self.device = get_accelerator().current_device_name()
-        run_dir.prepare(cfg, ds_config)
+        run_dir.prepare(cfg)
         self.metrics = MetricsLog(cfg.output_dir)
         torch.manual_seed(cfg.seed)  # same initial weights on every rank
         model = build_graft_model(cfg)
@@ -88,9 +89,11 @@ class GraftTrainer:
         self.dtype = getattr(torch, {"bf16": "bfloat16", "fp16": "float16",
                                      "fp32": "float32"}[precision(ds_config)])
         # The momentum encoder is copied before DeepSpeed casts the model, so it holds the exact
-        # fp32 weights; so does this copy, from which the masters are restored below.
+        # fp32 weights; so does this copy, from which the masters are restored below (in fp32
+        # the masters are the weights themselves).
         self.momentum = MomentumEncoder(model.base_encoder, zero_stage, self.dtype)
-        exact = {name_of[id(p)]: p.detach().clone() for g in groups for p in g["params"]}
+        exact = {} if self.dtype == torch.float32 else {
+            name_of[id(p)]: p.detach().clone() for g in groups for p in g["params"]}
 
         schedule = partial(lr_factor, total_steps=self.total_steps, warmup_steps=warmup_steps)
         self.engine, _, _, _ = deepspeed.initialize(
@@ -101,7 +104,7 @@ class GraftTrainer:
         self.slices = self._find_slices()
         # Under bf16/fp16 DeepSpeed builds the masters from the rounded module; without this the
         # base encoder would start off the MIM weights (and off the momentum encoder).
-        for s in self.slices:
+        for s in self.slices if exact else ():
             s.copy_from(exact[s.name])
         del exact
 
@@ -109,6 +112,9 @@ class GraftTrainer:
         if cfg.anchor_weight > 0:
             self.anchor = MIMAnchor(mim_state, self.slices, cfg.anchor_weight, cfg.anchor_norm,
                                     anchor_blocks, sharded=zero_stage > 0)
+        # What a resume must match; the anchor's MIM weights by content (the file may move)
+        self.run = run_identity(cfg, ds_config,
+                                tensor_digest(mim_state) if self.anchor is not None else None)
         del mim_state
 
         self.step = 0  # optimizer steps applied or skipped (engine.global_steps)
@@ -119,6 +125,7 @@ class GraftTrainer:
         self.ckpt_dir = os.path.join(cfg.output_dir, run_dir.CHECKPOINTS)
         if cfg.resume is not None:
             self._resume(zero_stage)
+        run_dir.write_configs(cfg, ds_config)
 
     def _find_slices(self):
         return master_slices(self.engine.optimizer, self.engine.module.named_parameters())
@@ -136,16 +143,17 @@ class GraftTrainer:
         state = {"momentum": self.momentum.state_dict(), "step": self.step, "epoch": self.epoch,
                  "batch_in_epoch": self.batch_in_epoch, "corrupt_samples": self.corrupt_samples(),
                  "config": self.cfg.to_dict(), "group_params": self.group_params}
-        return checkpoint.save(self.engine, self.ckpt_dir, self.step, state, self.cfg.to_dict())
+        return checkpoint.save(self.engine, self.ckpt_dir, self.step, state, self.run)
 
     def _resume(self, zero_stage: int) -> None:
         """Collective: continue from the checkpoint that ``cfg.resume`` names (rank 0 decides)."""
-        found = checkpoint.choose(self.cfg.resume, self.ckpt_dir, zero_stage)
-        if found is None:
+        chosen = checkpoint.choose(self.cfg.resume, self.ckpt_dir, zero_stage, self.run)
+        if chosen is None:
             dist.print_main(f"resume=auto: no complete checkpoint in {self.ckpt_dir}, starting fresh")
             self.metrics.truncate(0)
             return
-        for change in checkpoint.check_resumable(*found, self.cfg.to_dict()):
+        found, changes = chosen
+        for change in changes:
             dist.print_main(f"resume: {change}")
         state = checkpoint.load(self.engine, *found)
         self.slices = self._find_slices()
@@ -186,8 +194,8 @@ class GraftTrainer:
         gas = self.engine.gradient_accumulation_steps()
         records, meter = [], _Meter()
         while self.step < last_step:
-            batches = self.data.batches(self.epoch, self.steps_per_epoch * gas,
-                                        skip=self.batch_in_epoch)
+            epoch = self.epoch
+            batches = self.data.batches(epoch, self.steps_per_epoch * gas, skip=self.batch_in_epoch)
             for x1, x2, _, skipped in batches:
                 out = self.train_step(x1, x2)
                 self.batch_in_epoch += 1
@@ -204,6 +212,9 @@ class GraftTrainer:
                     self.save()
                 if self.step >= last_step:
                     break
+            if self.step < last_step and self.epoch == epoch:  # would spin on an empty epoch
+                raise RuntimeError(f"epoch {epoch} ended at micro-batch {self.batch_in_epoch} of "
+                                   f"{self.steps_per_epoch * gas} without reaching its last step")
         return records
 
     def log(self, window: dict, out: dict) -> dict:
