@@ -55,7 +55,7 @@ def test_deepspeed_launcher_runs_the_embedded_default(tmp_path):
             ([], f"output_dir={out} already holds a run (metrics.jsonl, checkpoints/): continue "
                  f"it with resume=auto, or give a new output_dir"),
             (["resume=auto"], "was written by 2 ranks and this run has 1"),
-            ([f"resume={ckpts / 'step00000009'}"], "not a complete lgp_ds checkpoint"),
+            ([f"resume={ckpts / 'step00000009'}"], "incomplete checkpoint"),
             ([f"resume={tmp_path / 'other' / 'checkpoints'}"],
              "is another run's checkpoint: continuing it here would mix the two runs' records")):
         proc = _launch(tmp_path, ["--output_dir", str(out)] + TINY + extra, ranks=None)

@@ -77,7 +77,7 @@ def test_which_checkpoint_resume_names(tmp_path):
     assert checkpoint.find_checkpoint("auto", str(save_dir)) == found
     assert checkpoint.find_checkpoint(str(save_dir), "elsewhere") == found  # the folder of tags
     assert checkpoint.find_checkpoint(str(save_dir / "step00000005"), "elsewhere") == found
-    with pytest.raises(ValueError, match="step00000010: not a complete lgp_ds checkpoint"):
+    with pytest.raises(ValueError, match="step00000010: incomplete checkpoint"):
         checkpoint.find_checkpoint(str(save_dir / "step00000010"), str(save_dir))
     with pytest.raises(ValueError, match="neither a complete lgp_ds checkpoint nor a folder"):
         checkpoint.find_checkpoint(str(tmp_path), str(save_dir))

@@ -4,12 +4,13 @@
         [--config RECIPE] [--steps 20] [--warmup 5] [--peak_tflops 989] [--data_only] [key=value ...]
 
 The step benchmark feeds synthetic images already on the device, so it measures model,
-optimizer, momentum encoder, MIM anchor and communication; ``--data_only`` measures the WebDataset
-pipeline (decode + two MoCo views) of this rank alone. Recipes run as shipped: one with the MIM
-anchor but no ``init=`` takes the model's own initial weights as its MIM weights (the anchor costs
-the same whatever they are). Each run writes into a fresh temporary folder, removed at the end. FLOPs come from fvcore's counter on the encoder and
-projector: one image costs 3 forward passes (forward + backward) of the base encoder on each of
-two views plus one forward of the momentum encoder on each view.
+optimizer, momentum encoder, MIM anchor and communication; ``--data_only`` measures the
+WebDataset pipeline (decode + two MoCo views) of this rank alone. Recipes run as shipped: one with
+the MIM anchor but no ``init=`` takes the model's own initial weights as its MIM weights (the
+anchor costs the same whatever they are). Each run writes into a fresh temporary folder, removed
+at the end. FLOPs come from fvcore's counter on the encoder and projector: one image costs 3
+forward passes (forward + backward) of the base encoder on each of two views plus one forward of
+the momentum encoder on each view.
 """
 import argparse
 import os
@@ -24,8 +25,8 @@ from fvcore.nn import FlopCountAnalysis
 
 from lgp_ds import dist
 from lgp_ds.cli import errors_as_one_line
-from lgp_ds.data.shards import DataError
 from lgp_ds.config import load_run_config
+from lgp_ds.data.shards import DataError
 from lgp_ds.engine.trainer import GraftTrainer
 from lgp_ds.models.moco import build_graft_model
 

@@ -13,7 +13,6 @@ checkpoint runs, and a damaged file is an error that names it.
 """
 import contextlib
 import io
-import json
 import os
 import re
 
@@ -48,19 +47,10 @@ def _model_states_file(folder: str) -> str | None:
 
 
 def _tag_folder(path: str) -> str:
-    """The complete DeepSpeed tag folder that ``path`` names (itself, or the newest in it)."""
-    from lgp_ds.engine import checkpoint
-    path = os.path.abspath(path.rstrip("/"))
-    save_dir, tag = os.path.split(path)
-    if not (checkpoint.is_complete(save_dir, tag) or _model_states_file(path)):
-        found = checkpoint.find_checkpoint("auto", path)
-        if found is None:
-            raise ValueError(f"{path}: no complete lgp_ds checkpoint in this folder")
-        save_dir, tag = found
-    if not checkpoint.is_complete(save_dir, tag):
-        raise ValueError(f"{os.path.join(save_dir, tag)}: incomplete checkpoint (no "
-                         f"{checkpoint.COMPLETE_MARKER} marker): the save did not finish")
-    return os.path.join(save_dir, tag)
+    """The complete tag folder that ``path`` names: itself, or the newest in a checkpoints
+    folder (the rule ``resume=`` follows)."""
+    from lgp_ds.engine.checkpoint import find_checkpoint
+    return os.path.join(*find_checkpoint(path, save_dir=path))
 
 
 # The files DeepSpeed writes per rank: optimizer states under ZeRO 1-3 (bf16_ for its bf16
@@ -71,18 +61,11 @@ _RANK_FILE = re.compile(r"(bf16_)?zero_pp_rank_(\d+)_mp_rank_00_(model|optim)_st
 def _check_rank_files(folder: str) -> None:
     """ValueError naming the missing files unless ``folder`` holds those of every rank.
 
-    The completion marker (JSON) records the world size that wrote the checkpoint, in every
-    lgp_ds version; each kind of per-rank file in the folder must be there for every rank, and
-    rank 0's model states too.
+    The completion marker records the world size that wrote the checkpoint; each kind of
+    per-rank file in the folder must be there for every rank, and rank 0's model states too.
     """
-    from lgp_ds.engine.checkpoint import COMPLETE_MARKER
-    marker = os.path.join(folder, COMPLETE_MARKER)
-    try:
-        with open(marker) as f:
-            world = int(json.load(f)["world_size"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{marker}: not a readable completion marker ({type(e).__name__}: "
-                         f"{e})") from None
+    from lgp_ds.engine.checkpoint import read_marker
+    world = read_marker(*os.path.split(folder))["world_size"]
     ranks = {}  # (prefix, kind): ranks that have that file
     for name in os.listdir(folder):
         if m := _RANK_FILE.match(name):
@@ -125,7 +108,8 @@ def _fp32_masters(folder: str, states: dict) -> tuple[dict, list[str]]:
                              f"the optimizer states files (*optim_states.pt, one per rank) that "
                              f"hold its fp32 master weights")
         return _stage0_masters(states, folder)
-    first = _load_ds_file(os.path.join(folder, optim[0]))["optimizer_state_dict"]
+    # mapped, not read: only its keys are needed here, and zero_to_fp32 reads it again
+    first = _load_ds_file(os.path.join(folder, optim[0]), mmap=True)["optimizer_state_dict"]
     if "zero_stage" in first:  # a ZeRO optimizer (bf16 ones too write bf16_zero_pp_rank_* files)
         return _zero_masters(folder, states), []
     return _bf16_optimizer_masters(folder, optim, states), []

@@ -73,11 +73,11 @@ def newest_complete(save_dir: str) -> tuple[str, str] | None:
 
 
 def find_checkpoint(resume: str, save_dir: str) -> tuple[str, str] | None:
-    """(save_dir, tag) to resume from.
+    """(save_dir, tag) to resume from (or to convert).
 
     ``resume="auto"``: the newest complete checkpoint under ``save_dir`` (None if there is none).
-    Otherwise ``resume`` is a tag folder, which must be complete, or a checkpoints folder, whose
-    newest complete checkpoint is taken.
+    Otherwise ``resume`` is a tag folder (named ``step*`` or holding DeepSpeed's files), which
+    must be complete, or a checkpoints folder, whose newest complete checkpoint is taken.
     """
     if resume == "auto":
         return newest_complete(save_dir)
@@ -85,13 +85,14 @@ def find_checkpoint(resume: str, save_dir: str) -> tuple[str, str] | None:
     parent, tag = os.path.dirname(folder), os.path.basename(folder)
     if is_complete(parent, tag):
         return parent, tag
-    if _TAG.match(tag) or not os.path.isdir(folder):
-        raise ValueError(f"resume={resume}: not a complete lgp_ds checkpoint (no {COMPLETE_MARKER} "
-                         f"marker: the save did not finish on every rank)")
+    if not os.path.isdir(folder) or _TAG.match(tag) or any(
+            f.endswith("model_states.pt") for f in os.listdir(folder)):
+        raise ValueError(f"{resume}: incomplete checkpoint (no {COMPLETE_MARKER} marker: the save "
+                         f"did not finish on every rank)")
     found = newest_complete(folder)
     if found is None:
-        raise ValueError(f"resume={resume}: neither a complete lgp_ds checkpoint nor a folder "
-                         f"holding one (step* folders with a {COMPLETE_MARKER} marker)")
+        raise ValueError(f"{resume}: neither a complete lgp_ds checkpoint nor a folder holding "
+                         f"one (step* folders with a {COMPLETE_MARKER} marker)")
     return found
 
 

@@ -4,7 +4,6 @@ Layout follows MoCo v3 and the official grafting code: ``base_encoder`` is the V
 ``head`` is the 3-layer projector, ``predictor`` the 2-layer MLP on top. The momentum encoder is
 a copy of ``base_encoder`` kept outside the DeepSpeed engine (see ``lgp_ds.engine.momentum``).
 """
-import os
 
 import torch
 import torch.nn as nn
@@ -50,12 +49,10 @@ def read_mim_state_dict(path: str) -> dict[str, torch.Tensor]:
     (:mod:`lgp_ds.checkpoint_file`: MAE's ``args`` Namespace is accepted, code is not);
     ValueError for a file it refuses, FileNotFoundError for a missing one.
     """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"init={path}: no such file")
     try:
         state = checkpoint_file.load(path)
-    except ValueError as e:
-        raise ValueError(f"init={e}") from e
+    except (ValueError, FileNotFoundError) as e:
+        raise type(e)(f"init={e}") from e
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
