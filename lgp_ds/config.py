@@ -212,7 +212,7 @@ def load_config(recipe: str | None, overrides: list[str]) -> Config:
 # files are, and switches that leave the numbers alone (num_workers changes which worker reads
 # which shard, so the stream after the resume is another, equally shuffled one). Every other
 # key defines the run: a resume that changes one is refused.
-MAY_CHANGE_ON_RESUME = frozenset({"output_dir", "resume", "max_steps", "log_every", "save_every",
+MAY_CHANGE_ON_RESUME = frozenset({"output_dir", "max_steps", "log_every", "save_every",
                                   "init", "data", "num_workers", "max_corrupt_run", "grad_ckpt",
                                   "fused_attn"})
 
@@ -230,12 +230,13 @@ def precision(ds: dict) -> str:
 
 
 def run_identity(cfg: Config, ds: dict, mim_digest: str | None = None) -> dict:
-    """What defines a run, for a resume to compare: every config key, the DeepSpeed settings
-    that change the numbers or the data position (``deepspeed.*``) and, with the MIM anchor on,
-    a digest of the MIM weights it pulls towards (``init_digest``: the ``init=`` path may move,
-    its content may not)."""
+    """What defines a run, for a resume to compare: every config key but ``resume`` (how the run
+    was started), the DeepSpeed settings that change the numbers or the data position
+    (``deepspeed.*``) and, with the MIM anchor on, a digest of the MIM weights it pulls towards
+    (``init_digest``: the ``init=`` path may move, its content may not)."""
     zero = ds.get("zero_optimization", {})
-    return {**cfg.to_dict(), "init_digest": mim_digest,
+    config = {k: v for k, v in cfg.to_dict().items() if k != "resume"}
+    return {**config, "init_digest": mim_digest,
             "deepspeed.zero_stage": zero.get("stage", 0), "deepspeed.precision": precision(ds),
             "deepspeed.gradient_accumulation_steps": ds.get("gradient_accumulation_steps", 1),
             "deepspeed.gradient_clipping": ds.get("gradient_clipping", 0.0),
