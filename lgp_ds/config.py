@@ -1,160 +1,192 @@
 """The experiment config: a YAML recipe plus ``key=value`` overrides, typed and validated once.
 
-Every key is a field of :class:`Config` with its type; an unknown key or a value of the wrong
-type is an error that names the key. The global batch size has one source of truth:
-``batch_size`` here, which :func:`resolve_ds_config` writes into the DeepSpeed config (a DeepSpeed
-config that states another batch size is refused).
+Every key is a field of :class:`Config` (a pydantic model) with its type and range; an unknown
+key, a value of the wrong type or out of range, or keys that contradict each other are an error
+that names the key. The global batch size has one source of truth: ``batch_size`` here, which
+:func:`resolve_ds_config` writes into the DeepSpeed config (a DeepSpeed config that states
+another batch size is refused).
 """
-import dataclasses
 import difflib
 import json
 import os
 import types
 import typing
-from dataclasses import dataclass, field
+from typing import Annotated, Literal
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, model_validator
 
 RECIPES_DIR = os.path.join(os.path.dirname(__file__), "recipes")
 
+# The pre-training methods (lgp_ds.methods); each recipe names one.
+METHODS = ("graft", "moco", "mae", "mtl", "mim2cl_frozen", "cl2mim", "graft_vicreg")
+# Methods whose init= weights are MIM weights that the anchor may pull the encoder towards.
+ANCHORED_METHODS = ("graft", "graft_vicreg", "mim2cl_frozen")
+# Methods that keep init='s lower stages frozen and train the upper ones with the other objective.
+GRAFTED_METHODS = ("mim2cl_frozen", "cl2mim")
 
-@dataclass
-class Config:
+Positive = Annotated[int, Field(gt=0)]
+NonNegative = Annotated[int, Field(ge=0)]
+Weight = Annotated[float, Field(ge=0)]
+Fraction = Annotated[float, Field(gt=0, le=1)]  # (0, 1]
+Rate = Annotated[float, Field(ge=0, lt=1)]  # [0, 1)
+
+
+class Config(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    method: Literal[METHODS] = "graft"
     # model: a timm ViT; None keeps the architecture's own value
     arch: str = "vit_base_patch16_224"
-    img_size: int = 224
-    patch_size: int | None = None
-    embed_dim: int | None = None
-    depth: int | None = None
-    num_heads: int | None = None
-    drop_path: float = 0.0
-    fused_attn: bool = True
-    grad_ckpt: bool = False
-    sincos_pos_embed: bool = True
-    frozen_patch_embed: bool = True
-    proj_dim: int = 256
-    mlp_dim: int = 4096
-    # grafting
-    init: str | None = None  # MIM (MAE) weights; None: plain MoCo v3 from random weights
-    tau: float = 0.2
-    momentum: float = 0.99  # m0 of the cosine momentum schedule
-    num_stages: int = 3
-    stage_blrs: list[float] = field(default_factory=lambda: [1.5e-5, 1.5e-5, 1.5e-4])
-    anchor_weight: float = 0.0
-    anchor_norm: str = "l2"
-    anchor_blocks: int | None = None  # None: half the depth
+    img_size: Positive = 224
+    patch_size: Positive | None = None
+    embed_dim: Positive | None = None
+    depth: Positive | None = None
+    num_heads: Positive | None = None
+    drop_path: Rate = 0.0
+    fused_attn: StrictBool = True
+    grad_ckpt: StrictBool = False
+    sincos_pos_embed: StrictBool = True
+    frozen_patch_embed: StrictBool = True
+    proj_dim: Positive = 256  # MoCo projector/predictor output; VICReg expander output
+    mlp_dim: Positive = 4096  # MoCo projector/predictor hidden width; VICReg expander hidden width
+    # MAE (mae, cl2mim, mtl): decoder, masking and target
+    decoder_embed_dim: Positive = 512
+    decoder_depth: Positive = 8
+    decoder_num_heads: Positive = 16
+    mask_ratio: Rate = 0.75
+    norm_pix_loss: StrictBool = True
+    # starting weights and stages
+    init: str | None = None  # weights to start from (see the method); None: random
+    num_stages: Positive = 3
+    stage_blrs: list[Weight] = [1.5e-5, 1.5e-5, 1.5e-4]  # per-256 base LR of each stage
+    frozen_stages: NonNegative = 0  # lower stages (embeddings with the first) that do not train
+    # contrastive (MoCo v3) and VICReg objectives
+    tau: Annotated[float, Field(gt=0)] = 0.2
+    momentum: Annotated[float, Field(ge=0, le=1)] = 0.99  # m0 of the cosine momentum schedule
+    vicreg_sim: Weight = 25.0  # VICReg invariance, variance and covariance coefficients
+    vicreg_var: Weight = 25.0
+    vicreg_cov: Weight = 1.0
+    cl_weight: Weight = 1.0  # mtl: loss = cl_weight * MoCo loss + mim_weight * MAE loss
+    mim_weight: Weight = 1.0
+    # distance to the MIM weights (graft, graft_vicreg, mim2cl_frozen)
+    anchor_weight: Weight = 0.0
+    anchor_norm: Literal["l1", "l2"] = "l2"
+    anchor_blocks: NonNegative | None = None  # None: half the depth
     # optimisation
-    batch_size: int | None = None  # global; None: taken from the DeepSpeed config
-    optimizer: str = "adamw"  # adamw (torch, fused kernel on GPU) | fused_adam (DeepSpeed, GPU)
-    weight_decay: float = 0.1
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    epochs: int = 300
-    warmup_epochs: int = 40
-    max_steps: int | None = None  # stop early; schedules still span `epochs`
+    batch_size: Positive | None = None  # global; None: taken from the DeepSpeed config
+    optimizer: Literal["adamw", "fused_adam"] = "adamw"  # fused_adam: DeepSpeed's, GPU only
+    weight_decay: Weight = 0.1
+    betas: Annotated[list[Rate], Field(min_length=2, max_length=2)] = [0.9, 0.999]
+    epochs: Positive = 300
+    warmup_epochs: NonNegative = 40
+    max_steps: Positive | None = None  # stop early; schedules still span `epochs`
     # data
     data: list[str] | None = None  # WebDataset shard patterns; None: the embedded digits set
-    samples_per_epoch: int | None = None  # None: the embedded set's size; required with data
-    num_workers: int = 8
-    shuffle_buffer: int = 5000
-    max_corrupt_run: int = 100  # undecodable samples in a row that stop the run (fewer: skipped)
-    crop_min: float = 0.08
+    samples_per_epoch: Positive | None = None  # None: the embedded set's size; required with data
+    num_workers: NonNegative = 8
+    shuffle_buffer: Positive = 5000
+    max_corrupt_run: Positive = 100  # undecodable samples in a row that stop the run
+    crop_min: Fraction = 0.08  # smallest crop (area fraction) of the two contrastive views
+    mae_crop_min: Fraction = 0.2  # smallest crop of the MAE view (mae, cl2mim, mtl)
     # run
     output_dir: str = "runs/graft"
     seed: int = 0
-    log_every: int = 10
-    save_every: int = 1000
+    log_every: Positive = 10
+    save_every: Positive = 1000
     resume: str | None = None  # "auto": newest complete checkpoint in output_dir; or a folder
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return self.model_dump()
 
-
-def _check_type(key: str, value, hint):
-    """Return ``value`` converted to ``hint`` or raise ValueError naming ``key``."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(hint)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
+    @model_validator(mode="before")
+    @classmethod
+    def _as_yaml_gives_them(cls, values):
+        """What YAML makes of a user's intent: a single value where a list is expected is that
+        list; an unquoted ``{a,b}`` pattern is a mapping (refused with how to quote it); and
+        ``true`` is not a number (pydantic would take it as 1)."""
+        if not isinstance(values, dict):
+            return values
+        values = dict(values)
+        for key, value in values.items():
+            field = cls.model_fields.get(key)
+            if field is None or value is None:
                 continue
-            try:
-                return _check_type(key, value, arg)
-            except ValueError as e:
-                errors.append(str(e))
-        raise ValueError(errors[0])
-    if origin is list:
-        (item,) = typing.get_args(hint)
-        if not isinstance(value, list):
-            value = [value]  # a single value where a list is expected
-        return [_check_type(key, v, item) for v in value]
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint is float and isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    if hint is bool and not isinstance(value, bool) or hint is not bool and isinstance(value, bool):
-        raise ValueError(f"{key}: expected {hint.__name__}, got {value!r}")
-    if isinstance(value, dict):  # YAML reads an unquoted {a,b} as a mapping
-        raise ValueError(f"{key}: expected {hint.__name__}, got the YAML mapping {value!r}; "
-                         f"quote brace patterns: '{{a,b}}-{{0..9}}.tar'")
-    if not isinstance(value, hint):
-        raise ValueError(f"{key}: expected {hint.__name__}, got {type(value).__name__} {value!r}")
-    return value
+            kinds = _kinds(field.annotation)
+            if isinstance(value, dict):
+                raise ValueError(f"config key {key}: got the YAML mapping {value!r}; quote brace "
+                                 f"patterns: '{{a,b}}-{{0..9}}.tar'")
+            if isinstance(value, bool) and bool not in kinds:
+                expected = " or ".join(k.__name__ for k in kinds if k is not type(None))
+                raise ValueError(f"config key {key}={value!r}: expected {expected}, not a boolean")
+            if list in kinds and not isinstance(value, list):
+                values[key] = [value]
+        return values
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        checks = [
+            ("anchor_weight", self.anchor_weight == 0 or self.method in ANCHORED_METHODS,
+             f"pulls towards MIM weights, which only {', '.join(ANCHORED_METHODS)} start from"),
+            ("init", self.init is not None or self.method not in GRAFTED_METHODS,
+             f"must name the weights that method={self.method} grafts its upper stages onto"),
+            ("frozen_stages", self.frozen_stages > 0 or self.method not in GRAFTED_METHODS,
+             f"must be positive for method={self.method} (its lower stages stay as init= has "
+             f"them)"),
+            ("frozen_stages", self.frozen_stages < self.num_stages,
+             f"must be below num_stages={self.num_stages} (the top stage trains)"),
+            ("stage_blrs", len(self.stage_blrs) == self.num_stages,
+             f"has {len(self.stage_blrs)} values but num_stages={self.num_stages}"),
+            ("warmup_epochs", self.warmup_epochs <= self.epochs, f"exceeds epochs={self.epochs}"),
+            ("samples_per_epoch", self.data is None or self.samples_per_epoch is not None,
+             "must be given with data= (the number of training samples in the shards)"),
+            ("resume", self.resume in (None, "auto") or os.path.isdir(self.resume),
+             "must be 'auto' or an existing checkpoint folder"),
+        ]
+        for key, ok, why in checks:
+            if not ok:
+                raise ValueError(f"config key {key}={getattr(self, key)!r} {why}")
+        return self
 
 
-def _validate(cfg: Config) -> None:
-    checks = [
-        ("anchor_norm", cfg.anchor_norm in ("l1", "l2"), "must be l1 or l2"),
-        ("optimizer", cfg.optimizer in ("adamw", "fused_adam"), "must be adamw or fused_adam"),
-        ("tau", cfg.tau > 0, "must be positive"),
-        ("momentum", 0 <= cfg.momentum <= 1, "must lie in [0, 1]"),
-        ("stage_blrs", len(cfg.stage_blrs) == cfg.num_stages,
-         f"has {len(cfg.stage_blrs)} values but num_stages={cfg.num_stages}"),
-        ("samples_per_epoch", cfg.data is None or cfg.samples_per_epoch is not None,
-         "must be given with data= (the number of training samples in the shards)"),
-        ("betas", len(cfg.betas) == 2, "needs two values"),
-        ("resume", cfg.resume in (None, "auto") or os.path.isdir(cfg.resume),
-         "must be 'auto' or an existing checkpoint folder"),
-    ]
-    for key, ok, why in checks:
-        if not ok:
-            raise ValueError(f"config key {key}={getattr(cfg, key)!r} {why}")
-    positive = ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "proj_dim", "mlp_dim",
-                "epochs", "num_stages", "batch_size", "max_steps", "samples_per_epoch", "log_every",
-                "save_every", "shuffle_buffer", "max_corrupt_run")
-    for key in positive:  # None (where allowed) means "not set"
-        if getattr(cfg, key) is not None and getattr(cfg, key) <= 0:
-            raise ValueError(f"config key {key}={getattr(cfg, key)!r} must be positive")
-    for key in ("anchor_weight", "anchor_blocks", "weight_decay", "warmup_epochs", "num_workers"):
-        if getattr(cfg, key) is not None and getattr(cfg, key) < 0:
-            raise ValueError(f"config key {key}={getattr(cfg, key)!r} must not be negative")
-    in_range = [("warmup_epochs", cfg.warmup_epochs <= cfg.epochs, f"exceeds epochs={cfg.epochs}"),
-                ("crop_min", 0 < cfg.crop_min <= 1, "must lie in (0, 1]"),
-                ("drop_path", 0 <= cfg.drop_path < 1, "must lie in [0, 1)"),
-                ("betas", all(0 <= b < 1 for b in cfg.betas), "must lie in [0, 1)"),
-                ("stage_blrs", all(b >= 0 for b in cfg.stage_blrs), "must not be negative")]
-    for key, ok, why in in_range:
-        if not ok:
-            raise ValueError(f"config key {key}={getattr(cfg, key)!r} {why}")
+def _kinds(annotation) -> set:
+    """The plain types an annotation admits: ``list[float] | None`` -> {list, NoneType}."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return set().union(*(_kinds(a) for a in typing.get_args(annotation)))
+    if typing.get_origin(annotation) is typing.Annotated:
+        return _kinds(typing.get_args(annotation)[0])
+    if typing.get_origin(annotation) is Literal:
+        return {str}
+    return {typing.get_origin(annotation) or annotation}
 
 
-def build_config(values: dict, source: str = "config") -> Config:
-    """Config from a mapping; unknown keys and wrong types raise ValueError naming the key."""
-    hints = typing.get_type_hints(Config)
-    unknown = [k for k in values if k not in hints]
+def _error_lines(error: ValidationError) -> str:
+    """pydantic's errors as ``config key KEY=VALUE: what is wrong``, one per offending key."""
+    lines = []
+    for e in error.errors():
+        message = e["msg"].removeprefix("Value error, ")
+        if not e["loc"]:  # the validators above already name the key
+            lines.append(message)
+            continue
+        key = e["loc"][0]
+        where = "".join(f"[{i}]" for i in e["loc"][1:])
+        lines.append(f"config key {key}{where}={e['input']!r}: {message}")
+    return "; ".join(lines)
+
+
+def build_config(values: dict, source: str | None = None) -> Config:
+    """Config from a mapping; unknown keys and bad values raise ValueError naming the key (and
+    the recipe ``source`` they come from)."""
+    where = f"{source}: " if source else ""
+    unknown = [k for k in values if k not in Config.model_fields]
     if unknown:
-        close = difflib.get_close_matches(unknown[0], hints, n=1)
-        raise ValueError(f"{source}: unknown config key {unknown[0]!r}"
+        close = difflib.get_close_matches(unknown[0], Config.model_fields, n=1)
+        raise ValueError(f"{where}unknown config key {unknown[0]!r}"
                          + (f" (did you mean {close[0]!r}?)" if close else ""))
-    typed = {k: _check_type(f"{source}: {k}", v, hints[k]) for k, v in values.items()}
-    cfg = Config(**typed)
-    _validate(cfg)
-    return cfg
+    try:
+        return Config.model_validate(values)
+    except ValidationError as e:
+        raise ValueError(where + _error_lines(e)) from None
 
 
 def parse_overrides(pairs: list[str]) -> dict:
@@ -184,8 +216,12 @@ def parse_overrides(pairs: list[str]) -> dict:
     return out
 
 
-def load_recipe(path: str) -> dict:
-    """Mapping from a YAML recipe: a path, or the name of a bundled recipe (``vit_b_graft``)."""
+def load_recipe(path: str, _seen: tuple = ()) -> dict:
+    """Mapping from a YAML recipe: a path, or the name of a bundled recipe (``vit_b_graft``).
+
+    ``extends: NAME`` in a recipe starts from recipe NAME (a bundled name, or a path relative to
+    the recipe's folder) and overrides its keys.
+    """
     if not os.path.exists(path):
         bundled = os.path.join(RECIPES_DIR, path if path.endswith(".yaml") else path + ".yaml")
         if not os.path.exists(bundled):
@@ -193,11 +229,19 @@ def load_recipe(path: str) -> dict:
             raise FileNotFoundError(f"recipe {path!r}: no such file and no bundled recipe of that "
                                     f"name (bundled: {', '.join(names)})")
         path = bundled
+    if os.path.realpath(path) in _seen:
+        raise ValueError(f"recipe {path}: 'extends' goes round in a circle")
     with open(path) as f:
         values = yaml.safe_load(f) or {}
     if not isinstance(values, dict):
         raise ValueError(f"recipe {path}: expected a mapping of keys to values")
-    return values
+    parent = values.pop("extends", None)
+    if parent is None:
+        return values
+    near = os.path.join(os.path.dirname(path), str(parent))
+    base = load_recipe(near if os.path.exists(near) else str(parent),
+                       _seen + (os.path.realpath(path),))
+    return {**base, **values}
 
 
 def load_config(recipe: str | None, overrides: list[str]) -> Config:

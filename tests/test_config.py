@@ -1,13 +1,31 @@
 """Recipes, overrides and the DeepSpeed config: every bad input names what is wrong."""
+import os
+
 import pytest
 
-from lgp_ds.config import build_config, load_config, parse_overrides, resolve_ds_config
+from lgp_ds.config import (RECIPES_DIR, build_config, load_config, parse_overrides,
+                           resolve_ds_config)
 
 
-@pytest.mark.parametrize("recipe", ["digits_demo", "vit_b_graft"])
+RECIPES = sorted(f[:-5] for f in os.listdir(RECIPES_DIR) if f.endswith(".yaml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
 def test_bundled_recipes_load(recipe):
-    cfg = load_config(recipe, [])
+    cfg = load_config(recipe, [] if recipe.startswith("digits_") else ["init=weights.pth"])
     assert len(cfg.stage_blrs) == cfg.num_stages
+    assert recipe.startswith("digits_") or cfg.samples_per_epoch == 1281167  # ImageNet-1k
+
+
+def test_recipes_extend_others(tmp_path):
+    mae_b, mae_l = load_config("vit_b_mae", []), load_config("vit_l_mae", [])
+    assert (mae_l.arch, mae_l.grad_ckpt, mae_l.betas) == ("vit_large_patch16_224", True, [0.9, 0.95])
+    assert mae_l.to_dict() | {"arch": 0, "grad_ckpt": 0, "output_dir": 0} == \
+        mae_b.to_dict() | {"arch": 0, "grad_ckpt": 0, "output_dir": 0}
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\ntau: 0.3\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(ValueError, match="'extends' goes round in a circle"):
+        load_config(str(tmp_path / "a.yaml"), [])
 
 
 def test_vit_l_recipe_is_the_papers():
@@ -37,17 +55,25 @@ def test_list_override_with_unquoted_patterns_says_how_to_write_it():
 @pytest.mark.parametrize("values,message", [
     ({"lr": 1.0}, "unknown config key 'lr'"),
     ({"stage_blr": [1.0]}, "did you mean 'stage_blrs'"),
-    ({"tau": "warm"}, "tau: expected float"),
-    ({"epochs": 1.5}, "epochs: expected int"),
-    ({"fused_attn": 1}, "fused_attn: expected bool"),
+    ({"tau": "warm"}, "tau='warm': Input should be a valid number"),
+    ({"epochs": 1.5}, "epochs=1.5: Input should be a valid integer"),
+    ({"fused_attn": 1}, "fused_attn=1: Input should be a valid boolean"),
+    ({"max_steps": True}, "max_steps=True: expected int, not a boolean"),
+    ({"betas": [0.9]}, r"betas=\[0.9\]: List should have at least 2 items"),
+    ({"betas": [0.9, 1.0]}, r"betas\[1\]=1.0: Input should be less than 1"),
+    ({"method": "byol"}, "method='byol': Input should be 'graft', 'moco', 'mae'"),
+    ({"method": "mae", "anchor_weight": 1e-5}, "anchor_weight=1e-05 pulls towards MIM weights"),
+    ({"method": "cl2mim", "frozen_stages": 1}, "init=None must name the weights"),
+    ({"method": "mim2cl_frozen", "init": "x.pth"}, "frozen_stages=0 must be positive"),
+    ({"frozen_stages": 3}, "frozen_stages=3 must be below num_stages=3"),
     ({"stage_blrs": [1e-4, 1e-3]}, "stage_blrs=.* has 2 values but num_stages=3"),
-    ({"max_steps": 0}, "max_steps=0 must be positive"),
-    ({"max_corrupt_run": 0}, "max_corrupt_run=0 must be positive"),
-    ({"max_steps": -1}, "max_steps=-1 must be positive"),
-    ({"anchor_blocks": -2}, "anchor_blocks=-2 must not be negative"),
+    ({"max_steps": 0}, "max_steps=0: Input should be greater than 0"),
+    ({"max_corrupt_run": 0}, "max_corrupt_run=0: Input should be greater than 0"),
+    ({"max_steps": -1}, "max_steps=-1: Input should be greater than 0"),
+    ({"anchor_blocks": -2}, "anchor_blocks=-2: Input should be greater than or equal to 0"),
     ({"warmup_epochs": 50, "epochs": 10}, "warmup_epochs=50 exceeds epochs=10"),
     ({"data": {"a.tar": None, "b.tar": None}}, "got the YAML mapping .* quote brace patterns"),
-    ({"anchor_norm": "l3"}, "anchor_norm='l3' must be l1 or l2"),
+    ({"anchor_norm": "l3"}, "anchor_norm='l3': Input should be 'l1' or 'l2'"),
     ({"data": ["x.tar"]}, "samples_per_epoch=None must be given with data="),
     ({"resume": "/no/such/ckpt"}, "resume='/no/such/ckpt' must be 'auto' or an existing"),
 ])
@@ -59,7 +85,7 @@ def test_bad_config_is_refused_with_the_key(values, message):
 def test_bad_override_and_missing_recipe():
     with pytest.raises(ValueError, match="not of the form key=value"):
         parse_overrides(["tau"])
-    with pytest.raises(FileNotFoundError, match="bundled: digits_demo"):
+    with pytest.raises(FileNotFoundError, match="bundled: .*digits_demo"):
         load_config("no_such_recipe", [])
 
 
