@@ -62,6 +62,42 @@ def all_reduce_sum_with_grad(x: torch.Tensor) -> torch.Tensor:
     return _AllReduceSum.apply(x)
 
 
+class _AllGatherWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        out = [torch.empty_like(x) for _ in range(get_world_size())]
+        dist.all_gather(out, x)
+        return torch.cat(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone(memory_format=torch.contiguous_format)  # all_reduce works in place
+        dist.all_reduce(grad)
+        n = grad.shape[0] // get_world_size()
+        return grad[get_rank() * n:(get_rank() + 1) * n]
+
+
+def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` [N, ...] from every rank along dim 0 -> [world * N, ...], with gradient.
+
+    Every rank must pass the same shape. Rows ``r*N:(r+1)*N`` of the result are rank r's ``x``.
+    The backward pass sums the incoming gradient [world * N, ...] over ranks and returns this
+    rank's rows [N, ...] (VICReg's FullGatherLayer). Identity on a world of one process.
+
+    Why the sum is right: the losses that use it (VICReg's variance and covariance terms) are
+    computed identically on every rank from the gathered batch, so each rank holds a copy of the
+    same loss L(x_0, ..., x_{W-1}). Rank r's own backward pass yields dL/dx_s for every rank s,
+    but autograd can only deliver it to x_r; summing over ranks hands rank r the contributions of
+    all W copies, W * dL/dx_r. DeepSpeed (like DDP) then averages parameter gradients over the W
+    ranks: (1/W) * sum_r W * dL/dx_r * dx_r/dtheta = dL/dtheta, the gradient one process would
+    get from L on the whole batch. (A term averaged over the local batch alone needs no gather:
+    the engine's mean over ranks already makes it the global-batch mean.)
+    """
+    if get_world_size() == 1:
+        return x
+    return _AllGatherWithGrad.apply(x.contiguous())
+
+
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     """In-place sum over ranks without autograd; returns ``x``."""
     if get_world_size() > 1:

@@ -1,8 +1,11 @@
-"""Cross-rank BatchNorm on 2 ranks against BatchNorm1d over the concatenated batch."""
+"""Cross-rank BatchNorm and the VICReg expander on 2 ranks against BatchNorm1d over the
+concatenated batch; head layouts."""
 import pytest
 import torch
 
 import jobs
+import vicreg_jobs
+from lgp_ds.models.heads import CrossRankBatchNorm1d, build_expander, build_mlp
 from multirank import run_ranks
 
 
@@ -47,3 +50,87 @@ def test_cross_rank_batchnorm_equals_batchnorm_over_the_global_batch(mean_over_s
     for r in out:  # both ranks keep the running statistics of the global batch
         assert torch.allclose(r["running_mean"].double(), ref.running_mean, rtol=1e-6, atol=1e-6)
         assert torch.allclose(r["running_var"].double(), ref.running_var, rtol=1e-4, atol=1e-6)
+
+
+# ---- VICReg expander ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cross_rank_bn", [True, False])
+@pytest.mark.parametrize("num_layers", [1, 2, 3])
+def test_expander_layers_as_official_vicreg(num_layers, cross_rank_bn):
+    expander = build_expander(6, 10, 8, num_layers=num_layers, cross_rank_bn=cross_rank_bn)
+    bn = CrossRankBatchNorm1d if cross_rank_bn else torch.nn.BatchNorm1d
+    want = [torch.nn.Linear, bn, torch.nn.ReLU] * (num_layers - 1) + [torch.nn.Linear]
+    assert [type(m) for m in expander] == want
+    linears = [m for m in expander if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == \
+        list(zip([6] + [10] * (num_layers - 1), [10] * (num_layers - 1) + [8]))
+    assert [m.bias is not None for m in linears] == [True] * (num_layers - 1) + [False]
+    assert all(m.affine for m in expander if isinstance(m, torch.nn.BatchNorm1d))
+    assert expander(torch.randn(5, 6)).shape == (5, 8)
+
+
+def test_expander_refuses_zero_layers():
+    with pytest.raises(ValueError, match="num_layers"):
+        build_expander(6, 10, 8, num_layers=0)
+
+
+def test_mlp_state_dict_keys_unchanged():
+    """build_mlp shares its hidden layers with build_expander; checkpoints rely on these keys."""
+    bn = ["weight", "bias", "running_mean", "running_var", "num_batches_tracked"]
+    want = (["0.weight"] + [f"1.{k}" for k in bn] + ["3.weight"] + [f"4.{k}" for k in bn]
+            + ["6.weight"] + [f"7.{k}" for k in bn[2:]])
+    mlp = build_mlp(3, 6, 10, 8)
+    assert list(mlp.state_dict()) == want
+    assert all(m.bias is None for m in mlp if isinstance(m, torch.nn.Linear))
+
+
+def _official_expander(dims):
+    """facebookresearch/vicreg's Projector with plain BatchNorm1d, written out."""
+    i, h, o = dims
+    return torch.nn.Sequential(
+        torch.nn.Linear(i, h), torch.nn.BatchNorm1d(h), torch.nn.ReLU(True),
+        torch.nn.Linear(h, h), torch.nn.BatchNorm1d(h), torch.nn.ReLU(True),
+        torch.nn.Linear(h, o, bias=False))
+
+
+def _run_reference(dims, state, x, grad_out, dtype):
+    """The official expander with ``state`` in ``dtype`` over the whole batch: output, parameter
+    gradients of sum(output * grad_out), and the smallest |ReLU input|."""
+    model = _official_expander(dims)
+    model.load_state_dict(state)
+    model = model.to(dtype)
+    pre_relu = []
+    hooks = [m.register_forward_pre_hook(lambda m, i: pre_relu.append(i[0].detach().clone()))
+             for m in model if isinstance(m, torch.nn.ReLU)]
+    y = model(x.to(dtype))
+    y.backward(grad_out.to(dtype))
+    for hk in hooks:
+        hk.remove()
+    return ({"y": y.detach().double(),
+             **{n: p.grad.double() for n, p in model.named_parameters()}},
+            min(u.abs().min().item() for u in pre_relu))
+
+
+def test_cross_rank_expander_equals_batchnorm_over_the_global_batch():
+    g = torch.Generator().manual_seed(0)
+    dims = (6, 10, 8)
+    x = torch.randn(16, 6, generator=g) * 2 + 1
+    x[:8] += 3 * torch.randn(6, generator=g)  # the ranks' halves differ: local BN would be wrong
+    grad_out = torch.randn(16, 8, generator=g)
+    torch.manual_seed(0)
+    official = _official_expander(dims)
+    state = {k: v.clone() for k, v in official.state_dict().items()}
+    # the cross-rank expander loads the official layout's state dict (same keys)
+    out = run_ranks(vicreg_jobs.expander_job, x, grad_out, dims, state)
+    got = {"y": torch.cat([r["y"] for r in out]), **out[0]["grads"]}
+
+    # Exact answer: float64; "fp32 precision" is what the plain fp32 model achieves against it.
+    exact, margin = _run_reference(dims, state, x, grad_out, torch.float64)
+    assert margin > 1e-4  # no ReLU input near 0, where rounding would flip a unit's gradient
+    fp32, _ = _run_reference(dims, state, x, grad_out, torch.float32)
+    assert set(got) == set(exact)
+    for k in exact:
+        floor = (fp32[k] - exact[k]).abs().max().item()
+        err = (got[k].double() - exact[k]).abs().max().item()
+        # + 1e-6: the hidden biases' gradients are exactly 0 (BN removes them), rounding ~1e-7
+        assert err <= 2 * floor + 1e-6, (k, err, floor)

@@ -1,4 +1,4 @@
-"""MoCo v3 projector and predictor heads with BatchNorm synchronised across ranks.
+"""MoCo v3 projector/predictor and VICReg expander heads, BatchNorm synchronised across ranks.
 
 torch.nn.SyncBatchNorm only runs on CUDA tensors; :class:`CrossRankBatchNorm1d` sums the batch
 statistics with a differentiable all-reduce that works on gloo (CPU) and NCCL alike.
@@ -40,6 +40,16 @@ class CrossRankBatchNorm1d(nn.BatchNorm1d):
         return y.to(x.dtype)
 
 
+def _hidden_layers(num_layers: int, in_dim: int, hidden_dim: int, bn: type,
+                   bias: bool) -> tuple[list[nn.Module], int]:
+    """(Linear -> BN -> ReLU) x (num_layers-1) and the width they end at (in_dim if none)."""
+    layers, d_in = [], in_dim
+    for _ in range(num_layers - 1):
+        layers += [nn.Linear(d_in, hidden_dim, bias=bias), bn(hidden_dim), nn.ReLU(inplace=True)]
+        d_in = hidden_dim
+    return layers, d_in
+
+
 def build_mlp(num_layers: int, in_dim: int, hidden_dim: int, out_dim: int,
               cross_rank_bn: bool = True) -> nn.Sequential:
     """MoCo v3 MLP: (Linear(bias=False) -> BN -> ReLU) x (num_layers-1), Linear -> BN(affine=False).
@@ -47,13 +57,24 @@ def build_mlp(num_layers: int, in_dim: int, hidden_dim: int, out_dim: int,
     Input [N, in_dim] -> output [N, out_dim].
     """
     bn = CrossRankBatchNorm1d if cross_rank_bn else nn.BatchNorm1d
-    layers = []
-    for i in range(num_layers):
-        d_in = in_dim if i == 0 else hidden_dim
-        d_out = out_dim if i == num_layers - 1 else hidden_dim
-        layers.append(nn.Linear(d_in, d_out, bias=False))
-        if i < num_layers - 1:
-            layers += [bn(d_out), nn.ReLU(inplace=True)]
-        else:
-            layers.append(bn(d_out, affine=False))
+    layers, d_in = _hidden_layers(num_layers, in_dim, hidden_dim, bn, bias=False)
+    if num_layers > 0:
+        layers += [nn.Linear(d_in, out_dim, bias=False), bn(out_dim, affine=False)]
+    return nn.Sequential(*layers)
+
+
+def build_expander(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 3,
+                   cross_rank_bn: bool = True) -> nn.Sequential:
+    """VICReg's projector ("expander"): (Linear -> BN -> ReLU) x (num_layers-1), Linear(bias=False).
+
+    As facebookresearch/vicreg's Projector: hidden Linears carry a bias, the last Linear has
+    none and no BN follows it (VICReg's loss acts on the raw output). BN is
+    :class:`CrossRankBatchNorm1d` (global-batch statistics) or, with ``cross_rank_bn=False``,
+    nn.BatchNorm1d. Input [N, in_dim] -> output [N, out_dim].
+    """
+    if num_layers < 1:
+        raise ValueError(f"build_expander needs num_layers >= 1, got {num_layers}")
+    bn = CrossRankBatchNorm1d if cross_rank_bn else nn.BatchNorm1d
+    layers, d_in = _hidden_layers(num_layers, in_dim, hidden_dim, bn, bias=True)
+    layers.append(nn.Linear(d_in, out_dim, bias=False))
     return nn.Sequential(*layers)
