@@ -2,7 +2,7 @@
 
 fp16 with DeepSpeed's loss scaler and FusedAdam under ZeRO 2 (an overflow step is skipped,
 counted, and leaves the momentum encoder alone), bf16 under ZeRO 3, the MIM anchor under fp16
-ZeRO 2 (fp32 gradient accumulation), and SDPA (flash) attention against the explicit softmax on
+ZeRO 2 (fp32 gradient accumulation), every method that needs no init= under fp16 ZeRO 2, and SDPA (flash) attention against the explicit softmax on
 the GPU. Prints one line per check; exits non-zero on failure.
 """
 import os
@@ -18,7 +18,8 @@ import deepspeed  # noqa: E402
 
 import jobs  # noqa: E402
 from lgp_ds.config import resolve_ds_config  # noqa: E402
-from lgp_ds.engine.trainer import GraftTrainer  # noqa: E402
+from lgp_ds.engine.trainer import Trainer  # noqa: E402
+from lgp_ds.methods import build_method  # noqa: E402
 from lgp_ds.models.vit import create_vit  # noqa: E402
 
 
@@ -28,7 +29,7 @@ def trainer(out, stage, precision, **overrides):
           "steps_per_print": 10 ** 9}
     if precision == "fp16":  # a 2^32 loss scale overflows fp16 gradients: the first step is skipped
         ds["fp16"].update(initial_scale_power=32, hysteresis=1)
-    return GraftTrainer(cfg, resolve_ds_config(ds, cfg, 1))
+    return Trainer(cfg, resolve_ds_config(ds, cfg, 1), build_method(cfg))
 
 
 def check_fp16_fused_adam(out):
@@ -71,7 +72,7 @@ def check_anchor(out, precision="fp16"):
                            warmup_epochs=0, init=mim, anchor_weight=1e-4, anchor_blocks=2)
     ds = jobs.shipped_ds_config(cfg, f"zero2_{precision}.json")
     assert ds["data_types"] == {"grad_accum_dtype": "fp32"}, ds.get("data_types")
-    t = GraftTrainer(cfg, ds)
+    t = Trainer(cfg, ds, build_method(cfg))
     anchors = []
     for step in range(12):  # the first steps may overflow at the initial loss scale
         x1, x2 = jobs.global_batch(step, cfg)
@@ -79,6 +80,26 @@ def check_anchor(out, precision="fp16"):
     assert anchors[0] == 0.0 and t.applied_steps() > 1 and anchors[-1] > 0, anchors
     print(f"{precision} zero2 anchor: fp32 gradient accumulation, anchor {anchors[0]} -> "
           f"{anchors[-1]:.3g} over {t.applied_steps()} applied steps", flush=True)
+
+
+def check_methods_fp16(out):
+    """Every method that starts without init= trains under fp16 ZeRO 2: once the loss scale has
+    settled, applied steps give finite losses."""
+    from PIL import Image
+    for method in ("mae", "moco", "mtl", "graft_vicreg"):
+        keys = {"frozen_patch_embed": False, "decoder_embed_dim": 16, "decoder_depth": 1,
+                "decoder_num_heads": 2} if method in ("mae", "mtl") else {}
+        t = trainer(os.path.join(out, f"fp16_{method}"), 2, "fp16", method=method,
+                    warmup_epochs=0, num_stages=1, stage_blrs=[1e-3], **keys)
+        views = len(t.method.transform()(Image.new("RGB", (16, 16))))
+        losses = []
+        for step in range(40):
+            x = jobs.global_batch(step, t.cfg)[0]
+            losses.append(t.train_step(*[x] * views)["loss"].item())
+        applied = t.applied_steps()
+        assert applied > 0 and all(torch.isfinite(torch.tensor(losses[-5:]))), (method, losses)
+        print(f"fp16 zero2 {method}: {applied} applied steps, last loss {losses[-1]:.4f}",
+              flush=True)
 
 
 def check_flash_attention():
@@ -99,4 +120,5 @@ if __name__ == "__main__":
     check_fp16_fused_adam(sys.argv[1])
     check_bf16_zero3(sys.argv[1])
     check_anchor(sys.argv[1])
+    check_methods_fp16(sys.argv[1])
     check_flash_attention()

@@ -14,7 +14,8 @@ from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
 from lgp_ds import dist
 from lgp_ds.config import build_config, resolve_ds_config
 from lgp_ds.engine import checkpoint
-from lgp_ds.engine.trainer import GraftTrainer
+from lgp_ds.engine.trainer import Trainer
+from lgp_ds.methods import build_method
 from lgp_ds.objectives import moco_loss
 
 TINY = dict(arch="vit_tiny_patch16_224", img_size=16, patch_size=8, embed_dim=32, depth=3,
@@ -40,10 +41,10 @@ def ds_config(cfg, stage: int, bf16: bool, option: str = "") -> dict:
     return resolve_ds_config(ds, cfg, dist.get_world_size())
 
 
-def build_trainer(stage: int, bf16: bool, option: str = "", **overrides) -> GraftTrainer:
-    """GraftTrainer for the tiny config with ``overrides`` under (stage, bf16, option)."""
+def build_trainer(stage: int, bf16: bool, option: str = "", **overrides) -> Trainer:
+    """Trainer for the tiny config with ``overrides`` under (stage, bf16, option)."""
     cfg = tiny_config(**OPTIONS[option][0], **overrides)
-    return GraftTrainer(cfg, ds_config(cfg, stage, bf16, option))
+    return Trainer(cfg, ds_config(cfg, stage, bf16, option), build_method(cfg))
 
 
 def global_batch(seed: int, cfg) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,7 +108,7 @@ def anchor_job(cases, mim_path, out_dir):
     for stage, norm, *bf16 in cases:
         cfg = tiny_config(output_dir=os.path.join(out_dir, f"{stage}{norm}{bf16}"), init=mim_path,
                           anchor_weight=0.5, anchor_norm=norm, anchor_blocks=2, warmup_epochs=0)
-        trainer = GraftTrainer(cfg, ds_config(cfg, stage, bool(bf16)))
+        trainer = Trainer(cfg, ds_config(cfg, stage, bool(bf16)), build_method(cfg))
         x1, x2 = global_batch(0, cfg)
         trainer.train_step(local(x1), local(x2))
         weights = full_master_weights(trainer.engine)
@@ -141,7 +142,7 @@ def resume_job(stage, bf16, data, out_dir):
     def run(name, max_steps, resume=None):
         cfg = tiny_config(output_dir=os.path.join(out_dir, name), max_steps=max_steps,
                           resume=resume, **common)
-        trainer = GraftTrainer(cfg, ds_config(cfg, stage, bf16))
+        trainer = Trainer(cfg, ds_config(cfg, stage, bf16), build_method(cfg))
         trainer.fit()
         return trainer
 
@@ -167,7 +168,7 @@ def resume_choice_job(out_dir, drop_rank1_shard):
     Returns (step resumed at, None) or (None, the error message)."""
     shared = os.path.join(out_dir, "rank0")
     cfg = tiny_config(output_dir=shared, max_steps=4, save_every=2)
-    GraftTrainer(cfg, ds_config(cfg, 2, False)).fit()
+    Trainer(cfg, ds_config(cfg, 2, False), build_method(cfg)).fit()
     if dist.is_main():
         stale = os.path.join(out_dir, "rank1", "checkpoints")
         os.makedirs(stale)
@@ -182,7 +183,7 @@ def resume_choice_job(out_dir, drop_rank1_shard):
     mine = os.path.join(out_dir, f"rank{dist.get_rank()}")
     cfg = tiny_config(output_dir=mine, max_steps=5, save_every=2, resume="auto")
     try:
-        return GraftTrainer(cfg, ds_config(cfg, 2, False)).step, None
+        return Trainer(cfg, ds_config(cfg, 2, False), build_method(cfg)).step, None
     except ValueError as e:
         return None, str(e)
 
@@ -251,8 +252,8 @@ def anchor_precision_job(stage, anchor_weight, persistence, mim_path, out_dir):
     zero = shipped_ds_config(cfg, name)["zero_optimization"]
     zero.update(stage=stage, **({} if persistence is None else
                                 {"stage3_param_persistence_threshold": persistence}))
-    trainer = GraftTrainer(cfg, shipped_ds_config(cfg, name, gradient_accumulation_steps=2,
-                                                  zero_optimization=zero))
+    trainer = Trainer(cfg, shipped_ds_config(cfg, name, gradient_accumulation_steps=2,
+                                             zero_optimization=zero), build_method(cfg))
     engine = trainer.engine
     out = {"masters": full_master_weights(engine), "momentum": trainer.momentum.state_dict(),
            "optimizer": type(engine.optimizer).__name__}

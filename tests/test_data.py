@@ -10,13 +10,14 @@ from lgp_ds.config import Config
 from lgp_ds.data.builtin import digits_shards
 from lgp_ds.data.pipeline import TrainData
 from lgp_ds.data.shards import expand_shards, train_batches
-from lgp_ds.data.transforms import TwoViews
+from lgp_ds.data.transforms import Views, moco_view_transforms
 from tarfiles import make_shards, png, write_garbage
 
 
 def batches(urls, steps, rank=0, world=1, workers=0, batch=8, buffer=1, epoch=0, **kw):
-    return list(train_batches(urls, TwoViews(16, 0.5), batch, steps, rank, world, workers,
-                              seed=0, epoch=epoch, shuffle_buffer=buffer, **kw))
+    views = Views(*moco_view_transforms(16, 0.5))
+    return list(train_batches(urls, views, batch, steps, rank, world, workers, seed=0, epoch=epoch,
+                              shuffle_buffer=buffer, **kw))
 
 
 def test_patterns_expand_and_missing_shards_are_named(tmp_path):
@@ -64,9 +65,9 @@ def test_too_few_shards_fail_when_train_data_is_built(tmp_path):
                  img_size=16)
     with pytest.raises(ValueError, match=r"1 shard\(s\) \(.*s-00.tar\) cannot give each of "
                                          r"1 rank\(s\) x 2 worker\(s\)"):
-        TrainData(cfg, batch_per_rank=4)
+        TrainData(cfg, batch_per_rank=4, transform=None)
     cfg.num_workers = 1
-    assert TrainData(cfg, batch_per_rank=4).urls == [str(tmp_path / "s-00.tar")]
+    assert TrainData(cfg, batch_per_rank=4, transform=None).urls == [str(tmp_path / "s-00.tar")]
 
 
 def test_reader_whose_shards_all_fail_stops_naming_them(tmp_path):
@@ -162,5 +163,5 @@ def test_embedded_digits_shards(tmp_path):
 
 def test_embedded_set_has_a_shard_for_every_reader(tmp_path, monkeypatch):
     monkeypatch.setenv("LGP_DS_CACHE", str(tmp_path))
-    data = TrainData(Config(img_size=16, num_workers=12), batch_per_rank=8)
+    data = TrainData(Config(img_size=16, num_workers=12), batch_per_rank=8, transform=None)
     assert len(data.urls) == 12  # 8 shards would leave 4 of the 12 workers without one

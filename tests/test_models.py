@@ -1,12 +1,13 @@
-"""The ViT factory switches and loading MIM weights (MAE/timm layouts) into the graft model."""
+"""The ViT factory switches and loading init= weights (MAE/timm layouts) into the graft model."""
 import argparse
 
 import pytest
 import torch
 
 import jobs
-from lgp_ds.models.moco import build_graft_model, load_mim_weights, read_mim_state_dict
-from lgp_ds.models.vit import create_vit
+from lgp_ds.engine.trainer import read_init
+from lgp_ds.models.moco import build_graft_model
+from lgp_ds.models.vit import create_vit, load_weights
 
 
 def _mae_checkpoint(cfg) -> dict:
@@ -28,7 +29,7 @@ def test_mae_checkpoint_loads_into_base_encoder(tmp_path, wrap):
     torch.save({"model": state} if wrap else state, tmp_path / "mae.pth")
     model = build_graft_model(cfg, cross_rank_bn=False)
     head_before = model.base_encoder.head[0].weight.clone()
-    load_mim_weights(model.base_encoder, read_mim_state_dict(str(tmp_path / "mae.pth")), "mae.pth")
+    load_weights(model.base_encoder, read_init(str(tmp_path / "mae.pth")).encoder(), "mae.pth")
     for k, v in model.base_encoder.state_dict().items():
         if not k.startswith("head."):
             assert torch.equal(v, state[k]), k
@@ -40,24 +41,24 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
     wider = _mae_checkpoint(jobs.tiny_config(embed_dim=64))
     model = build_graft_model(cfg, cross_rank_bn=False)
     with pytest.raises(ValueError, match=r"shape mismatch \['cls_token \(1, 1, 64\) != \(1, 1, 32\)"):
-        load_mim_weights(model.base_encoder, wider, "wide.pth")
+        load_weights(model.base_encoder, wider, "wide.pth")
     deeper = _mae_checkpoint(jobs.tiny_config(depth=4))
     with pytest.raises(ValueError, match=r"unexpected keys \['blocks.3.norm1.weight'"):
-        load_mim_weights(model.base_encoder, deeper, "deep.pth")
+        load_weights(model.base_encoder, deeper, "deep.pth")
     partial = {k: v for k, v in _mae_checkpoint(cfg).items() if not k.startswith("blocks.1.")}
     with pytest.raises(ValueError, match=r"missing keys \['blocks.1.norm1.weight'"):
-        load_mim_weights(model.base_encoder, partial, "partial.pth")
+        load_weights(model.base_encoder, partial, "partial.pth")
 
 
 def test_non_tensor_pickles_are_not_executed(tmp_path):
     torch.save({"model": {"w": torch.zeros(1)}, "extra": object()}, tmp_path / "evil.pth")
     with pytest.raises(ValueError, match=r"^init=.*evil\.pth: refused to load: .*'object'"):
-        read_mim_state_dict(str(tmp_path / "evil.pth"))
+        read_init(str(tmp_path / "evil.pth"))
     torch.save({"model": {"w": torch.zeros(1)}, "hook": print}, tmp_path / "code.pth")
     with pytest.raises(ValueError, match=r"^init=.*code\.pth: refused to load: .*'print'"):
-        read_mim_state_dict(str(tmp_path / "code.pth"))
+        read_init(str(tmp_path / "code.pth"))
     with pytest.raises(FileNotFoundError, match="no such file"):
-        read_mim_state_dict(str(tmp_path / "missing.pth"))
+        read_init(str(tmp_path / "missing.pth"))
 
 
 def test_mae_training_checkpoint_with_args_loads(tmp_path):
@@ -68,7 +69,7 @@ def test_mae_training_checkpoint_with_args_loads(tmp_path):
                               norm_pix_loss=True, blr=1.5e-4, lr=None, output_dir="./out")
     torch.save({"model": state, "optimizer": {"state": {}, "param_groups": []}, "epoch": 799,
                 "scaler": {"scale": 65536.0}, "args": args}, tmp_path / "checkpoint-799.pth")
-    got = read_mim_state_dict(str(tmp_path / "checkpoint-799.pth"))
+    got = read_init(str(tmp_path / "checkpoint-799.pth")).encoder()
     want = {k: v for k, v in state.items() if not k.startswith(("decoder_", "mask_token"))}
     assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
 

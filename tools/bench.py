@@ -1,16 +1,17 @@
-"""Throughput of the grafting step (and of the input pipeline) with the real trainer.
+"""Throughput of a method's training step (and of the input pipeline) with the real trainer.
 
     deepspeed --num_gpus N tools/bench.py --deepspeed_config ds_configs/zero2_bf16.json \
         [--config RECIPE] [--steps 20] [--warmup 5] [--peak_tflops 989] [--data_only] [key=value ...]
 
 The step benchmark feeds synthetic images already on the device, so it measures model,
 optimizer, momentum encoder, MIM anchor and communication; ``--data_only`` measures the
-WebDataset pipeline (decode + two MoCo views) of this rank alone. Recipes run as shipped: one with
-the MIM anchor but no ``init=`` takes the model's own initial weights as its MIM weights (the
-anchor costs the same whatever they are). Each run writes into a fresh temporary folder, removed
-at the end. FLOPs come from fvcore's counter on the encoder and projector: one image costs 3
-forward passes (forward + backward) of the base encoder on each of two views plus one forward of
-the momentum encoder on each view.
+WebDataset pipeline (decode + the method's views) of this rank alone. Recipes run as shipped:
+one with the MIM anchor but no ``init=`` takes the model's own initial weights as its MIM weights
+(the anchor costs the same whatever they are), and a method that needs ``init=`` without one gets
+the same stand-in. Each run writes into a fresh temporary folder, removed at the end. FLOPs come
+from fvcore's counter on the method's model: one image costs 3 forward passes (forward +
+backward) of the model on its views plus, with a momentum encoder, one forward of it on each
+contrastive view.
 """
 import argparse
 import os
@@ -22,48 +23,67 @@ import deepspeed
 import torch
 from deepspeed.accelerator import get_accelerator
 from fvcore.nn import FlopCountAnalysis
+from PIL import Image
+from timm.models.vision_transformer import Attention
 
 from lgp_ds import dist
 from lgp_ds.cli import errors_as_one_line
-from lgp_ds.config import load_run_config
+from lgp_ds.config import GRAFTED_METHODS, load_run_config
 from lgp_ds.data.shards import DataError
-from lgp_ds.engine.trainer import GraftTrainer
-from lgp_ds.models.moco import build_graft_model
+from lgp_ds.engine.trainer import Trainer
+from lgp_ds.methods import build_method
+from lgp_ds.models.vit import MAE_ONLY_PREFIXES
 
 
-def forward_flops(cfg) -> float:
-    """FLOPs of one forward pass of encoder + projector + predictor on one image."""
-    model = build_graft_model(cfg, cross_rank_bn=False).eval()
-    for blk in model.base_encoder.blocks:  # fvcore counts explicit matmuls, not fused SDPA
-        blk.attn.fused_attn = False
-    model.base_encoder.set_grad_checkpointing(False)
-    x = torch.zeros(2, 3, cfg.img_size, cfg.img_size)
-    counter = FlopCountAnalysis(model, (x, x)).unsupported_ops_warnings(False)
-    return 2 * counter.total() / 4  # fvcore counts multiply-adds; 2 images x 2 views
+def num_views(method, img_size: int) -> int:
+    """How many views the method makes of one image."""
+    return len(method.transform()(Image.new("RGB", (img_size, img_size))))
 
 
-def stand_in_mim_weights(cfg, folder: str) -> str:
+def flops_per_image(method, cfg) -> float:
+    """Training FLOPs of one image: 3 x forward of the method's model on its views, plus a
+    forward of the momentum encoder on each of the two contrastive views."""
+    torch.manual_seed(cfg.seed)
+    model = method.build_model().eval()  # eval: BatchNorm without cross-rank statistics
+    for m in model.modules():
+        if isinstance(m, Attention):  # fvcore counts explicit matmuls, not fused SDPA
+            m.fused_attn = False
+        if hasattr(m, "set_grad_checkpointing"):
+            m.set_grad_checkpointing(False)
+    views = tuple(torch.zeros(2, 3, cfg.img_size, cfg.img_size)
+                  for _ in range(num_views(method, cfg.img_size)))
+
+    def count(module, inputs) -> float:  # fvcore counts multiply-adds; per image
+        return 2 * FlopCountAnalysis(module, inputs).unsupported_ops_warnings(False).total() / 2
+
+    flops = 3 * count(model, views)
+    if method.momentum_encoder:
+        flops += 2 * count(model.base_encoder, views[0])
+    return flops
+
+
+def stand_in_init(method, cfg, folder: str) -> str:
     """Write the encoder's initial weights (what ``cfg.seed`` gives) as an MAE file; its path."""
     torch.manual_seed(cfg.seed)
-    encoder = build_graft_model(cfg, cross_rank_bn=False).base_encoder
-    path = os.path.join(folder, "mim_stand_in.pth")
+    encoder = method.encoder(method.build_model())
+    path = os.path.join(folder, "init_stand_in.pth")
     torch.save({"model": {k: v for k, v in encoder.state_dict().items()
-                          if not k.startswith("head.")}}, path)
+                          if not k.startswith(("head.",) + MAE_ONLY_PREFIXES)}}, path)
     return path
 
 
 def bench_step(trainer, steps: int, warmup: int) -> float:
     cfg, acc = trainer.cfg, get_accelerator()
     n = trainer.engine.train_micro_batch_size_per_gpu()
-    x1 = torch.randn(n, 3, cfg.img_size, cfg.img_size, device=trainer.device)
-    x2 = torch.randn_like(x1)
+    views = [torch.randn(n, 3, cfg.img_size, cfg.img_size, device=trainer.device)
+             for _ in range(num_views(trainer.method, cfg.img_size))]
     for _ in range(warmup):
-        trainer.train_step(x1, x2)
+        trainer.train_step(*views)
     acc.synchronize()
     dist.barrier()
     start = time.perf_counter()
     for _ in range(steps):
-        trainer.train_step(x1, x2)
+        trainer.train_step(*views)
     acc.synchronize()
     return (time.perf_counter() - start) / steps
 
@@ -85,10 +105,11 @@ def main() -> None:
     folder = tempfile.mkdtemp(prefix="lgp_ds_bench_")  # per rank: node-local /tmp is fine
     try:
         cfg.output_dir = os.path.join(folder, "run")
-        if cfg.anchor_weight > 0 and cfg.init is None:
-            cfg.init = stand_in_mim_weights(cfg, folder)
+        method = build_method(cfg)
+        if cfg.init is None and (cfg.anchor_weight > 0 or cfg.method in GRAFTED_METHODS):
+            cfg.init = stand_in_init(method, cfg, folder)
         with errors_as_one_line():
-            trainer = GraftTrainer(cfg, ds_config, with_data=args.data_only)
+            trainer = Trainer(cfg, ds_config, method, with_data=args.data_only)
         with errors_as_one_line((DataError,)):
             run(args, trainer)
     finally:
@@ -110,12 +131,12 @@ def run(args, trainer) -> None:
             pass
         rate = args.steps * n / (time.perf_counter() - start)
         dist.print_main(f"data: {rate:.1f} img/s per rank with {cfg.num_workers} workers "
-                        f"({cfg.img_size}px, two views) on {device}")
+                        f"({cfg.img_size}px, {cfg.method}'s views) on {device}")
         return
     seconds = bench_step(trainer, args.steps, args.warmup)
     img_s = world * n / seconds
-    tflops = 8 * forward_flops(cfg) * n / seconds / 1e12  # per device: 2 views x (3 + 1)
-    line = (f"{cfg.arch} {cfg.img_size}px batch {n}/rank x {world} rank(s) on {device}: "
+    tflops = flops_per_image(trainer.method, cfg) * n / seconds / 1e12  # per device
+    line = (f"{cfg.method} {cfg.arch} {cfg.img_size}px batch {n}/rank x {world} rank(s) on {device}: "
             f"{img_s:.1f} img/s, {seconds * 1e3:.1f} ms/step, {tflops:.2f} TFLOP/s per device")
     if args.peak_tflops:
         line += f", MFU {100 * tflops / args.peak_tflops:.1f}%"

@@ -29,7 +29,8 @@ import torch
 from timm.layers import resample_abs_pos_embed
 
 from lgp_ds import checkpoint_file
-from lgp_ds.models.moco import MAE_ONLY_PREFIXES, GraftModel
+from lgp_ds.models.moco import GraftModel
+from lgp_ds.models.vit import MAE_ONLY_PREFIXES
 
 from .deepspeed_ckpt import _read_lgp_ds
 from .timm_model import _VIT_KEYS, OFFICIAL_ARCHS, ModelSpec, _timm_defaults, model_spec
@@ -132,8 +133,9 @@ def read(path: str, fmt: str | None = None) -> Weights:
         sd = obj["model"] if isinstance(obj.get("model"), dict) else obj
         args = obj.get("args")  # MAE's training script saves its argparse.Namespace
         arch = arch or getattr(args, "model", None)
+        decoder = {k: v for k, v in sd.items() if k.startswith(MAE_ONLY_PREFIXES)}
         return Weights({k: v for k, v in sd.items() if not k.startswith(MAE_ONLY_PREFIXES)},
-                       arch=arch, num_heads=heads)
+                       arch=arch, num_heads=heads, decoder=decoder or None)
     return Weights(dict(obj), arch=arch, num_heads=heads)
 
 

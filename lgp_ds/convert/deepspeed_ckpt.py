@@ -3,8 +3,8 @@
 :func:`_read_lgp_ds` consolidates it to the exact fp32 master weights, whichever optimizer holds
 them: DeepSpeed's ZeRO 1-3 optimizers (through DeepSpeed's own zero_to_fp32), its BF16_Optimizer
 (ZeRO 1 + bf16 + fp32 gradient accumulation), or ZeRO 0's masters in the model-states file.
-Buffers come from the module copy, frozen parameters from the fp32 momentum encoder that lgp_ds
-saves next to them.
+Buffers come from the module copy, frozen parameters from the exact copies lgp_ds saves next to
+them (the fp32 momentum encoder, or the client state's ``frozen`` values).
 
 Before anything is consolidated, the tag folder must hold the files of every rank that wrote it
 (its completion marker records how many). Every file is read through
@@ -19,6 +19,8 @@ import re
 import torch
 
 from lgp_ds import checkpoint_file
+
+from lgp_ds.models.vit import MAE_ONLY_PREFIXES
 
 from .timm_model import _timm_defaults
 from .weights import Weights, _strip
@@ -48,8 +50,11 @@ def _model_states_file(folder: str) -> str | None:
 
 def _tag_folder(path: str) -> str:
     """The complete tag folder that ``path`` names: itself, or the newest in a checkpoints
-    folder (the rule ``resume=`` follows)."""
+    folder (the rule ``resume=`` follows) or in a run folder's ``checkpoints/``."""
     from lgp_ds.engine.checkpoint import find_checkpoint
+    from lgp_ds.engine.run_dir import CHECKPOINTS
+    if os.path.isdir(os.path.join(path, CHECKPOINTS)):  # a run's output_dir
+        path = os.path.join(path, CHECKPOINTS)
     return os.path.join(*find_checkpoint(path, save_dir=path))
 
 
@@ -81,21 +86,29 @@ def _check_rank_files(folder: str) -> None:
 
 
 def _read_lgp_ds(path: str) -> Weights:
-    """Exact fp32 weights of an lgp_ds checkpoint: masters, buffers, frozen params, momentum."""
+    """Exact fp32 weights of an lgp_ds checkpoint of any method: masters, buffers, frozen
+    parameters, momentum encoder, MAE decoder."""
     folder = _tag_folder(path)
     _check_rank_files(folder)
     states = _load_ds_file(_model_states_file(folder))
-    if "momentum" not in states or "config" not in states:
+    if "config" not in states or "group_params" not in states:
         raise ValueError(f"{folder}: a DeepSpeed checkpoint, but not one written by lgp_ds (no "
-                         f"momentum encoder or config in it)")
+                         f"config in it)")
     masters, notes = _fp32_masters(folder, states)
     buffers = {n: states["module"][n] for n in states["buffer_names"]}
     model = {**{n: v.float() if v.is_floating_point() else v for n, v in buffers.items()},
-             **masters}
-    base = _with_frozen(_strip(model, "base_encoder."), states, folder)
+             **states.get("frozen", {}), **masters}
+    decoder = {k: v for k, v in model.items() if k.startswith(MAE_ONLY_PREFIXES)} or None
+    if any(k.startswith("base_encoder.") for k in model):  # MoCo, VICReg and MTL models
+        base = _strip(model, "base_encoder.")
+    else:  # an MAE model: official MAE keys, the encoder's at the top level
+        base = {k: v for k, v in model.items() if not k.startswith(MAE_ONLY_PREFIXES)}
+    if "momentum" in states:
+        base = _with_frozen(base, states, folder)
     cfg = states["config"]
     heads = cfg.get("num_heads") or _timm_defaults(cfg["arch"])["num_heads"]
-    return Weights(base, states["momentum"], _strip(model, "predictor."), cfg["arch"], heads, notes)
+    return Weights(base, states.get("momentum"), _strip(model, "predictor.") or None, cfg["arch"],
+                   heads, notes, decoder)
 
 
 def _fp32_masters(folder: str, states: dict) -> tuple[dict, list[str]]:

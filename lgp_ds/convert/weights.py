@@ -9,7 +9,8 @@ class Weights:
     """A MoCo/grafting model or a bare encoder, with timm ViT keys.
 
     ``base``: encoder (``head.*`` = MoCo projector when present); ``momentum`` and ``predictor``
-    where the source has them; ``arch``: the architecture name the source records (timm, MoCo v3
+    where the source has them; ``decoder``: an MAE model's decoder and mask token (official MAE
+    keys: ``decoder_*``, ``mask_token``) where the source has them; ``arch``: the architecture name the source records (timm, MoCo v3
     or MAE name); ``num_heads``: the head count where the source records it; ``notes``: what the
     user should know about how the weights were read.
     """
@@ -19,6 +20,7 @@ class Weights:
     arch: str | None = None
     num_heads: int | None = None
     notes: list[str] = field(default_factory=list)
+    decoder: dict[str, torch.Tensor] | None = None
 
     def encoder(self, which: str = "base") -> dict[str, torch.Tensor]:
         """The ViT without its projector: ``which`` is ``base`` or ``momentum``."""

@@ -5,7 +5,6 @@ from lgp_ds import dist
 
 from .builtin import NUM_SAMPLES, digits_shards
 from .shards import check_readers, expand_shards, train_batches
-from .transforms import TwoViews
 
 
 def samples_per_epoch(cfg) -> int:
@@ -15,13 +14,14 @@ def samples_per_epoch(cfg) -> int:
 
 
 class TrainData:
-    """Per-epoch iterators of two-view micro-batches [batch_per_rank, 3, H, W] for this rank.
+    """Per-epoch iterators of this rank's micro-batches: the views that ``transform`` makes of
+    each image, each [batch_per_rank, 3, H, W].
 
     Construction fails (FileNotFoundError, ValueError) on missing shards and on fewer shards than
     ranks x workers, before any engine is built.
     """
 
-    def __init__(self, cfg, batch_per_rank: int):
+    def __init__(self, cfg, batch_per_rank: int, transform):
         if cfg.data is None:
             # at least a shard for every reader (rank x worker) of this world
             shards = max(8, dist.get_world_size() * max(1, cfg.num_workers))
@@ -35,7 +35,7 @@ class TrainData:
         # Checked here, as the trainer builds the data before the engine, not when reading starts.
         check_readers(self.urls, dist.get_world_size(), cfg.num_workers)
         self.cfg, self.batch_per_rank = cfg, batch_per_rank
-        self.transform = TwoViews(cfg.img_size, cfg.crop_min)
+        self.transform = transform  # PIL image -> tuple of view tensors
 
     def batches(self, epoch: int, count: int, skip: int = 0):
         """The ``count`` micro-batches of ``epoch`` on this rank, without the first ``skip``.

@@ -1,8 +1,8 @@
-"""WebDataset shards -> fixed-size two-view batches, the same number on every rank.
+"""WebDataset shards -> fixed-size batches of augmented views, the same number on every rank.
 
 Flow (per rank): shard list, shuffled by the epoch's seed -> split by node -> split by worker (each
 reader, i.e. rank x DataLoader worker, keeps its shards for the epoch) -> the reader's shards in a
-new seeded order each pass, forever -> tar samples -> shuffle buffer -> decode + two views
+new seeded order each pass, forever -> tar samples -> shuffle buffer -> decode + the method's views
 (corrupt samples skipped and counted) -> batches of ``batch_per_rank``. Every rank takes exactly
 ``steps`` batches per epoch, so an uneven shard split never leaves a rank short of a batch (which
 would hang the next collective).
@@ -151,9 +151,10 @@ def _image_and_label(sample: dict):
     return _decode_image(key, sample[key]), int(label) if label.lstrip(b"-").isdigit() else -1
 
 
-def _decode_two_views(samples, transform, max_corrupt_run: int):
-    """Tar samples -> (view1 [3,H,W], view2 [3,H,W], label, skipped), label an int (-1: none) and
-    skipped the number of corrupt samples dropped just before this one.
+def _decode_views(samples, transform, max_corrupt_run: int):
+    """Tar samples -> (view_1 [3,H,W], ..., view_k, label, skipped): the views ``transform``
+    makes, label an int (-1: none) and skipped the number of corrupt samples dropped just before
+    this one.
 
     Isolated corrupt samples are skipped with a warning. ``max_corrupt_run`` in a row raise
     DataError naming their shards and the last one's problem: data this reader can never
@@ -163,7 +164,7 @@ def _decode_two_views(samples, transform, max_corrupt_run: int):
     for sample in samples:
         try:
             img, label = _image_and_label(sample)
-            v1, v2 = transform(img)
+            views = transform(img)
         except Exception as exn:  # a corrupt or incomplete sample: count it and go on
             key, url = sample.get("__key__"), sample.get("__url__")
             problem = (str(exn) if isinstance(exn, _NoImage)
@@ -176,7 +177,7 @@ def _decode_two_views(samples, transform, max_corrupt_run: int):
                     f"{max_corrupt_run}): the last, {key!r} in {url}, {problem}; shard(s) of "
                     f"the run: {_listed(list(dict.fromkeys(run)))}") from None
             continue
-        yield v1, v2, label, len(run)
+        yield *views, label, len(run)
         run = []
 
 
@@ -185,7 +186,7 @@ def train_batches(urls: list[str], transform, batch_per_rank: int, steps: int, r
                   shuffle_buffer: int = 5000, max_corrupt_run: int = 100):
     """Iterator over exactly ``steps`` batches of this rank for ``epoch``.
 
-    Each batch is (view1 [B,3,H,W], view2 [B,3,H,W], labels [B], skipped [B]) where
+    Each batch is (view_1 [B,3,H,W], ..., view_k, labels [B], skipped [B]) where
     ``skipped.sum()`` counts corrupt samples dropped while it was assembled. The order is a
     function of (seed, epoch, rank), so a resumed run sees the same batches. Raises ValueError
     when there are fewer shards than readers, DataError (see the module) on hopeless data.
@@ -196,7 +197,7 @@ def train_batches(urls: list[str], transform, batch_per_rank: int, steps: int, r
         lambda: _reader_samples(urls, rank, world_size, epoch_seed),
         wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 1000),
                     seed=epoch_seed * 1_000 + rank),
-        lambda src: _decode_two_views(src, transform, max_corrupt_run),
+        lambda src: _decode_views(src, transform, max_corrupt_run),
         wds.batched(batch_per_rank, partial=False),
     )
     generator = torch.Generator().manual_seed(epoch_seed * 1_000 + rank)

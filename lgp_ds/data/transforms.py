@@ -1,9 +1,13 @@
-"""Image transforms: MoCo v3's two asymmetric augmented views."""
+"""Image transforms: MoCo v3's two asymmetric augmented views and MAE's one light view."""
 import torch
 from torchvision import transforms as T
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _to_normalised_tensor() -> list:
+    return [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
 
 
 def moco_view_transforms(img_size: int = 224, crop_min: float = 0.08):
@@ -18,17 +22,24 @@ def moco_view_transforms(img_size: int = 224, crop_min: float = 0.08):
     common = [T.RandomResizedCrop(img_size, scale=(crop_min, 1.0)),
               T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
               T.RandomGrayscale(p=0.2)]
-    tail = [T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    tail = [T.RandomHorizontalFlip()] + _to_normalised_tensor()
     view1 = T.Compose(common + [T.RandomApply([blur], p=1.0)] + tail)
     view2 = T.Compose(common + [T.RandomApply([blur], p=0.1), T.RandomSolarize(128, p=0.2)] + tail)
     return view1, view2
 
 
-class TwoViews:
-    """PIL image -> (view1 [3,H,W], view2 [3,H,W])."""
+def mae_view_transform(img_size: int = 224, crop_min: float = 0.2):
+    """MAE's pre-training view: RandomResizedCrop (bicubic, scale (crop_min, 1)) and a flip."""
+    return T.Compose([T.RandomResizedCrop(img_size, scale=(crop_min, 1.0),
+                                          interpolation=T.InterpolationMode.BICUBIC),
+                      T.RandomHorizontalFlip()] + _to_normalised_tensor())
 
-    def __init__(self, img_size: int = 224, crop_min: float = 0.08):
-        self.view1, self.view2 = moco_view_transforms(img_size, crop_min)
 
-    def __call__(self, img) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.view1(img), self.view2(img)
+class Views:
+    """PIL image -> (view_1 [3,H,W], ..., view_k [3,H,W]), one per pipeline, in order."""
+
+    def __init__(self, *pipelines):
+        self.pipelines = pipelines
+
+    def __call__(self, img) -> tuple[torch.Tensor, ...]:
+        return tuple(p(img) for p in self.pipelines)

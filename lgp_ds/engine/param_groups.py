@@ -22,6 +22,27 @@ def stage_of(name: str, depth: int, num_stages: int, encoder_prefix: str = "base
     return min(layer - 1, depth - 1) // (depth // num_stages)
 
 
+def _check_equal_stages(depth: int, num_stages: int) -> None:
+    if depth % num_stages:
+        raise ValueError(f"num_stages={num_stages} does not divide the model depth {depth} "
+                         f"into equal stages")
+
+
+def freeze_lower_stages(model: nn.Module, depth: int, num_stages: int, frozen_stages: int,
+                        encoder_prefix: str = "base_encoder.") -> list[str]:
+    """Stop the gradient of every encoder parameter in the lowest ``frozen_stages`` stages (the
+    embeddings with the first); return their names. They then join no param group, so the
+    optimizer, its weight decay and the momentum EMA never touch them."""
+    _check_equal_stages(depth, num_stages)
+    frozen = []
+    for name, p in model.named_parameters():
+        if (frozen_stages and name.startswith(encoder_prefix)
+                and stage_of(name, depth, num_stages, encoder_prefix) < frozen_stages):
+            p.requires_grad_(False)
+            frozen.append(name)
+    return frozen
+
+
 def build_param_groups(model: nn.Module, depth: int, stage_lrs, weight_decay: float,
                        encoder_prefix: str = "base_encoder.") -> list[dict]:
     """Param groups named ``stage{s}`` / ``stage{s}_no_wd`` (s from 1) with lr = ``stage_lrs[s-1]``.
@@ -29,9 +50,7 @@ def build_param_groups(model: nn.Module, depth: int, stage_lrs, weight_decay: fl
     ``stage_lrs`` are absolute learning rates (already scaled by the batch size). Empty groups are
     left out.
     """
-    if depth % len(stage_lrs):
-        raise ValueError(f"num_stages={len(stage_lrs)} does not divide the model depth {depth} "
-                         f"into equal stages")
+    _check_equal_stages(depth, len(stage_lrs))
     groups: dict[str, dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:

@@ -1,11 +1,15 @@
-"""The grafting step's training loop on a DeepSpeed engine.
+"""The one training loop of every pre-training method, on a DeepSpeed engine.
 
 One iteration (per micro-batch of this rank):
-    views x1, x2 [B,3,H,W] -> engine(x1, x2) -> q1, q2 [B,dim]     (base encoder + predictor)
-    momentum(x1), momentum(x2) -> k1, k2 [B,dim]                   (fp32 EMA encoder, no grad)
-    loss = ctr(q1, k2) + ctr(q2, k1) with keys all-gathered        -> engine.backward(loss)
+    views [B,3,H,W] x k -> method.loss(engine, views, momentum)    (forward + loss; MoCo: base
+                                                                     and momentum encoders,
+                                                                     keys all-gathered)
+    -> engine.backward(loss)
     at the accumulation boundary: anchor gradient on the master weights -> engine.step()
-    if DeepSpeed applied the step: momentum EMA from the master weights
+    if DeepSpeed applied the step: momentum EMA from the master weights (methods that have one)
+
+What differs between methods (model, views, loss, which shared components are on) is the
+:class:`lgp_ds.methods.Method` object; this file never names a method.
 """
 import math
 import os
@@ -17,18 +21,16 @@ import torch
 from deepspeed.accelerator import get_accelerator
 from torch.optim.lr_scheduler import LambdaLR
 
-from lgp_ds import dist
+from lgp_ds import convert, dist
 from lgp_ds.checkpoint_file import tensor_digest
 from lgp_ds.config import Config, precision, run_identity
 from lgp_ds.data.pipeline import TrainData, samples_per_epoch
-from lgp_ds.models.moco import build_graft_model, load_mim_weights, read_mim_state_dict
-from lgp_ds.objectives import moco_loss
 
 from . import checkpoint, run_dir
 from .anchor import MIMAnchor
 from .master import master_slices
 from .momentum import MomentumEncoder
-from .param_groups import build_param_groups
+from .param_groups import build_param_groups, freeze_lower_stages
 from .run_dir import MetricsLog
 from .schedules import lr_factor, momentum_at
 
@@ -42,42 +44,57 @@ def build_optimizer(cfg: Config, groups: list[dict]) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, betas=betas, fused=get_accelerator().device_name() == "cuda")
 
 
-class GraftTrainer:
-    """Builds model, engine, momentum encoder, anchor and data for ``cfg``; :meth:`fit` trains.
+def read_init(path: str) -> convert.Weights:
+    """The ``init=`` weights: an MAE, MoCo v3 or timm file, or an lgp_ds checkpoint folder (run
+    folder, ``checkpoints/`` or a tag: the newest complete checkpoint, consolidated to fp32)."""
+    try:
+        return convert.read(path)
+    except (ValueError, FileNotFoundError) as e:
+        raise type(e)(f"init={e}") from e
+
+
+class Trainer:
+    """Builds ``method``'s model, the engine, momentum encoder, anchor and data for ``cfg``;
+    :meth:`fit` trains.
 
     Everything that can be wrong with the input (data, init weights, the checkpoint to resume
     from) raises ValueError or FileNotFoundError here, on every rank alike, before training.
     ``with_data=False`` leaves out the data (for :meth:`train_step` on batches of one's own).
     """
 
-    def __init__(self, cfg: Config, ds_config: dict, with_data: bool = True):
+    def __init__(self, cfg: Config, ds_config: dict, method, with_data: bool = True):
         if cfg.anchor_weight > 0 and cfg.init is None:
             raise ValueError(f"config key anchor_weight={cfg.anchor_weight} needs init= (the MIM "
                              f"weights to stay close to)")
-        self.cfg = cfg
+        self.cfg, self.method = cfg, method
         self.device = get_accelerator().current_device_name()
         run_dir.prepare(cfg)
         self.metrics = MetricsLog(cfg.output_dir)
         torch.manual_seed(cfg.seed)  # same initial weights on every rank
-        model = build_graft_model(cfg)
-        self.depth = len(model.base_encoder.blocks)
+        model = method.build_model()
+        prefix = method.encoder_prefix
+        self.depth = len(method.encoder(model).blocks)
         anchor_blocks = cfg.anchor_blocks if cfg.anchor_blocks is not None else self.depth // 2
         if anchor_blocks > self.depth:
             raise ValueError(f"config key anchor_blocks={anchor_blocks} exceeds the model depth "
                              f"{self.depth}")
+        mim_state = None
+        if cfg.init:
+            weights = read_init(cfg.init)
+            method.load_init(model, weights)
+            mim_state = weights.encoder() if cfg.anchor_weight > 0 else None
+            del weights
+        freeze_lower_stages(model, self.depth, cfg.num_stages, cfg.frozen_stages, prefix)
         lrs = [blr * cfg.batch_size / 256 for blr in cfg.stage_blrs]
-        groups = build_param_groups(model, self.depth, lrs, cfg.weight_decay)
+        groups = build_param_groups(model, self.depth, lrs, cfg.weight_decay, prefix)
         name_of = {id(p): n for n, p in model.named_parameters()}
         # Parameter names in optimizer order: the ZeRO-0 fp32 master groups in a checkpoint are
         # flat lists in this order, with no names of their own.
         self.group_params = [[name_of[id(p)] for p in g["params"]] for g in groups]
         self.group_names = [g["name"] for g in groups]
-        mim_state = None
-        if cfg.init:
-            mim_state = read_mim_state_dict(cfg.init)
-            load_mim_weights(model.base_encoder, mim_state, cfg.init)
 
-        self.data = TrainData(cfg, ds_config["train_micro_batch_size_per_gpu"]) if with_data else None
+        self.data = (TrainData(cfg, ds_config["train_micro_batch_size_per_gpu"], method.transform())
+                     if with_data else None)
         self.steps_per_epoch = samples_per_epoch(cfg) // cfg.batch_size
         if self.steps_per_epoch == 0:
             raise ValueError(f"samples_per_epoch={samples_per_epoch(cfg)} is smaller than "
@@ -91,9 +108,17 @@ class GraftTrainer:
         # The momentum encoder is copied before DeepSpeed casts the model, so it holds the exact
         # fp32 weights; so does this copy, from which the masters are restored below (in fp32
         # the masters are the weights themselves).
-        self.momentum = MomentumEncoder(model.base_encoder, zero_stage, self.dtype)
+        self.momentum = (MomentumEncoder(model.base_encoder, zero_stage, self.dtype)
+                         if method.momentum_encoder else None)
         exact = {} if self.dtype == torch.float32 else {
             name_of[id(p)]: p.detach().clone() for g in groups for p in g["params"]}
+        # Frozen parameters have no fp32 master, and DeepSpeed saves them in the model dtype
+        # (ZeRO >= 2) or not at all (ZeRO 0/1): checkpoints keep their exact values, but for
+        # those the fp32 momentum encoder already holds.
+        held = tuple(f"base_encoder.{n}" for n, _ in model.base_encoder.named_parameters()
+                     ) if self.momentum is not None else ()
+        self.frozen = {n: p.detach().clone() for n, p in model.named_parameters()
+                       if not p.requires_grad and n not in held}
 
         schedule = partial(lr_factor, total_steps=self.total_steps, warmup_steps=warmup_steps)
         self.engine, _, _, _ = deepspeed.initialize(
@@ -111,7 +136,7 @@ class GraftTrainer:
         self.anchor = None
         if cfg.anchor_weight > 0:
             self.anchor = MIMAnchor(mim_state, self.slices, cfg.anchor_weight, cfg.anchor_norm,
-                                    anchor_blocks, sharded=zero_stage > 0)
+                                    anchor_blocks, sharded=zero_stage > 0, prefix=prefix)
         # What a resume must match; the anchor's MIM weights by content (the file may move)
         self.run = run_identity(cfg, ds_config,
                                 tensor_digest(mim_state) if self.anchor is not None else None)
@@ -140,9 +165,11 @@ class GraftTrainer:
 
     # -- checkpoints -------------------------------------------------------------------------
     def save(self) -> str:
-        state = {"momentum": self.momentum.state_dict(), "step": self.step, "epoch": self.epoch,
-                 "batch_in_epoch": self.batch_in_epoch, "corrupt_samples": self.corrupt_samples(),
-                 "config": self.cfg.to_dict(), "group_params": self.group_params}
+        state = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                 "corrupt_samples": self.corrupt_samples(), "config": self.cfg.to_dict(),
+                 "group_params": self.group_params, "frozen": self.frozen}
+        if self.momentum is not None:
+            state["momentum"] = self.momentum.state_dict()
         return checkpoint.save(self.engine, self.ckpt_dir, self.step, state, self.run)
 
     def _resume(self, zero_stage: int) -> None:
@@ -157,7 +184,8 @@ class GraftTrainer:
             dist.print_main(f"resume: {change}")
         state = checkpoint.load(self.engine, *found)
         self.slices = self._find_slices()
-        self.momentum.load_state_dict(state["momentum"])
+        if self.momentum is not None:
+            self.momentum.load_state_dict(state["momentum"])
         self.step, self.epoch = state["step"], state["epoch"]
         self.batch_in_epoch = state["batch_in_epoch"]
         self.corrupt_before = state["corrupt_samples"]
@@ -166,13 +194,12 @@ class GraftTrainer:
                         f"epoch {self.epoch}, batch {self.batch_in_epoch}")
 
     # -- training ------------------------------------------------------------------------------
-    def train_step(self, x1: torch.Tensor, x2: torch.Tensor) -> dict:
-        """One micro-batch: forward, backward, and at the accumulation boundary step + EMA."""
-        x1 = x1.to(self.device, self.dtype, non_blocking=True)
-        x2 = x2.to(self.device, self.dtype, non_blocking=True)
-        q1, q2 = self.engine(x1, x2)
-        k1, k2 = self.momentum(x1), self.momentum(x2)
-        loss = moco_loss(q1, q2, k1, k2, self.cfg.tau)
+    def train_step(self, *views: torch.Tensor) -> dict:
+        """One micro-batch of views [B,3,H,W]: forward, backward, and at the accumulation
+        boundary step + EMA. The views stay fp32 (an MAE target is computed from them); the
+        models cast their inputs to the engine's dtype."""
+        views = tuple(v.to(self.device, non_blocking=True) for v in views)
+        loss, terms = self.method.loss(self.engine, views, self.momentum)
         self.engine.backward(loss)
         anchor = 0.0
         boundary = self.engine.is_gradient_accumulation_boundary()
@@ -181,11 +208,12 @@ class GraftTrainer:
                                               getattr(self.engine.optimizer, "loss_scale", 1.0))
         self.engine.step()
         m = None
-        if boundary:
+        if boundary and self.momentum is not None:
             m = momentum_at(self.applied_steps(), self.total_steps, self.cfg.momentum)
             if self.engine.was_step_applied():
                 self.momentum.update(self.slices, m)
-        return {"loss": loss.detach(), "anchor": anchor, "momentum": m, "boundary": boundary}
+        return {"loss": loss.detach(), "terms": terms, "anchor": anchor, "momentum": m,
+                "boundary": boundary}
 
     def fit(self) -> list[dict]:
         """Train until ``epochs`` or ``max_steps``; return the logged records."""
@@ -196,11 +224,11 @@ class GraftTrainer:
         while self.step < last_step:
             epoch = self.epoch
             batches = self.data.batches(epoch, self.steps_per_epoch * gas, skip=self.batch_in_epoch)
-            for x1, x2, _, skipped in batches:
-                out = self.train_step(x1, x2)
+            for *views, _, skipped in batches:
+                out = self.train_step(*views)
                 self.batch_in_epoch += 1
                 self.corrupt_local += int(skipped.sum())
-                meter.add(out, x1.shape[0])
+                meter.add(out, views[0].shape[0])
                 if not out["boundary"]:
                     continue
                 self.step = self.engine.global_steps
@@ -218,38 +246,50 @@ class GraftTrainer:
         return records
 
     def log(self, window: dict, out: dict) -> dict:
-        loss = dist.all_reduce_sum(window["loss"].clone()) / dist.get_world_size()
-        record = {
-            "step": self.step, "epoch": self.epoch, "loss": loss.item(),
-            "lr": {n: g["lr"] for n, g in zip(self.group_names, self.engine.optimizer.param_groups)},
-            "momentum": out["momentum"], "anchor": out["anchor"],
-            "img_per_s": window["images"] * dist.get_world_size() / window["seconds"],
-            "skipped_steps": self.engine.skipped_steps, "corrupt_samples": self.corrupt_samples(),
-        }
+        """Collective: the metrics record of this step (means over ranks), logged by rank 0."""
+        names = list(window["means"])  # "loss" and the method's terms, the same on every rank
+        means = torch.stack([window["means"][n].float() for n in names])
+        means = dist.all_reduce_sum(means) / dist.get_world_size()
+        record = {"step": self.step, "epoch": self.epoch,
+                  **{n: v.item() for n, v in zip(names, means)},
+                  "lr": {n: g["lr"] for n, g in zip(self.group_names,
+                                                   self.engine.optimizer.param_groups)}}
+        if self.momentum is not None:
+            record["momentum"] = out["momentum"]
+        record.update(anchor=out["anchor"], skipped_steps=self.engine.skipped_steps,
+                      img_per_s=window["images"] * dist.get_world_size() / window["seconds"],
+                      corrupt_samples=self.corrupt_samples())
         if self.dtype == torch.float16:
             record["loss_scale"] = float(self.engine.optimizer.loss_scale)
         self.metrics.append(record)
         if dist.is_main():
-            top = f"stage{self.cfg.num_stages}"
+            top = self.group_names[-1].removesuffix("_no_wd")
+            terms = "".join(f" {n} {record[n]:.4f}" for n in names[1:])
+            m = f" m {record['momentum']:.5f}" if "momentum" in record else ""
+            anchor = f" anchor {record['anchor']:.4g}" if self.anchor is not None else ""
             print(f"step {self.step}/{min(self.total_steps, self.cfg.max_steps or math.inf)} "
-                  f"epoch {self.epoch} loss {record['loss']:.4f} anchor {record['anchor']:.4g} "
-                  f"lr[{top}] {record['lr'][top]:.3g} m {record['momentum']:.5f} "
+                  f"epoch {self.epoch} loss {record['loss']:.4f}{terms}{anchor} "
+                  f"lr[{top}] {record['lr'][self.group_names[-1]]:.3g}{m} "
                   f"{record['img_per_s']:.1f} img/s skipped {record['skipped_steps']}", flush=True)
         return record
 
 
 class _Meter:
-    """Mean loss and throughput over the micro-batches since the last log line."""
+    """Mean loss (and loss terms) and throughput over the micro-batches since the last log line.
+
+    Sums stay on the device: nothing waits for the GPU until a line is logged."""
 
     def __init__(self):
-        self.start, self.loss, self.n, self.images = time.perf_counter(), 0.0, 0, 0
+        self.start, self.sums, self.n, self.images = time.perf_counter(), {}, 0, 0
 
     def add(self, out: dict, batch: int) -> None:
-        self.loss, self.n, self.images = self.loss + out["loss"], self.n + 1, self.images + batch
+        for name, value in {"loss": out["loss"], **out["terms"]}.items():
+            self.sums[name] = self.sums.get(name, 0.0) + value.float()
+        self.n, self.images = self.n + 1, self.images + batch
 
     def pop(self) -> dict:
         now = time.perf_counter()
-        window = {"loss": self.loss / max(1, self.n), "images": self.images,
+        window = {"means": {n: s / self.n for n, s in self.sums.items()}, "images": self.images,
                   "seconds": max(now - self.start, 1e-9)}
-        self.start, self.loss, self.n, self.images = now, 0.0, 0, 0
+        self.start, self.sums, self.n, self.images = now, {}, 0, 0
         return window

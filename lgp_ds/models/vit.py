@@ -38,6 +38,49 @@ def create_vit(arch: str, img_size: int = 224, patch_size: int | None = None,
     return model
 
 
+def vit_from_config(cfg, **overrides) -> VisionTransformer:
+    """:func:`create_vit` with the model keys of an experiment config (``overrides`` win)."""
+    kwargs = dict(img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim,
+                  depth=cfg.depth, num_heads=cfg.num_heads, drop_path=cfg.drop_path,
+                  fused_attn=cfg.fused_attn, grad_ckpt=cfg.grad_ckpt,
+                  sincos_pos_embed=cfg.sincos_pos_embed, frozen_patch_embed=cfg.frozen_patch_embed)
+    return create_vit(cfg.arch, **{**kwargs, **overrides})
+
+
+# Keys of an MAE pre-training model that are not part of its encoder.
+MAE_ONLY_PREFIXES = ("decoder_", "mask_token")
+# Keys of a timm ViT that are not part of a pre-trained encoder: the projector or classifier.
+HEAD_PREFIXES = ("head.", "fc_norm.")
+
+
+def load_weights(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str,
+                 skip: tuple[str, ...] = HEAD_PREFIXES) -> None:
+    """Copy ``state`` into ``module``, every key but those starting with ``skip`` on both sides.
+
+    Raises ValueError naming the first offending keys when the weights do not fit: a checkpoint
+    of another model (depth, width) is refused rather than half loaded.
+    """
+    own = {k: v for k, v in module.state_dict().items() if not k.startswith(skip)}
+    state = {k: v for k, v in state.items() if not k.startswith(skip)}
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong_shape = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}"
+                   for k, v in own.items() if k in state and state[k].shape != v.shape]
+    problems = []
+    if missing:
+        problems.append(f"missing keys {missing[:5]}" + (" ..." if len(missing) > 5 else ""))
+    if unexpected:
+        problems.append(f"unexpected keys {unexpected[:5]}" + (" ..." if len(unexpected) > 5 else ""))
+    if wrong_shape:
+        problems.append(f"shape mismatch {wrong_shape[:5]}")
+    if problems:
+        raise ValueError(f"init={source} does not fit the model ({type(module).__name__}, "
+                         f"{len(own)} tensors): " + "; ".join(problems))
+    with torch.no_grad():
+        for k, v in own.items():
+            v.copy_(state[k])
+
+
 def _fix_sincos_pos_embed(model: VisionTransformer) -> None:
     grid = list(model.patch_embed.grid_size)
     dim = model.pos_embed.shape[-1]

@@ -1,0 +1,41 @@
+"""The training entry point that ``launch/pretrain.py`` and ``launch/graft.py`` run.
+
+    deepspeed [--num_gpus N | --hostfile H] launch/pretrain.py --deepspeed_config ds_configs/X.json \
+        [--config RECIPE.yaml | bundled name] [--output_dir DIR] [key=value ...]
+
+The recipe's ``method`` key (or ``method=...``) picks the method; without --config the bundled
+``digits_demo`` recipe grafts a tiny ViT on the embedded data.
+"""
+import argparse
+
+import deepspeed
+
+from lgp_ds.cli import errors_as_one_line
+from lgp_ds.config import load_run_config
+from lgp_ds.data.shards import DataError
+from lgp_ds.dist import init_process_group
+from lgp_ds.engine.trainer import Trainer
+from lgp_ds.methods import build_method
+
+
+def main(argv=None, description: str = __doc__) -> None:
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--config", help="YAML recipe: a path or a bundled name (vit_b_graft, ...)")
+    parser.add_argument("--output_dir", help="shorthand for output_dir=DIR")
+    parser.add_argument("--local_rank", type=int, default=-1, help="set by the launcher")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
+    parser = deepspeed.add_config_arguments(parser)
+    args = parser.parse_intermixed_args(argv)  # key=value overrides before or after options
+    if not args.deepspeed_config:
+        parser.error("--deepspeed_config is required (see ds_configs/)")
+
+    # Bad input fails here, on every rank alike, before any process group or engine exists.
+    with errors_as_one_line(ranks_started=False):
+        overrides = args.overrides + ([f"output_dir={args.output_dir}"] if args.output_dir else [])
+        cfg, ds_config = load_run_config(args.config, overrides, args.deepspeed_config)
+    init_process_group()
+    with errors_as_one_line():  # data, init weights and the resume checkpoint are checked here
+        trainer = Trainer(cfg, ds_config, build_method(cfg))
+    with errors_as_one_line((DataError,)):  # shards that turn out hopeless while training
+        trainer.fit()

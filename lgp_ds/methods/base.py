@@ -1,0 +1,46 @@
+"""What a pre-training method adds to the shared trainer.
+
+The trainer (:mod:`lgp_ds.engine.trainer`) owns what every method shares: the DeepSpeed engine,
+stage-wise param groups and schedules, frozen stages, the data stream, checkpoints, resume and
+metrics. A method owns only what differs:
+
+- ``build_model()``: the module the engine trains (encoder plus heads or decoder);
+- ``load_init(model, weights)``: how ``init=`` weights enter that model;
+- ``transform()``: PIL image -> the tuple of views one sample gives;
+- ``loss(engine, views, momentum)``: forward and loss over this rank's micro-batch;
+- switches for the shared components: ``momentum_encoder`` (MoCo's EMA encoder of
+  ``model.base_encoder``) and ``encoder_prefix`` (where the ViT's parameters live, for the stage
+  rule, frozen stages and the MIM anchor).
+"""
+import torch
+import torch.nn as nn
+
+from lgp_ds.convert import Weights
+from lgp_ds.models.vit import load_weights
+
+
+class Method:
+    name = ""
+    encoder_prefix = "base_encoder."
+    momentum_encoder = False
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def build_model(self) -> nn.Module:
+        raise NotImplementedError
+
+    def encoder(self, model: nn.Module) -> nn.Module:
+        """The ViT inside ``model`` (``init=`` encoder weights load into it)."""
+        return model.base_encoder
+
+    def load_init(self, model: nn.Module, weights: Weights) -> None:
+        """Start ``model`` from ``weights`` (read from ``init=``): the encoder without its head."""
+        load_weights(self.encoder(model), weights.encoder(), self.cfg.init)
+
+    def transform(self):
+        raise NotImplementedError
+
+    def loss(self, engine, views: tuple[torch.Tensor, ...], momentum) -> tuple[torch.Tensor, dict]:
+        """(loss to backpropagate, {name: detached scalar tensor} of its terms) for one batch."""
+        raise NotImplementedError
