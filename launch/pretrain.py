@@ -1,7 +1,7 @@
 """Pre-train with any method of the paper (``method=`` in the recipe or on the command line).
 
     deepspeed [--num_gpus N | --hostfile H] launch/pretrain.py --deepspeed_config ds_configs/X.json \
-        --config mae_vit_b [--output_dir DIR] [key=value ...]
+        --config vit_b_mae [--output_dir DIR] [key=value ...]
 
 Methods: graft, moco, mae, mtl, mim2cl_frozen, cl2mim, graft_vicreg (see lgp_ds/methods/).
 """

@@ -135,6 +135,16 @@ class Config(BaseModel):
              f"them)"),
             ("frozen_stages", self.frozen_stages < self.num_stages,
              f"must be below num_stages={self.num_stages} (the top stage trains)"),
+            ("frozen_patch_embed", not (self.frozen_patch_embed and self.method in ("mae", "mtl")),
+             f"would keep MAE's patch projection at its random start: method={self.method} "
+             f"trains it (set frozen_patch_embed=false, as its recipes do)"),
+            ("decoder_embed_dim", self.decoder_embed_dim % self.decoder_num_heads == 0,
+             f"is not divisible by decoder_num_heads={self.decoder_num_heads}"),
+            ("decoder_embed_dim", self.decoder_embed_dim % 4 == 0,
+             "must be a multiple of 4 (its 2-D sin-cos position table)"),
+            ("embed_dim", self.embed_dim is None or self.num_heads is None
+             or self.embed_dim % self.num_heads == 0,
+             f"is not divisible by num_heads={self.num_heads}"),
             ("stage_blrs", len(self.stage_blrs) == self.num_stages,
              f"has {len(self.stage_blrs)} values but num_stages={self.num_stages}"),
             ("warmup_epochs", self.warmup_epochs <= self.epochs, f"exceeds epochs={self.epochs}"),

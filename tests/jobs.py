@@ -134,10 +134,11 @@ def read_metrics(output_dir: str) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
-def resume_job(stage, bf16, data, out_dir):
+def resume_job(stage, bf16, data, out_dir, keys=None):
     """4 steps straight vs 3 steps whose last checkpoint (step 3) never completed, then
-    resume=auto from step 2 and 2 more steps; on the real data pipeline with corrupt samples."""
-    common = dict(samples_per_epoch=24, save_every=2, seed=3, data=[data])  # 3 steps per epoch
+    resume=auto from step 2 and 2 more steps; on the real data pipeline with corrupt samples.
+    ``keys``: the method's config keys (default: graft). 3 steps per epoch."""
+    common = dict(samples_per_epoch=24, save_every=2, seed=3, data=[data], **(keys or {}))
 
     def run(name, max_steps, resume=None):
         cfg = tiny_config(output_dir=os.path.join(out_dir, name), max_steps=max_steps,

@@ -80,3 +80,12 @@ def bf16_job(out_dir, mae_dir):
     out.update({("mae", stage): _run(_trainer("mae", out_dir, stage, True, f"mae-z{stage}"))
                 for stage in (1, 2)})
     return out
+
+
+def mask_job(out_dir):
+    """MAE with LR 0 (weights never change) fed the same images on every rank and step: its
+    losses differ only where the random masks do."""
+    cfg = tiny_config(output_dir=out_dir, **{**METHODS["mae"], "stage_blrs": [0.0]})
+    trainer = Trainer(cfg, ds_config(cfg, 2, False), build_method(cfg), with_data=False)
+    x = torch.randn(4, 3, cfg.img_size, cfg.img_size, generator=torch.Generator().manual_seed(0))
+    return [trainer.train_step(x)["loss"].item() for _ in range(3)]

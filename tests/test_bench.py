@@ -35,3 +35,19 @@ def test_bench_runs_the_vit_l_recipe_as_shipped(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "vit_large_patch16_224 16px batch 8/rank x 1 rank(s) on cpu" in proc.stdout, proc.stdout
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("lgp_ds_bench")] == []
+
+
+def test_bench_runs_every_kind_of_method(tmp_path):
+    """MAE (one view, masked encoder), MTL (three views, momentum encoder and decoder) and cl2mim
+    (needs init=: a stand-in is written), shrunk from their ViT-B recipes."""
+    decoder = ["decoder_embed_dim=16", "decoder_depth=1", "decoder_num_heads=2"]
+    for recipe, extra in (("vit_b_mae", []), ("vit_b_mtl", []), ("vit_b_cl2mim", ["depth=2"])):
+        cmd = [sys.executable, "tools/bench.py", "--deepspeed_config", "ds_configs/cpu_demo.json",
+               "--config", recipe, "--steps", "1", "--warmup", "1"] + TINY + decoder + extra
+        env = dict(os.environ, LGP_DS_CACHE=str(tmp_path), MASTER_PORT=str(free_port()),
+                   TMPDIR=str(tmp_path))
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        method = recipe.removeprefix("vit_b_")
+        assert re.search(rf"{method} vit_base_patch16_224 16px batch 8/rank x 1 rank\(s\) on cpu: "
+                         r"[\d.]+ img/s, [\d.]+ ms/step, [\d.]+ TFLOP/s", proc.stdout), proc.stdout

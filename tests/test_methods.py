@@ -6,6 +6,7 @@ starts from; the others run under ZeRO 2. Checked: finite losses, weights that c
 where the method trains (and stay bit-identical where it freezes), in the base and the momentum
 encoder, and the same on both ranks.
 """
+import copy
 import math
 import os
 
@@ -13,6 +14,9 @@ import pytest
 import torch
 
 import method_jobs
+from jobs import tiny_config
+from lgp_ds.engine.trainer import read_init
+from lgp_ds.methods import build_method
 from lgp_ds.models.vit import MAE_ONLY_PREFIXES
 from multirank import run_ranks
 
@@ -112,3 +116,71 @@ def test_frozen_stages_stay_bit_identical_under_zero_1_2_3(bf16_runs):
                 assert torch.equal(run["momentum_after"][mkey], run["momentum_before"][mkey])
             assert not torch.equal(run["after"]["base_encoder.blocks.2.attn.qkv.weight"],
                                    run["before"]["base_encoder.blocks.2.attn.qkv.weight"])
+
+
+def _single_process(name, **extra):
+    """(method, model) of ``name`` with the tiny keys of method_jobs, on this process."""
+    cfg = tiny_config(**{**method_jobs.METHODS[name], **extra})
+    method = build_method(cfg)
+    return method, method.build_model()
+
+
+def test_mtl_loss_is_the_weighted_sum_of_the_moco_and_mae_losses():
+    """MTL on three views equals cl_weight x (MoCo v3 alone on views 1, 2) + mim_weight x (MAE
+    alone on view 3), each computed by its own method on a model holding the same weights."""
+    torch.manual_seed(0)
+    mtl, model = _single_process("mtl", cl_weight=0.7, mim_weight=1.3)
+    momentum = copy.deepcopy(model.base_encoder)
+    with torch.no_grad():  # a momentum encoder away from the base encoder
+        for p in momentum.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    x1, x2, x3 = (torch.randn(8, 3, 16, 16) for _ in range(3))
+    torch.manual_seed(5)  # the MAE mask's noise
+    loss, terms = mtl.loss(model, (x1, x2, x3), momentum)
+
+    moco, graft_model = _single_process("moco", frozen_patch_embed=False)
+    graft_model.load_state_dict({k: v for k, v in model.state_dict().items()
+                                 if k.startswith(("base_encoder.", "predictor."))})
+    cl, _ = moco.loss(graft_model, (x1, x2), momentum)
+    mae, mae_model = _single_process("mae")
+    encoder = {k.removeprefix("base_encoder."): v for k, v in model.state_dict().items()
+               if k.startswith("base_encoder.") and not k.startswith("base_encoder.head.")}
+    mae_model.load_state_dict({**encoder, **{k: v for k, v in model.state_dict().items()
+                                             if k.startswith(MAE_ONLY_PREFIXES)}})
+    torch.manual_seed(5)
+    mim, _ = mae.loss(mae_model, (x3,), None)
+    assert cl.item() > 1 and mim.item() > 0.1
+    # the same operations in another order (fp32): rounding only
+    assert torch.allclose(terms["loss_cl"], cl, rtol=1e-6)
+    assert torch.allclose(terms["loss_mim"], mim, rtol=1e-6)
+    assert torch.allclose(loss, 0.7 * cl + 1.3 * mim, rtol=1e-6)
+
+
+def test_cl2mim_starts_from_an_official_moco_v3_file(tmp_path):
+    """An official MoCo v3 / grafting-code checkpoint (module.base_encoder.* ...): cl2mim's
+    encoder gets its base encoder exactly, the projector is dropped, the decoder stays fresh."""
+    torch.manual_seed(1)
+    _, moco_model = _single_process("moco")
+    sd = {f"module.{k}": v for k, v in moco_model.state_dict().items()}
+    sd.update({f"module.momentum_encoder.{k}": v
+               for k, v in moco_model.base_encoder.state_dict().items()})
+    torch.save({"epoch": 300, "arch": "vit_small", "state_dict": sd}, tmp_path / "moco.pth.tar")
+    path = str(tmp_path / "moco.pth.tar")
+    torch.manual_seed(2)
+    method, model = _single_process("cl2mim", init=path)
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    method.load_init(model, read_init(path))
+    for key, value in model.state_dict().items():
+        if key.startswith(MAE_ONLY_PREFIXES):
+            assert torch.equal(value, fresh[key]), key
+        else:
+            assert torch.equal(value, moco_model.base_encoder.state_dict()[key]), key
+
+
+def test_mae_masks_differ_across_ranks_and_steps(tmp_path):
+    """The mask noise comes from an RNG seeded per (seed, micro-batch, rank): not the same masks
+    on every rank (the model's seed is), nor the same at every step."""
+    per_rank = run_ranks(method_jobs.mask_job, str(tmp_path))
+    for losses in per_rank:
+        assert len(set(losses)) == 3, losses
+    assert all(a != b for a, b in zip(*per_rank)), per_rank

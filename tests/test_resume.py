@@ -13,10 +13,17 @@ from multirank import run_ranks
 from tarfiles import make_shards
 
 
-@pytest.mark.parametrize("stage,bf16", [(2, True), (3, False)], ids=["zero2-bf16", "zero3-fp32"])
-def test_resume_continues_exactly(tmp_path, stage, bf16):
+# MTL: three views, MAE's random masks, a momentum encoder and a decoder; with a DataLoader worker
+# the main process draws nothing for the data, so the masks come from the trainer's RNG alone
+MTL = dict(method="mtl", frozen_patch_embed=False, num_stages=1, stage_blrs=[1e-2],
+           decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2, num_workers=1)
+
+
+@pytest.mark.parametrize("stage,bf16,keys", [(2, True, {}), (3, False, {}), (2, False, MTL)],
+                         ids=["zero2-bf16", "zero3-fp32", "mtl-zero2-fp32"])
+def test_resume_continues_exactly(tmp_path, stage, bf16, keys):
     data = make_shards(tmp_path, [10] * 4, corrupt={(s, j) for s in range(4) for j in (1, 5)})
-    out = run_ranks(jobs.resume_job, stage, bf16, data, str(tmp_path))
+    out = run_ranks(jobs.resume_job, stage, bf16, data, str(tmp_path), keys)
     for rank in out:
         straight, first, resumed = rank["straight"], rank["first"], rank["resumed"]
         assert (first["step"], resumed["step"], straight["step"]) == (3, 4, 4)

@@ -5,10 +5,10 @@
 
 The step benchmark feeds synthetic images already on the device, so it measures model,
 optimizer, momentum encoder, MIM anchor and communication; ``--data_only`` measures the
-WebDataset pipeline (decode + the method's views) of this rank alone. Recipes run as shipped:
-one with the MIM anchor but no ``init=`` takes the model's own initial weights as its MIM weights
-(the anchor costs the same whatever they are), and a method that needs ``init=`` without one gets
-the same stand-in. Each run writes into a fresh temporary folder, removed at the end. FLOPs come
+WebDataset pipeline (decode + the method's views) of this rank alone. Recipes run as shipped,
+but for ``init=``: unless given on the command line, the model starts from a stand-in written
+from its own initial weights (the step costs the same whatever the weights; the MIM anchor pulls
+towards them, and a grafting method freezes them). Each run writes into a fresh temporary folder, removed at the end. FLOPs come
 from fvcore's counter on the method's model: one image costs 3 forward passes (forward +
 backward) of the model on its views plus, with a momentum encoder, one forward of it on each
 contrastive view.
@@ -28,7 +28,7 @@ from timm.models.vision_transformer import Attention
 
 from lgp_ds import dist
 from lgp_ds.cli import errors_as_one_line
-from lgp_ds.config import GRAFTED_METHODS, load_run_config
+from lgp_ds.config import load_run_config
 from lgp_ds.data.shards import DataError
 from lgp_ds.engine.trainer import Trainer
 from lgp_ds.methods import build_method
@@ -62,14 +62,12 @@ def flops_per_image(method, cfg) -> float:
     return flops
 
 
-def stand_in_init(method, cfg, folder: str) -> str:
-    """Write the encoder's initial weights (what ``cfg.seed`` gives) as an MAE file; its path."""
+def write_stand_in(method, cfg, path: str) -> None:
+    """Write the encoder's initial weights (what ``cfg.seed`` gives) as an MAE file."""
     torch.manual_seed(cfg.seed)
     encoder = method.encoder(method.build_model())
-    path = os.path.join(folder, "init_stand_in.pth")
     torch.save({"model": {k: v for k, v in encoder.state_dict().items()
                           if not k.startswith(("head.",) + MAE_ONLY_PREFIXES)}}, path)
-    return path
 
 
 def bench_step(trainer, steps: int, warmup: int) -> float:
@@ -99,15 +97,20 @@ def main() -> None:
     p.add_argument("overrides", nargs="*")
     p = deepspeed.add_config_arguments(p)
     args = p.parse_intermixed_args()
-    with errors_as_one_line(ranks_started=False):
-        cfg, ds_config = load_run_config(args.config, args.overrides, args.deepspeed_config)
-    dist.init_process_group()
     folder = tempfile.mkdtemp(prefix="lgp_ds_bench_")  # per rank: node-local /tmp is fine
     try:
+        # The step costs the same whatever the weights: unless init= is given here, the run
+        # starts from a stand-in (the model's own initial weights), not the recipe's init=.
+        given_init = any(o.startswith("init=") for o in args.overrides)
+        stand_in = os.path.join(folder, "init_stand_in.pth")
+        overrides = args.overrides + ([] if given_init else [f"init={stand_in}"])
+        with errors_as_one_line(ranks_started=False):
+            cfg, ds_config = load_run_config(args.config, overrides, args.deepspeed_config)
+        dist.init_process_group()
         cfg.output_dir = os.path.join(folder, "run")
         method = build_method(cfg)
-        if cfg.init is None and (cfg.anchor_weight > 0 or cfg.method in GRAFTED_METHODS):
-            cfg.init = stand_in_init(method, cfg, folder)
+        if not given_init:
+            write_stand_in(method, cfg, stand_in)
         with errors_as_one_line():
             trainer = Trainer(cfg, ds_config, method, with_data=args.data_only)
         with errors_as_one_line((DataError,)):

@@ -194,10 +194,11 @@ def train_batches(urls: list[str], transform, batch_per_rank: int, steps: int, r
     check_readers(urls, world_size, num_workers)
     epoch_seed = seed * 10_007 + epoch
     pipeline = wds.DataPipeline(
-        lambda: _reader_samples(urls, rank, world_size, epoch_seed),
+        # partials, not lambdas: DataLoader workers started by spawn receive the pipeline pickled
+        partial(_reader_samples, urls, rank, world_size, epoch_seed),
         wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 1000),
                     seed=epoch_seed * 1_000 + rank),
-        lambda src: _decode_views(src, transform, max_corrupt_run),
+        partial(_decode_views, transform=transform, max_corrupt_run=max_corrupt_run),
         wds.batched(batch_per_rank, partial=False),
     )
     generator = torch.Generator().manual_seed(epoch_seed * 1_000 + rank)

@@ -11,6 +11,7 @@ One iteration (per micro-batch of this rank):
 What differs between methods (model, views, loss, which shared components are on) is the
 :class:`lgp_ds.methods.Method` object; this file never names a method.
 """
+import contextlib
 import math
 import os
 import time
@@ -199,7 +200,8 @@ class Trainer:
         boundary step + EMA. The views stay fp32 (an MAE target is computed from them); the
         models cast their inputs to the engine's dtype."""
         views = tuple(v.to(self.device, non_blocking=True) for v in views)
-        loss, terms = self.method.loss(self.engine, views, self.momentum)
+        with self._forward_rng():
+            loss, terms = self.method.loss(self.engine, views, self.momentum)
         self.engine.backward(loss)
         anchor = 0.0
         boundary = self.engine.is_gradient_accumulation_boundary()
@@ -214,6 +216,23 @@ class Trainer:
                 self.momentum.update(self.slices, m)
         return {"loss": loss.detach(), "terms": terms, "anchor": anchor, "momentum": m,
                 "boundary": boundary}
+
+    @contextlib.contextmanager
+    def _forward_rng(self):
+        """The global RNG, for the forward pass only, seeded from (seed, micro-batch, rank).
+
+        What the models draw (MAE's mask noise, drop path) then differs between ranks and is a
+        pure function of the position in the run, so a resumed run draws what an uninterrupted
+        one would; the RNG outside (image transforms without DataLoader workers) is left as it
+        was. Activation checkpointing replays the forward's RNG state in the backward pass.
+        """
+        gas = self.engine.gradient_accumulation_steps()
+        micro_batch = self.engine.global_steps * gas + self.engine.micro_steps % gas
+        seed = ((self.cfg.seed * 1_000_003 + micro_batch) * 10_007 + dist.get_rank()) % 2 ** 63
+        cuda = get_accelerator().device_name() == "cuda"
+        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if cuda else []):
+            torch.manual_seed(seed)
+            yield
 
     def fit(self) -> list[dict]:
         """Train until ``epochs`` or ``max_steps``; return the logged records."""

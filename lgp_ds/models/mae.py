@@ -70,7 +70,7 @@ def random_masking(x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | Non
     ids_restore [N, L]). Lv = round(L * (1 - mask_ratio)), at least 1 (MAE's int() floors:
     int(10 * (1 - 0.9)) = 0). The patches of smallest noise [N, L] (torch.rand when None) stay.
     """
-    n, length, d = x.shape
+    n, length, d = (int(s) for s in x.shape)  # ints under jit tracing too (fvcore's counter)
     len_keep = max(1, round(length * (1 - mask_ratio)))
     if noise is None:
         noise = torch.rand(n, length, device=x.device)
