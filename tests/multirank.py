@@ -25,6 +25,11 @@ def _entry(rank, world, port, out_dir, fn, args):
         init_process_group()  # gloo on the CPU
         result = fn(*args)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+        # Leave the world explicitly: a process group torn down by interpreter exit (its gloo
+        # threads still joinable) sometimes aborts the process ("terminate called without an
+        # active exception") after its result is written, failing the run.
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     except BaseException:
         with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
             f.write(traceback.format_exc())
