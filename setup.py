@@ -16,6 +16,7 @@ setup(
         "webdataset>=0.2.90",
         "fvcore",
         "pyyaml",
+        "pydantic>=2",
         "scikit-learn",
         "pillow",
         "numpy",
