@@ -2,14 +2,16 @@
 import logging
 import re
 
+import numpy as np
 import pytest
 import torch
 import webdataset as wds
 
 from lgp_ds.config import Config
-from lgp_ds.data.builtin import digits_shards
+from lgp_ds.data.builtin import HELD_OUT_FRACTION, NUM_IMAGES, NUM_SAMPLES, SPLITS, digits_shards
 from lgp_ds.data.pipeline import TrainData
-from lgp_ds.data.shards import expand_shards, train_batches
+from lgp_ds.data.ordered import ordered_batches
+from lgp_ds.data.shards import DataError, expand_shards, train_batches
 from lgp_ds.data.transforms import Views, moco_view_transforms
 from tarfiles import make_shards, png, write_garbage
 
@@ -155,13 +157,58 @@ def test_order_is_a_function_of_seed_epoch_and_rank(tmp_path):
 
 def test_embedded_digits_shards(tmp_path):
     pattern, n = digits_shards(size=16, num_shards=4, root=str(tmp_path))
-    assert n == 1797
+    assert n == NUM_SAMPLES["train"]
     labels = torch.cat([b[2] for b in batches(expand_shards([pattern]), 4, batch=64, buffer=256)])
     assert set(labels.tolist()) == set(range(10))
     assert digits_shards(size=16, num_shards=4, root=str(tmp_path)) == (pattern, n)  # cached
+
+
+def test_embedded_split_is_stratified_disjoint_and_complete(tmp_path):
+    from sklearn.datasets import load_digits
+    target = load_digits().target
+    keys, labels = {}, {}
+    for split in SPLITS:
+        pattern, n = digits_shards(size=16, num_shards=4, root=str(tmp_path), split=split)
+        samples = [s for url in expand_shards([pattern])
+                   for s in wds.tarfile_samples([{"url": url}])]
+        keys[split] = [int(s["__key__"]) for s in samples]
+        labels[split] = np.array([int(s["cls"]) for s in samples])
+        assert len(keys[split]) == len(set(keys[split])) == n
+        assert (labels[split] == target[keys[split]]).all()
+    assert sorted(keys["train"] + keys["val"]) == list(range(NUM_IMAGES))
+    # every class held out in the set's proportion, to within one image
+    for c in range(10):
+        share = (target == c).sum() * HELD_OUT_FRACTION
+        assert abs((labels["val"] == c).sum() - share) <= 1
 
 
 def test_embedded_set_has_a_shard_for_every_reader(tmp_path, monkeypatch):
     monkeypatch.setenv("LGP_DS_CACHE", str(tmp_path))
     data = TrainData(Config(img_size=16, num_workers=12), batch_per_rank=8, transform=None)
     assert len(data.urls) == 12  # 8 shards would leave 4 of the 12 workers without one
+
+
+@pytest.mark.parametrize("world,workers", [(1, 0), (3, 0), (2, 2)])
+def test_ordered_batches_give_every_image_once_in_dataset_order(tmp_path, world, workers):
+    from torchvision.transforms import ToTensor
+    urls = expand_shards([make_shards(tmp_path, [5, 3, 4, 2, 6])])  # 20 images, 5 shards
+    got = [b for rank in range(world)
+           for b in ordered_batches(urls, ToTensor(), 4, rank, world, workers)]
+    index = torch.cat([b[0] for b in got])
+    assert len(index) == 20 and len(set(index.tolist())) == 20  # each image once, no padding
+    order = index.argsort()
+    images, labels = torch.cat([b[1] for b in got])[order], torch.cat([b[2] for b in got])[order]
+    single = list(ordered_batches(urls, ToTensor(), 7, 0, 1))
+    assert torch.equal(torch.cat([b[0] for b in single]), index[order])  # one reader: in order
+    assert torch.equal(torch.cat([b[1] for b in single]), images)
+    assert torch.equal(torch.cat([b[2] for b in single]), labels)
+
+
+def test_ordered_batches_name_a_corrupt_sample(tmp_path):
+    from torchvision.transforms import ToTensor
+    urls = expand_shards([make_shards(tmp_path, [3, 3], corrupt={(1, 2)})])
+    with pytest.raises(DataError, match=r"sample '1-2' in .*s-01.tar"):
+        list(ordered_batches(urls, ToTensor(), 4, 0, 1))
+    garbage = write_garbage(tmp_path / "garbage.tar")
+    with pytest.raises(DataError, match="garbage.tar"):
+        list(ordered_batches([garbage], ToTensor(), 4, 0, 1))

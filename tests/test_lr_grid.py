@@ -11,6 +11,7 @@ import yaml
 
 from lgp_ds import grid
 from lgp_ds.config import load_config
+from lgp_ds.data.builtin import NUM_SAMPLES
 from multirank import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -119,22 +120,23 @@ def test_grid_values_read_like_overrides():
 def test_status_and_metrics_of_a_run_folder(tmp_path):
     """The last complete record counts; a metric named like a grid column keeps both."""
     plan = grid.make_plan(str(tmp_path), DS[1], grid=["momentum=0.9,0.99,0.996"])
-    assert [r.final_step for r in plan.runs] == [12 * (1797 // 128)] * 3  # digits_demo
+    final = 12 * (NUM_SAMPLES["train"] // 128)  # digits_demo
+    assert [r.final_step for r in plan.runs] == [final] * 3
     done, part, _ = (tmp_path / r.name for r in plan.runs)
     done.mkdir()
     (done / "metrics.jsonl").write_text(
         json.dumps({"step": 5, "loss": 3.0, "momentum": 0.91}) + "\n"
-        + json.dumps({"step": 168, "loss": 2.5, "momentum": 0.95, "lr": {"stage1": 0.1}}) + "\n"
+        + json.dumps({"step": final, "loss": 2.5, "momentum": 0.95, "lr": {"stage1": 0.1}}) + "\n"
         + '{"step": 170, "lo')  # torn by a crash
     (part / "checkpoints" / "step00000084").mkdir(parents=True)
     columns, rows = grid.results(plan)
     assert [r["status"] for r in rows] == ["done", "incomplete", "not run"]
     assert rows[0]["momentum"] == 0.9 and rows[0]["last_momentum"] == 0.95
-    assert rows[0]["step"] == 168 and rows[0]["loss"] == 2.5 and rows[0]["lr.stage1"] == 0.1
+    assert rows[0]["step"] == final and rows[0]["loss"] == 2.5 and rows[0]["lr.stage1"] == 0.1
     assert columns[:6] == ["run", "momentum", "status", "step", "final_step", "loss"]
     table = grid.markdown(plan, columns, rows)
-    assert "| momentum-0.9 | 0.9 | done | 168 | 2.5 | 0.95 |" in table
-    assert "| momentum-0.99 | 0.99 | incomplete (0/168) |" in table
+    assert f"| momentum-0.9 | 0.9 | done | {final} | 2.5 | 0.95 |" in table
+    assert f"| momentum-0.99 | 0.99 | incomplete (0/{final}) |" in table
 
 
 @pytest.mark.parametrize("args, message", [
@@ -155,7 +157,7 @@ def test_status_and_metrics_of_a_run_folder(tmp_path):
     (["--grid", "tau=0.1,0.1"], "--grid tau: the value 0.1 comes twice"),
     (["--grid", "output_dir=a,b"], "the grid sets output_dir for every run"),
     (["--grid", "tau=0.1", "batch_size=5000"],
-     "run tau-0.1 (tau=0.1): samples_per_epoch=1797 is smaller than batch_size=5000"),
+     "run tau-0.1 (tau=0.1): samples_per_epoch=1347 is smaller than batch_size=5000"),
     (["--grid", "tau=0.1", "--entry", "launch/nothing.py"], "--entry launch/nothing.py: no such"),
     (["tau=0.1"], "no grid: give --stage_blrs and/or --grid"),
 ])

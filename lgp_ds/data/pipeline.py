@@ -1,4 +1,4 @@
-"""Training data from the config: the user's shards (``data=``) or the embedded digits set."""
+"""Data from the config: the user's shards (``data=``) or the embedded digits set."""
 import itertools
 
 from lgp_ds import dist
@@ -9,8 +9,18 @@ from .shards import check_readers, expand_shards, train_batches
 
 def samples_per_epoch(cfg) -> int:
     """Training samples in one epoch: ``cfg.samples_per_epoch`` (required with ``data=``), or the
-    embedded set's size."""
-    return cfg.samples_per_epoch or NUM_SAMPLES
+    size of the embedded set's train split."""
+    return cfg.samples_per_epoch or NUM_SAMPLES["train"]
+
+
+def embedded_shards(img_size: int, split: str = "train", readers: int = 1) -> list[str]:
+    """Collective: the shard URLs of the embedded set's ``split`` at ``img_size`` px, with a shard
+    for each of ``readers`` (ranks x workers), built by rank 0 on first use."""
+    shards = max(8, readers)
+    if dist.is_main():  # build once; the other ranks wait and then find it cached
+        digits_shards(size=img_size, num_shards=shards)
+    dist.barrier()
+    return expand_shards([digits_shards(size=img_size, num_shards=shards, split=split)[0]])
 
 
 class TrainData:
@@ -23,15 +33,10 @@ class TrainData:
 
     def __init__(self, cfg, batch_per_rank: int, transform):
         if cfg.data is None:
-            # at least a shard for every reader (rank x worker) of this world
-            shards = max(8, dist.get_world_size() * max(1, cfg.num_workers))
-            if dist.is_main():  # build once; the other ranks wait and then find it cached
-                digits_shards(size=cfg.img_size, num_shards=shards)
-            dist.barrier()
-            patterns = [digits_shards(size=cfg.img_size, num_shards=shards)[0]]
+            self.urls = embedded_shards(cfg.img_size, "train",
+                                        dist.get_world_size() * max(1, cfg.num_workers))
         else:
-            patterns = cfg.data
-        self.urls = expand_shards(patterns)
+            self.urls = expand_shards(cfg.data)
         # Checked here, as the trainer builds the data before the engine, not when reading starts.
         check_readers(self.urls, dist.get_world_size(), cfg.num_workers)
         self.cfg, self.batch_per_rank = cfg, batch_per_rank

@@ -1,4 +1,5 @@
-"""Image transforms: MoCo v3's two asymmetric augmented views and MAE's one light view."""
+"""Image transforms: MoCo v3's two asymmetric augmented views, MAE's one light view, and the
+unaugmented view that evaluation reads."""
 import torch
 from torchvision import transforms as T
 
@@ -33,6 +34,14 @@ def mae_view_transform(img_size: int = 224, crop_min: float = 0.2):
     return T.Compose([T.RandomResizedCrop(img_size, scale=(crop_min, 1.0),
                                           interpolation=T.InterpolationMode.BICUBIC),
                       T.RandomHorizontalFlip()] + _to_normalised_tensor())
+
+
+def eval_transform(img_size: int = 224, crop_ratio: float = 0.875):
+    """Evaluation's view (MAE's and MoCo v3's linear probe): resize the short side to
+    ``img_size / crop_ratio`` (bicubic), centre crop ``img_size`` -> tensor [3, img_size, img_size]."""
+    return T.Compose([T.Resize(round(img_size / crop_ratio),
+                               interpolation=T.InterpolationMode.BICUBIC),
+                      T.CenterCrop(img_size)] + _to_normalised_tensor())
 
 
 class Views:

@@ -1,0 +1,60 @@
+"""Labelled images in dataset order, for evaluation: every image exactly once over all ranks.
+
+Each rank (and each DataLoader worker of it) reads whole shards of its own, in order, with no
+shuffle, no augmentation and no padding; every sample carries its position in the data set,
+``index = shard_number * 2**32 + position_in_shard`` (shard numbers in the order of ``urls``),
+so results gathered from all ranks are put back in dataset order by sorting on it.
+
+Evaluation must cover the whole set: a corrupt sample or unreadable shard is an error naming it,
+not a skip.
+"""
+from functools import partial
+
+import torch
+import webdataset as wds
+
+from .shards import DataError, _describe, _image_and_label
+
+SHARD_STRIDE = 2 ** 32
+
+
+def _raise_shard_error(url: str, exn: Exception) -> bool:
+    raise DataError(f"shard {url} could not be read: {_describe(exn)}") from exn
+
+
+def _reader_samples(urls: list[str], rank: int, world_size: int):
+    """Tar samples of this reader's shards (rank, then worker), with ``__index__``."""
+    numbered = list(enumerate(urls))[rank::world_size]
+    for number, url in wds.split_by_worker(numbered):
+        samples = wds.tarfile_samples([{"url": url}], handler=partial(_raise_shard_error, url))
+        for position, sample in enumerate(samples):
+            sample["__index__"] = number * SHARD_STRIDE + position
+            yield sample
+
+
+def _decode(samples, transform):
+    """Tar samples -> (index, image [3,H,W], label); DataError names a sample that fails."""
+    for sample in samples:
+        try:
+            img, label = _image_and_label(sample)
+            image = transform(img)
+        except Exception as exn:
+            raise DataError(f"sample {sample.get('__key__')!r} in {sample.get('__url__')}: "
+                            f"{_describe(exn)}") from exn
+        yield sample["__index__"], image, label
+
+
+def ordered_batches(urls: list[str], transform, batch_size: int, rank: int, world_size: int,
+                    num_workers: int = 0):
+    """This rank's share of the data set as batches (index [B] int64, images [B,3,H,W],
+    labels [B] int64; the last batch of each reader may be smaller; a rank with no shard of its
+    own yields nothing). ``transform``: PIL image -> tensor [3,H,W]."""
+    pipeline = wds.DataPipeline(
+        partial(_reader_samples, urls, rank, world_size),
+        partial(_decode, transform=transform),
+        wds.batched(batch_size, partial=True),
+    )
+    loader = wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers,
+                           persistent_workers=False)
+    for index, images, labels in loader:
+        yield torch.as_tensor(index, dtype=torch.int64), images, torch.as_tensor(labels)
