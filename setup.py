@@ -18,6 +18,7 @@ setup(
         "pyyaml",
         "pydantic>=2",
         "scikit-learn",
+        "matplotlib",  # the comparison's bar chart
         "pillow",
         "numpy",
     ],

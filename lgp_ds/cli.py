@@ -33,3 +33,40 @@ def errors_as_one_line(kinds: tuple = BAD_INPUT, ranks_started: bool = True):
             print(f"error{f' on rank {rank}' if ranks_started else ''}: {message}",
                   file=sys.stderr)
         sys.exit(1 if isinstance(e, DataError) else 2)
+
+
+def add_eval_arguments(parser) -> None:
+    """The frozen-feature protocols' options (launch/evaluate.py, launch/compare.py)."""
+    from lgp_ds.eval.protocols import PROTOCOLS, EvalSettings
+    d = EvalSettings()
+    g = parser.add_argument_group("evaluation")
+    g.add_argument("--train_data", help="labelled training shards (default: the embedded set's "
+                   "train split)")
+    g.add_argument("--val_data", help="held-out labelled shards (default: the embedded set's "
+                   "val split)")
+    g.add_argument("--protocols", default=",".join(d.protocols),
+                   help=f"comma-separated, of {','.join(PROTOCOLS)}")
+    g.add_argument("--subset", help="SimCLR-style subset file (1percent.txt) of the labelled "
+                   "images for logistic regression")
+    g.add_argument("--fraction", type=float, default=d.fraction, help="without --subset: a "
+                   "class-balanced share of the training images for logistic regression")
+    g.add_argument("--knn_k", type=int, default=d.knn_k)
+    g.add_argument("--knn_t", type=float, default=d.knn_t)
+    g.add_argument("--linear_epochs", type=int, default=d.linear_epochs)
+    g.add_argument("--linear_batch_size", type=int, default=d.linear_batch_size)
+    g.add_argument("--batch_size", type=int, default=d.batch_size,
+                   help="feature extraction batch per rank")
+    g.add_argument("--num_workers", type=int, default=d.num_workers)
+    g.add_argument("--seed", type=int, default=d.seed)
+
+
+def eval_settings(args, **extra):
+    """:class:`EvalSettings` from the options of :func:`add_eval_arguments`, checked."""
+    from lgp_ds.eval.protocols import EvalSettings
+    settings = EvalSettings(
+        protocols=tuple(p.strip() for p in args.protocols.split(",") if p.strip()),
+        fraction=args.fraction, subset=args.subset, knn_k=args.knn_k, knn_t=args.knn_t,
+        linear_epochs=args.linear_epochs, linear_batch_size=args.linear_batch_size,
+        batch_size=args.batch_size, num_workers=args.num_workers, seed=args.seed, **extra)
+    settings.check()
+    return settings

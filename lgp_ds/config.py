@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, 
 RECIPES_DIR = os.path.join(os.path.dirname(__file__), "recipes")
 
 # The pre-training methods (lgp_ds.methods); each recipe names one.
-METHODS = ("graft", "moco", "mae", "mtl", "mim2cl_frozen", "cl2mim", "graft_vicreg")
+METHODS = ("graft", "moco", "mae", "mtl", "mim2cl_frozen", "cl2mim", "graft_vicreg", "finetune")
 # Methods whose init= weights are MIM weights that the anchor may pull the encoder towards.
 ANCHORED_METHODS = ("graft", "graft_vicreg", "mim2cl_frozen")
 # Methods that keep init='s lower stages frozen and train the upper ones with the other objective.
@@ -89,6 +89,31 @@ class Config(BaseModel):
     max_corrupt_run: Positive = 100  # undecodable samples in a row that stop the run
     crop_min: Fraction = 0.08  # smallest crop (area fraction) of the two contrastive views
     mae_crop_min: Fraction = 0.2  # smallest crop of the MAE view (mae, cl2mim, mtl)
+    subset: str | None = None  # SimCLR-style file of image names: train on those samples only
+    subset_fraction: Fraction | None = None  # embedded set: a class-balanced subset, seed 0
+    # fine-tuning (method=finetune; FINETUNE_KEYS): off by default, the recipes set MAE's values
+    num_classes: Positive = 1000
+    pooling: Literal["cls", "avg"] = "avg"  # CLS token after the final norm, or MAE's mean+fc_norm
+    layer_decay: Annotated[float, Field(gt=0, le=1)] = 1.0  # LR x decay ** (depth + 1 - layer)
+    freeze_blocks: NonNegative = 0  # partial fine-tuning: embeddings and the first k blocks frozen
+    from_projector_layer: Annotated[int, Field(ge=0, le=2)] = 0  # init's projector units kept
+    mixup: Weight = 0.0  # timm Mixup's mixup alpha (0: off)
+    cutmix: Weight = 0.0  # timm Mixup's cutmix alpha (0: off)
+    mixup_prob: Fraction = 1.0  # probability of mixing a batch
+    mixup_switch_prob: Annotated[float, Field(ge=0, le=1)] = 0.5  # cutmix instead of mixup
+    smoothing: Rate = 0.0  # label smoothing
+    auto_augment: str | None = None  # timm policy, e.g. rand-m9-mstd0.5-inc1 (RandAugment)
+    re_prob: Rate = 0.0  # random erasing probability
+    val_data: list[str] | None = None  # held-out shards for top-1; None: the embedded val split
+    eval_every: Positive | None = None  # top-1 every N steps (always at the end)
+    # online kNN monitor: every knn_every steps (and at the last), cosine kNN top-1 (%) of the
+    # base encoder's class token from knn_train_data to knn_val_data (None: the embedded set's
+    # train / held-out val split; both required with data=)
+    knn_every: NonNegative = 0  # 0: off
+    knn_k: Positive = 20
+    knn_t: Annotated[float, Field(gt=0)] = 0.07
+    knn_train_data: list[str] | None = None
+    knn_val_data: list[str] | None = None
     # run
     output_dir: str = "runs/graft"
     seed: int = 0
@@ -148,8 +173,25 @@ class Config(BaseModel):
             ("stage_blrs", len(self.stage_blrs) == self.num_stages,
              f"has {len(self.stage_blrs)} values but num_stages={self.num_stages}"),
             ("warmup_epochs", self.warmup_epochs <= self.epochs, f"exceeds epochs={self.epochs}"),
-            ("samples_per_epoch", self.data is None or self.samples_per_epoch is not None,
+            ("samples_per_epoch", self.data is None or self.samples_per_epoch is not None
+             or self.subset is not None,
              "must be given with data= (the number of training samples in the shards)"),
+            ("samples_per_epoch", self.samples_per_epoch is None
+             or (self.subset is None and self.subset_fraction is None),
+             "and a subset: an epoch is then the subset's size (leave samples_per_epoch unset)"),
+            ("subset_fraction", self.subset_fraction is None or self.subset is None,
+             "and subset= both name the subset: give one"),
+            ("subset_fraction", self.subset_fraction is None or self.data is None,
+             "draws from the embedded set's labels; with data= give a subset file (subset=)"),
+            ("val_data", self.method != "finetune" or self.data is None or self.val_data,
+             "must name the held-out shards that method=finetune measures top-1 on, with data="),
+            *((key, self.method == "finetune" or getattr(self, key) == default,
+               "applies to method=finetune only") for key, default in FINETUNE_KEYS.items()),
+            ("knn_every", self.knn_every == 0 or self.data is None
+             or (self.knn_train_data is not None and self.knn_val_data is not None),
+             f"with data= needs knn_train_data= and knn_val_data= (the labelled images the kNN "
+             f"monitor votes with and those it classifies; given: {self.knn_train_data!r} and "
+             f"{self.knn_val_data!r}): the embedded digits set stands in only without data="),
             ("resume", self.resume in (None, "auto") or os.path.isdir(self.resume),
              "must be 'auto' or an existing checkpoint folder"),
         ]
@@ -157,6 +199,13 @@ class Config(BaseModel):
             if not ok:
                 raise ValueError(f"config key {key}={getattr(self, key)!r} {why}")
         return self
+
+
+# Keys that only fine-tuning reads, with their defaults: another method refuses other values.
+FINETUNE_KEYS = {k: Config.model_fields[k].default for k in (
+    "num_classes", "pooling", "layer_decay", "freeze_blocks", "from_projector_layer", "mixup",
+    "cutmix", "mixup_prob", "mixup_switch_prob", "smoothing", "auto_augment", "re_prob",
+    "val_data", "eval_every")}
 
 
 def _kinds(annotation) -> set:
@@ -268,7 +317,8 @@ def load_config(recipe: str | None, overrides: list[str]) -> Config:
 # key defines the run: a resume that changes one is refused.
 MAY_CHANGE_ON_RESUME = frozenset({"output_dir", "max_steps", "log_every", "save_every",
                                   "init", "data", "num_workers", "max_corrupt_run", "grad_ckpt",
-                                  "fused_attn"})
+                                  "fused_attn", "val_data", "eval_every", "knn_every", "knn_k",
+                                  "knn_t", "knn_train_data", "knn_val_data"})
 
 
 # DeepSpeed keys that the recipe owns: stating them in the DeepSpeed config is refused.
@@ -361,10 +411,16 @@ def resolve_ds_config(ds: dict, cfg: Config, world_size: int) -> dict:
         raise ValueError(f"batch_size={cfg.batch_size} disagrees with the DeepSpeed config's "
                          f"train_micro_batch_size_per_gpu={micro} x world size {world_size} x "
                          f"gradient_accumulation_steps {gas}")
+    per_rank = cfg.batch_size // (world_size * gas)
+    if cfg.method == "finetune" and (cfg.mixup > 0 or cfg.cutmix > 0) and per_rank % 2:
+        raise ValueError(f"mixup={cfg.mixup} / cutmix={cfg.cutmix}: timm's Mixup mixes each image "
+                         f"with another of its rank's micro-batch, which must be even; it is "
+                         f"batch_size={cfg.batch_size} / (world size {world_size} x "
+                         f"gradient_accumulation_steps {gas}) = {per_rank}")
     # DeepSpeed clips gradients at norm 1.0 unless told otherwise; MoCo v3 and MAE do not clip.
     ds.setdefault("gradient_clipping", 0.0)
     ds.update(train_batch_size=cfg.batch_size, gradient_accumulation_steps=gas,
-              train_micro_batch_size_per_gpu=cfg.batch_size // (world_size * gas))
+              train_micro_batch_size_per_gpu=per_rank)
     return ds
 
 

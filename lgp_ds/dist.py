@@ -123,6 +123,83 @@ def all_gather_object(obj) -> list:
     return out
 
 
+@torch.no_grad()
+def gather_in_order(index: torch.Tensor, *tensors: torch.Tensor, device=None,
+                    chunk_rows: int = 1 << 16) -> tuple[torch.Tensor, ...]:
+    """Collective: every rank's rows, from all ranks, sorted by ``index``, on every rank.
+
+    ``index`` [n] int64 (distinct over all ranks), each of ``tensors`` [n, ...] (ranks may hold
+    different n, 0 included; the trailing shapes and dtypes must agree) -> (index [N], *tensors
+    [N, ...]) on the CPU, N = the sum of n, ascending in ``index``. Rows are padded to the
+    largest n for the transport only and dropped after, so no row is duplicated; an index seen
+    twice is a ValueError. The collectives run on ``device`` (default ``index.device``; NCCL
+    needs the GPU), at most ``chunk_rows`` rows per rank at a time.
+    """
+    parts = (index, *tensors)
+    if get_world_size() > 1:
+        device = torch.device(device) if device is not None else index.device
+        counts = torch.tensor([index.shape[0]], device=device)
+        counts = [int(c) for c in all_gather_cat(counts)]
+        pieces = [[t[:0].cpu()] for t in parts]  # every rank's rows are empty when all are
+        for start in range(0, max(counts), chunk_rows):
+            rows = min(chunk_rows, max(counts) - start)
+            for j, t in enumerate(parts):
+                mine = t[start:start + rows]
+                padded = torch.zeros((rows, *t.shape[1:]), dtype=t.dtype, device=device)
+                padded[:mine.shape[0]] = mine.to(device)
+                gathered = all_gather_cat(padded).cpu().split(rows)
+                pieces[j] += [g[:max(0, min(rows, n - start))] for g, n in zip(gathered, counts)]
+        parts = tuple(torch.cat(p) for p in pieces)
+    parts = tuple(t.cpu() for t in parts)
+    order = parts[0].argsort()
+    if order.numel() > 1 and bool((parts[0][order][1:] == parts[0][order][:-1]).any()):
+        raise ValueError("gather_in_order: an index appears more than once over the ranks")
+    return tuple(t[order] for t in parts)
+
+
+def in_lockstep(items, device=None, size_of=None):
+    """Collective: (item, size) for this rank's ``items``, then (None, size) until every rank has
+    run out, so that all ranks loop the same number of times (a ZeRO-3 forward gathers
+    parameters collectively: a rank out of batches runs a dummy one of ``size`` and drops it).
+    ``size_of(item)`` -> list of ints (e.g. an image batch's shape); ``size``: its largest
+    values over the ranks that hold an item this round ([] without ``size_of``).
+
+    An exception from ``items`` (e.g. a corrupt shard) on any rank ends every rank's loop: that
+    rank re-raises it, the others raise a RuntimeError pointing to it, so none waits forever
+    in a collective. Costs one small all-reduce per item.
+    """
+    end = object()
+    items = iter(items)
+    width = None
+    while True:
+        error = None
+        try:
+            item = next(items, end)
+        except Exception as e:
+            item, error = end, e
+        size = list(size_of(item)) if size_of is not None and item is not end else None
+        if width is None:  # every rank must send as many numbers: agree on how many, once
+            width = int(all_reduce_max(torch.tensor([len(size or [])], device=device)).item())
+        flags = torch.tensor([item is not end, error is not None, *(size or [0] * width)],
+                             dtype=torch.int64, device=device)
+        flags = all_reduce_max(flags)
+        if error is not None:
+            raise error
+        if flags[1]:
+            raise RuntimeError(f"rank {get_rank()} stops: another rank failed reading its data "
+                               f"(its error says why)")
+        if not flags[0]:
+            return
+        yield (None if item is end else item), [int(v) for v in flags[2:]]
+
+
+def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
+    """Element-wise max over ranks, in place (no gradient); ``x`` itself with one rank."""
+    if get_world_size() > 1:
+        dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return x
+
+
 def print_main(*args) -> None:
     """print() on rank 0 only, flushed."""
     if is_main():

@@ -10,12 +10,26 @@ import argparse
 
 import deepspeed
 
+from lgp_ds import dist
 from lgp_ds.cli import errors_as_one_line
 from lgp_ds.config import load_run_config
 from lgp_ds.data.shards import DataError
 from lgp_ds.dist import init_process_group
 from lgp_ds.engine.trainer import Trainer
+from lgp_ds.eval.monitor import KNNMonitor
 from lgp_ds.methods import build_method
+
+
+def build_trainer(cfg, ds_config: dict) -> Trainer:
+    """Collective: the trainer of ``cfg``'s method with the evaluations ``cfg`` asks for (the kNN
+    monitor with ``knn_every``; its shards are checked here, before training)."""
+    evaluators = []
+    if cfg.knn_every:
+        # at least 64 images a forward: no activations are kept, and fewer forwards mean fewer
+        # parameter gathers under ZeRO 3
+        evaluators.append(KNNMonitor(cfg, dist.get_world_size() * max(1, cfg.num_workers),
+                                     max(64, ds_config["train_micro_batch_size_per_gpu"])))
+    return Trainer(cfg, ds_config, build_method(cfg), evaluators=evaluators)
 
 
 def main(argv=None, description: str = __doc__) -> None:
@@ -36,6 +50,6 @@ def main(argv=None, description: str = __doc__) -> None:
         cfg, ds_config = load_run_config(args.config, overrides, args.deepspeed_config)
     init_process_group()
     with errors_as_one_line():  # data, init weights and the resume checkpoint are checked here
-        trainer = Trainer(cfg, ds_config, build_method(cfg))
+        trainer = build_trainer(cfg, ds_config)
     with errors_as_one_line((DataError,)):  # shards that turn out hopeless while training
         trainer.fit()

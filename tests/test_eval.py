@@ -6,7 +6,7 @@ import torch
 
 from lgp_ds.eval.fewshot import logistic_regression
 from lgp_ds.eval.knn import knn_accuracy, knn_predict
-from lgp_ds.eval.subsets import balanced_subset, read_subset, write_subset
+from lgp_ds.data.subsets import balanced_subset, read_subset, write_subset
 
 
 def _blobs(train_per_class: int, test_per_class: int, classes: int = 5, dim: int = 16,

@@ -75,13 +75,15 @@ def bench_step(trainer, steps: int, warmup: int) -> float:
     n = trainer.engine.train_micro_batch_size_per_gpu()
     views = [torch.randn(n, 3, cfg.img_size, cfg.img_size, device=trainer.device)
              for _ in range(num_views(trainer.method, cfg.img_size))]
+    # labels, which fine-tuning trains on (pre-training ignores them)
+    labels = torch.randint(0, cfg.num_classes, (n,), device=trainer.device)
     for _ in range(warmup):
-        trainer.train_step(*views)
+        trainer.train_step(*views, labels=labels)
     acc.synchronize()
     dist.barrier()
     start = time.perf_counter()
     for _ in range(steps):
-        trainer.train_step(*views)
+        trainer.train_step(*views, labels=labels)
     acc.synchronize()
     return (time.perf_counter() - start) / steps
 

@@ -17,6 +17,8 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
+from .subsets import balanced_subset
+
 NUM_IMAGES = 1797
 HELD_OUT_FRACTION = 0.25
 SPLITS = ("train", "val")
@@ -34,6 +36,16 @@ def _split_indices() -> dict[str, np.ndarray]:
 
 
 NUM_SAMPLES = {"train": 1347, "val": 450}  # len(_split_indices()[split]); checked by a test
+
+
+def embedded_subset(fraction: float) -> list[str]:
+    """Sample keys of a class-balanced ``fraction`` of the embedded set's train split (seed 0:
+    the same images in every run, as a SimCLR subset file)."""
+    from sklearn.datasets import load_digits
+
+    train = _split_indices()["train"]
+    labels = load_digits().target[train]
+    return balanced_subset([f"{i:06d}" for i in train], [int(y) for y in labels], fraction, seed=0)
 
 
 def cache_root() -> str:

@@ -33,7 +33,7 @@ def _reader_samples(urls: list[str], rank: int, world_size: int):
 
 
 def _decode(samples, transform):
-    """Tar samples -> (index, image [3,H,W], label); DataError names a sample that fails."""
+    """Tar samples -> (index, image [3,H,W], label, key); DataError names a sample that fails."""
     for sample in samples:
         try:
             img, label = _image_and_label(sample)
@@ -41,14 +41,15 @@ def _decode(samples, transform):
         except Exception as exn:
             raise DataError(f"sample {sample.get('__key__')!r} in {sample.get('__url__')}: "
                             f"{_describe(exn)}") from exn
-        yield sample["__index__"], image, label
+        yield sample["__index__"], image, label, sample["__key__"]
 
 
 def ordered_batches(urls: list[str], transform, batch_size: int, rank: int, world_size: int,
-                    num_workers: int = 0):
+                    num_workers: int = 0, with_keys: bool = False):
     """This rank's share of the data set as batches (index [B] int64, images [B,3,H,W],
-    labels [B] int64; the last batch of each reader may be smaller; a rank with no shard of its
-    own yields nothing). ``transform``: PIL image -> tensor [3,H,W]."""
+    labels [B] int64, and with ``with_keys`` the B sample keys (image names) as a list; the last
+    batch of each reader may be smaller; a rank with no shard of its own yields nothing).
+    ``transform``: PIL image -> tensor [3,H,W]."""
     pipeline = wds.DataPipeline(
         partial(_reader_samples, urls, rank, world_size),
         partial(_decode, transform=transform),
@@ -56,5 +57,6 @@ def ordered_batches(urls: list[str], transform, batch_size: int, rank: int, worl
     )
     loader = wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers,
                            persistent_workers=False)
-    for index, images, labels in loader:
-        yield torch.as_tensor(index, dtype=torch.int64), images, torch.as_tensor(labels)
+    for index, images, labels, keys in loader:
+        batch = torch.as_tensor(index, dtype=torch.int64), images, torch.as_tensor(labels)
+        yield (*batch, list(keys)) if with_keys else batch

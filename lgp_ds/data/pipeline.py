@@ -3,13 +3,27 @@ import itertools
 
 from lgp_ds import dist
 
-from .builtin import NUM_SAMPLES, digits_shards
-from .shards import check_readers, expand_shards, train_batches
+from .builtin import NUM_SAMPLES, digits_shards, embedded_subset
+from .shards import check_readers, expand_shards, image_name, train_batches
+from .subsets import read_subset
+
+
+def subset_names(cfg) -> list[str] | None:
+    """The images a run trains on when it trains on a subset (``subset`` file or
+    ``subset_fraction`` of the embedded set), as :func:`shards.image_name` values; else None."""
+    if cfg.subset is not None:
+        return [image_name(n) for n in read_subset(cfg.subset)]
+    if cfg.subset_fraction is not None:
+        return embedded_subset(cfg.subset_fraction)
+    return None
 
 
 def samples_per_epoch(cfg) -> int:
-    """Training samples in one epoch: ``cfg.samples_per_epoch`` (required with ``data=``), or the
-    size of the embedded set's train split."""
+    """Training samples in one epoch: the subset's size with one, else ``cfg.samples_per_epoch``
+    (required with ``data=``) or the size of the embedded set's train split."""
+    names = subset_names(cfg)
+    if names is not None:
+        return len(names)
     return cfg.samples_per_epoch or NUM_SAMPLES["train"]
 
 
@@ -41,6 +55,8 @@ class TrainData:
         check_readers(self.urls, dist.get_world_size(), cfg.num_workers)
         self.cfg, self.batch_per_rank = cfg, batch_per_rank
         self.transform = transform  # PIL image -> tuple of view tensors
+        names = subset_names(cfg)
+        self.subset = frozenset(names) if names is not None else None
 
     def batches(self, epoch: int, count: int, skip: int = 0):
         """The ``count`` micro-batches of ``epoch`` on this rank, without the first ``skip``.
@@ -51,5 +67,5 @@ class TrainData:
         cfg = self.cfg
         stream = train_batches(self.urls, self.transform, self.batch_per_rank, count,
                                dist.get_rank(), dist.get_world_size(), cfg.num_workers, cfg.seed,
-                               epoch, cfg.shuffle_buffer, cfg.max_corrupt_run)
+                               epoch, cfg.shuffle_buffer, cfg.max_corrupt_run, self.subset)
         return itertools.islice(stream, skip, None)

@@ -108,9 +108,17 @@ def _skip_shard_data(url: str, problems: dict, exn: Exception) -> bool:
     return True
 
 
-def _reader_samples(urls: list[str], rank: int, world_size: int, seed: int):
+def image_name(name: str) -> str:
+    """What a sample key and a subset file's line are matched on: the base name up to its first
+    dot (``train/n01440764_10026`` and ``n01440764_10026.JPEG`` -> ``n01440764_10026``)."""
+    return os.path.basename(name).split(".", 1)[0]
+
+
+def _reader_samples(urls: list[str], rank: int, world_size: int, seed: int,
+                    subset: frozenset | None = None):
     """Source stage: tar samples (dicts: ``__key__``, ``__url__``, one bytes value per file) of
-    this reader's shards, a new seeded order each pass, forever.
+    this reader's shards, a new seeded order each pass, forever; with ``subset`` (a set of
+    :func:`image_name` values) only the samples it names, skipped before they are decoded.
 
     Unreadable shard data is skipped with a warning. A whole pass that yields no sample raises
     DataError naming the shards and what was wrong with them: the reader would otherwise loop
@@ -122,12 +130,16 @@ def _reader_samples(urls: list[str], rank: int, world_size: int, seed: int):
         for url in _shuffled(mine, seed * 1_000_003 + n):
             for sample in wds.tarfile_samples([{"url": url}],
                                               handler=partial(_skip_shard_data, url, problems)):
+                if subset is not None and image_name(sample.get("__key__", "")) not in subset:
+                    continue
                 found += 1
                 yield sample
         if not found:
             worker = wds.utils.pytorch_worker_info()[2]
-            what = [f"{u}: {problems.get(u, 'no samples (empty, or no files named KEY.EXT)')}"
-                    for u in mine]
+            none = ("no samples of the subset (its names, e.g. "
+                    f"{sorted(subset)[:2]}, are matched on the sample keys)" if subset is not None
+                    else "no samples (empty, or no files named KEY.EXT)")
+            what = [f"{u}: {problems.get(u, none)}" for u in mine]
             raise DataError(f"no sample in a whole pass over the {len(mine)} shard(s) of rank "
                             f"{rank}, DataLoader worker {worker}: {_listed(what)}")
 
@@ -183,19 +195,21 @@ def _decode_views(samples, transform, max_corrupt_run: int):
 
 def train_batches(urls: list[str], transform, batch_per_rank: int, steps: int, rank: int,
                   world_size: int, num_workers: int, seed: int, epoch: int,
-                  shuffle_buffer: int = 5000, max_corrupt_run: int = 100):
+                  shuffle_buffer: int = 5000, max_corrupt_run: int = 100,
+                  subset: frozenset | None = None):
     """Iterator over exactly ``steps`` batches of this rank for ``epoch``.
 
     Each batch is (view_1 [B,3,H,W], ..., view_k, labels [B], skipped [B]) where
     ``skipped.sum()`` counts corrupt samples dropped while it was assembled. The order is a
-    function of (seed, epoch, rank), so a resumed run sees the same batches. Raises ValueError
+    function of (seed, epoch, rank), so a resumed run sees the same batches. ``subset``: read only
+    the samples whose :func:`image_name` it holds (SimCLR-style label subsets). Raises ValueError
     when there are fewer shards than readers, DataError (see the module) on hopeless data.
     """
     check_readers(urls, world_size, num_workers)
     epoch_seed = seed * 10_007 + epoch
     pipeline = wds.DataPipeline(
         # partials, not lambdas: DataLoader workers started by spawn receive the pipeline pickled
-        partial(_reader_samples, urls, rank, world_size, epoch_seed),
+        partial(_reader_samples, urls, rank, world_size, epoch_seed, subset=subset),
         wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 1000),
                     seed=epoch_seed * 1_000 + rank),
         partial(_decode_views, transform=transform, max_corrupt_run=max_corrupt_run),

@@ -1,7 +1,8 @@
 """The one training loop of every pre-training method, on a DeepSpeed engine.
 
 One iteration (per micro-batch of this rank):
-    views [B,3,H,W] x k -> method.loss(engine, views, momentum)    (forward + loss; MoCo: base
+    views [B,3,H,W] x k, labels [B] -> method.loss(engine, views, momentum, labels)
+                                                                   (forward + loss; MoCo: base
                                                                      and momentum encoders,
                                                                      keys all-gathered)
     -> engine.backward(loss)
@@ -12,7 +13,6 @@ What differs between methods (model, views, loss, which shared components are on
 :class:`lgp_ds.methods.Method` object; this file never names a method.
 """
 import contextlib
-import math
 import os
 import time
 from functools import partial
@@ -31,7 +31,7 @@ from . import checkpoint, run_dir
 from .anchor import MIMAnchor
 from .master import master_slices
 from .momentum import MomentumEncoder
-from .param_groups import build_param_groups, freeze_lower_stages
+from .param_groups import freeze_lower_stages
 from .run_dir import MetricsLog
 from .schedules import lr_factor, momentum_at
 
@@ -45,13 +45,42 @@ def build_optimizer(cfg: Config, groups: list[dict]) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, betas=betas, fused=get_accelerator().device_name() == "cuda")
 
 
-def read_init(path: str) -> convert.Weights:
+def read_init(path: str, num_heads: int | None = None) -> convert.Weights:
     """The ``init=`` weights: an MAE, MoCo v3 or timm file, or an lgp_ds checkpoint folder (run
-    folder, ``checkpoints/`` or a tag: the newest complete checkpoint, consolidated to fp32)."""
+    folder, ``checkpoints/`` or a tag: the newest complete checkpoint, consolidated to fp32).
+
+    ``num_heads``: the head count of the model they are for. Weights whose source records
+    another (its own record, or its architecture's: MoCo v3's ``vit_small`` has 12 heads where
+    timm's has 6) are refused, naming both counts: the shapes match, so a strict load would
+    go through and compute other features."""
     try:
-        return convert.read(path)
+        weights = convert.read(path)
     except (ValueError, FileNotFoundError) as e:
         raise type(e)(f"init={e}") from e
+    recorded = _recorded_heads(weights)
+    if num_heads is not None and recorded is not None and recorded != num_heads:
+        raise ValueError(
+            f"init={path}: its weights were trained with {recorded} attention heads (as its "
+            f"source records: arch {weights.arch!r}), but the config builds {num_heads} (config "
+            f"key num_heads); the shapes match, so they would load and compute other features: "
+            f"set num_heads={recorded} (if the record is wrong, e.g. a grafting-code vit_small "
+            f"file with 6 heads, convert it with tools/convert_ckpt.py --to init --num_heads N)")
+    return weights
+
+
+def _recorded_heads(weights: convert.Weights) -> int | None:
+    """The head count the source of ``weights`` records, or None where it is only a guess."""
+    if weights.num_heads is not None:
+        return weights.num_heads
+    if not weights.arch:
+        return None
+    try:
+        spec = convert.model_spec(weights.encoder(), weights.arch, None, arch_recorded=True)
+    except ValueError:
+        return None
+    if any("is a guess" in note for note in spec.notes):
+        return None
+    return spec.shape["num_heads"]
 
 
 class Trainer:
@@ -63,7 +92,8 @@ class Trainer:
     ``with_data=False`` leaves out the data (for :meth:`train_step` on batches of one's own).
     """
 
-    def __init__(self, cfg: Config, ds_config: dict, method, with_data: bool = True):
+    def __init__(self, cfg: Config, ds_config: dict, method, with_data: bool = True,
+                 evaluators=()):
         if cfg.anchor_weight > 0 and cfg.init is None:
             raise ValueError(f"config key anchor_weight={cfg.anchor_weight} needs init= (the MIM "
                              f"weights to stay close to)")
@@ -81,13 +111,13 @@ class Trainer:
                              f"{self.depth}")
         mim_state = None
         if cfg.init:
-            weights = read_init(cfg.init)
+            weights = read_init(cfg.init, method.encoder(model).blocks[0].attn.num_heads)
             method.load_init(model, weights)
             mim_state = weights.encoder() if cfg.anchor_weight > 0 else None
             del weights
         freeze_lower_stages(model, self.depth, cfg.num_stages, cfg.frozen_stages, prefix)
         lrs = [blr * cfg.batch_size / 256 for blr in cfg.stage_blrs]
-        groups = build_param_groups(model, self.depth, lrs, cfg.weight_decay, prefix)
+        groups = method.param_groups(model, self.depth, lrs)
         name_of = {id(p): n for n, p in model.named_parameters()}
         # Parameter names in optimizer order: the ZeRO-0 fp32 master groups in a checkpoint are
         # flat lists in this order, with no names of their own.
@@ -96,6 +126,9 @@ class Trainer:
 
         self.data = (TrainData(cfg, ds_config["train_micro_batch_size_per_gpu"], method.transform())
                      if with_data else None)
+        # Periodic evaluations besides the method's own (the kNN monitor): each has ``every``
+        # (steps) and is called with this trainer; built by lgp_ds.launch.build_trainer.
+        self.evaluators = list(evaluators)
         self.steps_per_epoch = samples_per_epoch(cfg) // cfg.batch_size
         if self.steps_per_epoch == 0:
             raise ValueError(f"samples_per_epoch={samples_per_epoch(cfg)} is smaller than "
@@ -144,6 +177,7 @@ class Trainer:
         del mim_state
 
         self.step = 0  # optimizer steps applied or skipped (engine.global_steps)
+        self.fit_began = (time.perf_counter(), 0)  # (time, step) where fit() began
         self.epoch, self.batch_in_epoch = 0, 0
         # Corrupt samples: the global count before this process started (from the checkpoint)
         # and this rank's own count since; ranks are summed only when logging or saving.
@@ -195,13 +229,16 @@ class Trainer:
                         f"epoch {self.epoch}, batch {self.batch_in_epoch}")
 
     # -- training ------------------------------------------------------------------------------
-    def train_step(self, *views: torch.Tensor) -> dict:
-        """One micro-batch of views [B,3,H,W]: forward, backward, and at the accumulation
-        boundary step + EMA. The views stay fp32 (an MAE target is computed from them); the
-        models cast their inputs to the engine's dtype."""
+    def train_step(self, *views: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
+        """One micro-batch of views [B,3,H,W] (and the samples' labels [B], which fine-tuning
+        reads): forward, backward, and at the accumulation boundary step + EMA. The views stay
+        fp32 (an MAE target is computed from them); the models cast their inputs to the engine's
+        dtype."""
         views = tuple(v.to(self.device, non_blocking=True) for v in views)
+        if labels is not None:
+            labels = labels.to(self.device, non_blocking=True)
         with self._forward_rng():
-            loss, terms = self.method.loss(self.engine, views, self.momentum)
+            loss, terms = self.method.loss(self.engine, views, self.momentum, labels)
         self.engine.backward(loss)
         anchor = 0.0
         boundary = self.engine.is_gradient_accumulation_boundary()
@@ -240,11 +277,12 @@ class Trainer:
         last_step = min(self.total_steps, cfg.max_steps or self.total_steps)
         gas = self.engine.gradient_accumulation_steps()
         records, meter = [], _Meter()
+        self.fit_began = (time.perf_counter(), self.step)
         while self.step < last_step:
             epoch = self.epoch
             batches = self.data.batches(epoch, self.steps_per_epoch * gas, skip=self.batch_in_epoch)
-            for *views, _, skipped in batches:
-                out = self.train_step(*views)
+            for *views, labels, skipped in batches:
+                out = self.train_step(*views, labels=labels)
                 self.batch_in_epoch += 1
                 self.corrupt_local += int(skipped.sum())
                 meter.add(out, views[0].shape[0])
@@ -253,8 +291,9 @@ class Trainer:
                 self.step = self.engine.global_steps
                 if self.batch_in_epoch == self.steps_per_epoch * gas:
                     self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-                if self.step % cfg.log_every == 0 or self.step == last_step:
-                    records.append(self.log(meter.pop(), out))
+                evaluations = self.evaluate(last_step, meter)
+                if self.step % cfg.log_every == 0 or self.step == last_step or evaluations:
+                    records.append(self.log(meter.pop(), out, evaluations))
                 if self.step % cfg.save_every == 0 or self.step == last_step:
                     self.save()
                 if self.step >= last_step:
@@ -264,8 +303,33 @@ class Trainer:
                                    f"{self.steps_per_epoch * gas} without reaching its last step")
         return records
 
-    def log(self, window: dict, out: dict) -> dict:
-        """Collective: the metrics record of this step (means over ranks), logged by rank 0."""
+    def evaluate(self, last_step: int, meter=None) -> dict:
+        """Collective: the evaluations due at this step, as {metric: number}: the method's own
+        (fine-tuning's ``val_top1``) every ``eval_every`` steps and each evaluator's (the kNN
+        monitor's ``knn``) every ``evaluator.every`` steps, all at the last step. Their time is
+        kept out of ``meter``'s throughput window."""
+        def due(every: int) -> bool:
+            return self.step == last_step or bool(every and self.step % every == 0)
+
+        results = self.method.evaluate(self) if due(self.cfg.eval_every) else {}
+        for evaluator in self.evaluators:
+            if due(evaluator.every):
+                results.update(evaluator(self))
+        if meter is not None and results:
+            meter.start = time.perf_counter()
+        return results
+
+    def _time_left(self, last_step: int) -> str:
+        """`` eta h:mm:ss`` to ``last_step`` at this process's pace so far in :meth:`fit`."""
+        began, first = self.fit_began
+        if self.step <= first:
+            return ""
+        left = int((last_step - self.step) * (time.perf_counter() - began) / (self.step - first))
+        return f" eta {left // 3600}:{left // 60 % 60:02d}:{left % 60:02d}"
+
+    def log(self, window: dict, out: dict, evaluations: dict | None = None) -> dict:
+        """Collective: the metrics record of this step (means over ranks) with the
+        ``evaluations`` that ran at it, logged by rank 0."""
         names = list(window["means"])  # "loss" and the method's terms, the same on every rank
         means = torch.stack([window["means"][n].float() for n in names])
         means = dist.all_reduce_sum(means) / dist.get_world_size()
@@ -280,16 +344,21 @@ class Trainer:
                       corrupt_samples=self.corrupt_samples())
         if self.dtype == torch.float16:
             record["loss_scale"] = float(self.engine.optimizer.loss_scale)
+        record.update(evaluations or {})
         self.metrics.append(record)
         if dist.is_main():
             top = self.group_names[-1].removesuffix("_no_wd")
             terms = "".join(f" {n} {record[n]:.4f}" for n in names[1:])
             m = f" m {record['momentum']:.5f}" if "momentum" in record else ""
             anchor = f" anchor {record['anchor']:.4g}" if self.anchor is not None else ""
-            print(f"step {self.step}/{min(self.total_steps, self.cfg.max_steps or math.inf)} "
+            last_step = min(self.total_steps, self.cfg.max_steps or self.total_steps)
+            eta = self._time_left(last_step)
+            print(f"step {self.step}/{last_step} "
                   f"epoch {self.epoch} loss {record['loss']:.4f}{terms}{anchor} "
                   f"lr[{top}] {record['lr'][self.group_names[-1]]:.3g}{m} "
-                  f"{record['img_per_s']:.1f} img/s skipped {record['skipped_steps']}", flush=True)
+                  f"{record['img_per_s']:.1f} img/s skipped {record['skipped_steps']}"
+                  + "".join(f" {k} {v:.4g}" for k, v in (evaluations or {}).items()) + eta,
+                  flush=True)
         return record
 
 

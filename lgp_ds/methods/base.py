@@ -7,7 +7,11 @@ metrics. A method owns only what differs:
 - ``build_model()``: the module the engine trains (encoder plus heads or decoder);
 - ``load_init(model, weights)``: how ``init=`` weights enter that model;
 - ``transform()``: PIL image -> the tuple of views one sample gives;
-- ``loss(engine, views, momentum)``: forward and loss over this rank's micro-batch;
+- ``param_groups(model, depth, stage_lrs)``: the optimizer's param groups (stage-wise LRs;
+  fine-tuning: layer-wise LR decay and frozen lower blocks);
+- ``loss(engine, views, momentum, labels)``: forward and loss over this rank's micro-batch
+  (labels: the samples' ``cls``, which only fine-tuning reads);
+- ``evaluate(trainer)``: metrics of the model during and after training (fine-tuning: top-1);
 - switches for the shared components: ``momentum_encoder`` (MoCo's EMA encoder of
   ``model.base_encoder``) and ``encoder_prefix`` (where the ViT's parameters live, for the stage
   rule, frozen stages and the MIM anchor).
@@ -16,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from lgp_ds.convert import Weights
+from lgp_ds.engine.param_groups import build_param_groups
 from lgp_ds.models.vit import load_weights
 
 
@@ -38,9 +43,22 @@ class Method:
         """Start ``model`` from ``weights`` (read from ``init=``): the encoder without its head."""
         load_weights(self.encoder(model), weights.encoder(), self.cfg.init)
 
+    def param_groups(self, model: nn.Module, depth: int, stage_lrs: list[float]) -> list[dict]:
+        """Param groups of ``model``'s trainable parameters: ``stage_lrs`` (absolute, one per
+        stage) by the stage rule, weight decay except on 1-D parameters."""
+        return build_param_groups(model, depth, stage_lrs, self.cfg.weight_decay,
+                                  self.encoder_prefix)
+
     def transform(self):
         raise NotImplementedError
 
-    def loss(self, engine, views: tuple[torch.Tensor, ...], momentum) -> tuple[torch.Tensor, dict]:
-        """(loss to backpropagate, {name: detached scalar tensor} of its terms) for one batch."""
+    def loss(self, engine, views: tuple[torch.Tensor, ...], momentum,
+             labels: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+        """(loss to backpropagate, {name: detached scalar tensor} of its terms) for one batch;
+        ``labels`` [B] int64 (-1: none) where the data has them."""
         raise NotImplementedError
+
+    def evaluate(self, trainer) -> dict:
+        """Collective: {metric: number} of the model as trained so far, logged with the step's
+        record every ``eval_every`` steps and at the end; {} (the default): nothing to measure."""
+        return {}

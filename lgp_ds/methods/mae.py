@@ -34,7 +34,7 @@ class MAE(Method):
     def transform(self):
         return Views(mae_view_transform(self.cfg.img_size, self.cfg.mae_crop_min))
 
-    def loss(self, engine, views, momentum):
+    def loss(self, engine, views, momentum, labels=None):
         (x,) = views
         loss, _, _ = engine(x)
         return loss, {}

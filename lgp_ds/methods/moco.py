@@ -24,7 +24,7 @@ class MoCo(Method):
     def transform(self):
         return Views(*moco_view_transforms(self.cfg.img_size, self.cfg.crop_min))
 
-    def loss(self, engine, views, momentum):
+    def loss(self, engine, views, momentum, labels=None):
         x1, x2 = views
         q1, q2 = engine(x1, x2)
         k1, k2 = momentum(x1), momentum(x2)

@@ -47,7 +47,7 @@ class MTL(Method):
         return Views(*moco_view_transforms(cfg.img_size, cfg.crop_min),
                      mae_view_transform(cfg.img_size, cfg.mae_crop_min))
 
-    def loss(self, engine, views, momentum):
+    def loss(self, engine, views, momentum, labels=None):
         cfg = self.cfg
         x1, x2, x3 = views
         q1, q2, pred, mask = engine(x1, x2, x3)

@@ -34,7 +34,7 @@ class GraftVICReg(Method):
     def transform(self):
         return Views(*moco_view_transforms(self.cfg.img_size, self.cfg.crop_min))
 
-    def loss(self, engine, views, momentum):
+    def loss(self, engine, views, momentum, labels=None):
         z1, z2 = engine(*views)
         cfg = self.cfg
         return vicreg_loss(z1, z2, cfg.vicreg_sim, cfg.vicreg_var, cfg.vicreg_cov)

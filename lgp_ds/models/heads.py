@@ -5,6 +5,7 @@ statistics with a differentiable all-reduce that works on gloo (CPU) and NCCL al
 """
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from lgp_ds import dist
 
@@ -17,9 +18,12 @@ class CrossRankBatchNorm1d(nn.BatchNorm1d):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [N, C]
-        if not self.training:
-            return super().forward(x)
         xf = x.float()
+        if not self.training:  # running statistics (fp32 buffers), whatever the weights' dtype
+            return F.batch_norm(xf, self.running_mean, self.running_var,
+                                self.weight.float() if self.affine else None,
+                                self.bias.float() if self.affine else None,
+                                False, 0.0, self.eps).to(x.dtype)
         # Two passes over the global batch: the mean, then the centred sum of squares. The one-pass
         # E[x^2] - E[x]^2 cancels catastrophically when a channel's mean is large against its
         # spread (5% error at mean/std 300), which is where projector features of near-identical
@@ -40,11 +44,12 @@ class CrossRankBatchNorm1d(nn.BatchNorm1d):
         return y.to(x.dtype)
 
 
-def _hidden_layers(num_layers: int, in_dim: int, hidden_dim: int, bn: type,
-                   bias: bool) -> tuple[list[nn.Module], int]:
-    """(Linear -> BN -> ReLU) x (num_layers-1) and the width they end at (in_dim if none)."""
+def hidden_layers(units: int, in_dim: int, hidden_dim: int, bn: type = CrossRankBatchNorm1d,
+                  bias: bool = False) -> tuple[list[nn.Module], int]:
+    """(Linear -> BN -> ReLU) x ``units`` (module indices 3u, 3u+1, 3u+2: the first units of a
+    projector, as its checkpoint keys number them) and the width they end at (in_dim if none)."""
     layers, d_in = [], in_dim
-    for _ in range(num_layers - 1):
+    for _ in range(units):
         layers += [nn.Linear(d_in, hidden_dim, bias=bias), bn(hidden_dim), nn.ReLU(inplace=True)]
         d_in = hidden_dim
     return layers, d_in
@@ -57,7 +62,7 @@ def build_mlp(num_layers: int, in_dim: int, hidden_dim: int, out_dim: int,
     Input [N, in_dim] -> output [N, out_dim].
     """
     bn = CrossRankBatchNorm1d if cross_rank_bn else nn.BatchNorm1d
-    layers, d_in = _hidden_layers(num_layers, in_dim, hidden_dim, bn, bias=False)
+    layers, d_in = hidden_layers(num_layers - 1, in_dim, hidden_dim, bn, bias=False)
     if num_layers > 0:
         layers += [nn.Linear(d_in, out_dim, bias=False), bn(out_dim, affine=False)]
     return nn.Sequential(*layers)
@@ -75,6 +80,6 @@ def build_expander(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int =
     if num_layers < 1:
         raise ValueError(f"build_expander needs num_layers >= 1, got {num_layers}")
     bn = CrossRankBatchNorm1d if cross_rank_bn else nn.BatchNorm1d
-    layers, d_in = _hidden_layers(num_layers, in_dim, hidden_dim, bn, bias=True)
+    layers, d_in = hidden_layers(num_layers - 1, in_dim, hidden_dim, bn, bias=True)
     layers.append(nn.Linear(d_in, out_dim, bias=False))
     return nn.Sequential(*layers)

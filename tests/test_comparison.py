@@ -1,0 +1,77 @@
+"""The README's main job, launched as users launch it (deepspeed launcher, 2 CPU ranks), with
+few steps: four pre-training runs, five encoders evaluated, one table."""
+import json
+import math
+import os
+import subprocess
+
+from multirank import free_port
+
+from lgp_ds.eval.report import PROTOCOLS, markdown
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROWS = ["random init", "mae", "moco", "mim2cl_frozen", "graft"]
+
+
+def _compare(tmp_path, *args):
+    port = free_port()
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(port), "launch/compare.py",
+           "--deepspeed_config", "ds_configs/cpu_demo.json", "--output_dir",
+           str(tmp_path / "compare"), *args]
+    env = dict(os.environ, LGP_DS_CACHE=str(tmp_path / "cache"), MASTER_PORT=str(port))
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+
+def test_the_comparison_runs_end_to_end_and_fills_every_cell(tmp_path):
+    fast = ["max_steps=3", "log_every=3", "--linear_epochs", "3"]
+    proc = _compare(tmp_path, *fast)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = tmp_path / "compare"
+    for i, run in enumerate(["mae", "graft", "moco", "mim2cl_frozen"]):
+        assert f"== run {i + 1}/4: {run} " in proc.stdout  # progress: which run
+        assert (out / run / "checkpoints" / "step00000003" / "lgp_ds_complete").exists()
+    results = json.loads((out / "results.json").read_text())["results"]
+    assert list(results) == ROWS
+    for row in results.values():
+        assert set(row) == set(PROTOCOLS)
+        for protocol in row.values():
+            assert math.isfinite(protocol["top1"]) and 0 <= protocol["top1"] <= 100
+    # the labelled images each protocol used: every train image, or a balanced tenth of them
+    assert {r["knn"]["labels"] for r in results.values()} == {1347}
+    assert {r["logreg"]["labels"] for r in results.values()} == {130}
+    subset = (out / "subset.txt").read_text().split()
+    assert len(subset) == len(set(subset)) == 130
+    table = (out / "results.md").read_text()
+    assert table == markdown(results, table.splitlines()[0]) and table in proc.stdout
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # no pre-training image is held out, none of the held-out ones was trained on
+    assert "450 held-out images" in table
+
+    # A second run into the folder keeps what is finished: no run trains again and the cached
+    # features give the same table.
+    again = _compare(tmp_path, *fast)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "resumed from" in again.stdout and "step 3/3" not in again.stdout
+    assert json.loads((out / "results.json").read_text())["results"] == results
+
+    # launch/evaluate.py on one of those runs, with that subset file: the same numbers through
+    # the user's evaluation entry (features extracted anew into its own folder)
+    port = free_port()
+    proc = subprocess.run(
+        ["deepspeed", "--num_gpus", "2", "--master_port", str(port), "launch/evaluate.py",
+         str(out / "graft"), "--output_dir", str(tmp_path / "eval"), "--protocols", "knn,logreg",
+         "--subset", str(out / "subset.txt")],
+        cwd=ROOT, env=dict(os.environ, LGP_DS_CACHE=str(tmp_path / "cache"),
+                           MASTER_PORT=str(port)), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (evaluated,) = json.loads((tmp_path / "eval" / "results.json").read_text())["results"].values()
+    assert evaluated == {p: results["graft"][p] for p in ("knn", "logreg")}
+
+
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path):
+    proc = _compare(tmp_path, "--fraction", "2")
+    assert proc.returncode == 2
+    assert "error: --fraction 2.0: must lie in (0, 1]" in proc.stderr
+    proc = _compare(tmp_path, "tau=-1")
+    assert proc.returncode == 2 and "config key tau=-1" in proc.stderr
+    assert not (tmp_path / "compare").exists()
