@@ -19,8 +19,8 @@ from deepspeed.accelerator import get_accelerator
 
 from lgp_ds import dist
 from lgp_ds.cli import BAD_INPUT, add_eval_arguments, errors_as_one_line, eval_settings
-from lgp_ds.data.pipeline import embedded_shards
-from lgp_ds.data.shards import DataError, expand_shards
+from lgp_ds.data.pipeline import shards_or_embedded
+from lgp_ds.data.shards import DataError
 from lgp_ds.eval.features import POOLING, WHICH, load_encoder
 from lgp_ds.eval.protocols import evaluate_encoders, settings_record
 from lgp_ds.eval.report import held_out, write_results
@@ -56,12 +56,8 @@ def main() -> None:
         for path, encoder in encoders.items():
             encoder.to(device)
             dist.print_main(f"{path}: {encoder.description}")
-        if args.train_data is None:
-            readers = dist.get_world_size() * max(1, settings.num_workers)
-            train, val = (embedded_shards(settings.img_size, split, readers)
-                          for split in ("train", "val"))
-        else:
-            train, val = expand_shards([args.train_data]), expand_shards([args.val_data])
+        train, val = (shards_or_embedded(data, settings.img_size, split, settings.num_workers)
+                      for data, split in ((args.train_data, "train"), (args.val_data, "val")))
         results = evaluate_encoders(encoders, train, val, settings, args.output_dir)
         if dist.is_main():
             os.makedirs(args.output_dir, exist_ok=True)

@@ -26,8 +26,7 @@ import torch
 from lgp_ds import dist
 from lgp_ds.checkpoint_file import tensor_digest
 from lgp_ds.config import load_run_config
-from lgp_ds.data.pipeline import embedded_shards, samples_per_epoch
-from lgp_ds.data.shards import expand_shards
+from lgp_ds.data.pipeline import samples_per_epoch, shards_or_embedded
 from lgp_ds.eval import features as feats
 from lgp_ds.eval.protocols import EvalSettings, evaluate_encoders, settings_record
 from lgp_ds.eval.report import held_out, write_results
@@ -120,12 +119,9 @@ def pretrain(configs, progress: Progress) -> None:
 
 def _eval_urls(p: Plan) -> tuple[list[str], list[str]]:
     """Collective: shard URLs of the labelled training images and of the held-out ones."""
-    if p.train_data is not None:
-        return expand_shards([p.train_data]), expand_shards([p.val_data])
     cfg = p.configs[0][0]
-    readers = dist.get_world_size() * max(1, cfg.num_workers)
-    return (embedded_shards(cfg.img_size, "train", readers),
-            embedded_shards(cfg.img_size, "val", readers))
+    return (shards_or_embedded(p.train_data, cfg.img_size, "train", cfg.num_workers),
+            shards_or_embedded(p.val_data, cfg.img_size, "val", cfg.num_workers))
 
 
 def _random_encoder(cfg) -> feats.FrozenEncoder:

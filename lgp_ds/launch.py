@@ -10,7 +10,6 @@ import argparse
 
 import deepspeed
 
-from lgp_ds import dist
 from lgp_ds.cli import errors_as_one_line
 from lgp_ds.config import load_run_config
 from lgp_ds.data.shards import DataError
@@ -27,8 +26,7 @@ def build_trainer(cfg, ds_config: dict) -> Trainer:
     if cfg.knn_every:
         # at least 64 images a forward: no activations are kept, and fewer forwards mean fewer
         # parameter gathers under ZeRO 3
-        evaluators.append(KNNMonitor(cfg, dist.get_world_size() * max(1, cfg.num_workers),
-                                     max(64, ds_config["train_micro_batch_size_per_gpu"])))
+        evaluators.append(KNNMonitor(cfg, max(64, ds_config["train_micro_batch_size_per_gpu"])))
     return Trainer(cfg, ds_config, build_method(cfg), evaluators=evaluators)
 
 

@@ -37,7 +37,7 @@ from .timm_model import _VIT_KEYS, OFFICIAL_ARCHS, ModelSpec, _timm_defaults, mo
 from .weights import Weights, _strip
 
 __all__ = ["EXPECTED", "FORMATS_IN", "FORMATS_OUT", "OFFICIAL_ARCHS", "Comparison", "ModelSpec",
-           "Weights", "build_output", "compare", "convert", "detect", "model_spec",
+           "Weights", "build_output", "compare", "convert", "detect", "load_strict", "model_spec",
            "output_encoder", "read", "resample_pos_embed", "verify", "write"]
 
 FORMATS_IN = ("mae", "moco", "timm", "lgp_ds")
@@ -228,7 +228,7 @@ def write(obj: dict, dst: str, force: bool = False, record: dict | None = None) 
             os.remove(tmp)
 
 
-def _load_strict(module: torch.nn.Module, sd: dict, what: str) -> None:
+def load_strict(module: torch.nn.Module, sd: dict, what: str) -> None:
     """``module.load_state_dict(sd)`` (strict) with a one-line error."""
     try:
         module.load_state_dict(sd)
@@ -245,12 +245,12 @@ def verify(obj: dict, fmt: str, spec: ModelSpec) -> dict:
         base = _strip(sd, "base_encoder.")
         dim, mlp = base["head.6.weight"].shape[0], base["head.0.weight"].shape[0]
         model = GraftModel(spec.create(), dim, mlp, cross_rank_bn=False)
-        _load_strict(model, {k: v for k, v in sd.items() if not k.startswith("momentum_encoder.")},
+        load_strict(model, {k: v for k, v in sd.items() if not k.startswith("momentum_encoder.")},
                      what)
-        _load_strict(model.base_encoder, _strip(sd, "momentum_encoder."), what)
+        load_strict(model.base_encoder, _strip(sd, "momentum_encoder."), what)
     else:
         sd = obj["model"] if fmt in ("mae", "init") else obj
-        _load_strict(spec.create(), sd, what)
+        load_strict(spec.create(), sd, what)
     tensors = [sd[k] for k in sorted(sd)]
     return {"arch": spec.describe(), "params": sum(t.numel() for t in tensors),
             "dtype": str(tensors[0].dtype).removeprefix("torch."),

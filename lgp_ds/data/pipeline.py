@@ -37,6 +37,14 @@ def embedded_shards(img_size: int, split: str = "train", readers: int = 1) -> li
     return expand_shards([digits_shards(size=img_size, num_shards=shards, split=split)[0]])
 
 
+def shards_or_embedded(patterns, img_size: int, split: str, num_workers: int) -> list[str]:
+    """Collective: the shard URLs of ``patterns`` (a pattern or a list), or, without any, those of
+    the embedded set's ``split`` with a shard for every rank x worker."""
+    if patterns is None:
+        return embedded_shards(img_size, split, dist.get_world_size() * max(1, num_workers))
+    return expand_shards([patterns] if isinstance(patterns, str) else list(patterns))
+
+
 class TrainData:
     """Per-epoch iterators of this rank's micro-batches: the views that ``transform`` makes of
     each image, each [batch_per_rank, 3, H, W].
@@ -46,11 +54,7 @@ class TrainData:
     """
 
     def __init__(self, cfg, batch_per_rank: int, transform):
-        if cfg.data is None:
-            self.urls = embedded_shards(cfg.img_size, "train",
-                                        dist.get_world_size() * max(1, cfg.num_workers))
-        else:
-            self.urls = expand_shards(cfg.data)
+        self.urls = shards_or_embedded(cfg.data, cfg.img_size, "train", cfg.num_workers)
         # Checked here, as the trainer builds the data before the engine, not when reading starts.
         check_readers(self.urls, dist.get_world_size(), cfg.num_workers)
         self.cfg, self.batch_per_rank = cfg, batch_per_rank

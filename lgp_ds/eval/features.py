@@ -84,20 +84,8 @@ def _build_projector(head: dict, layers: int, where: str) -> tuple[nn.Sequential
     modules, _ = hidden_layers(layers, width, hidden, nn.BatchNorm1d, bias="0.bias" in head)
     sd = {k: v for k, v in head.items() if int(k.split(".")[0]) < 3 * layers}
     projector = nn.Sequential(*modules)
-    _load_strict(projector, sd, f"the first {layers} projector layer(s) of {where}")
+    convert.load_strict(projector, sd, f"the first {layers} projector layer(s) of {where}")
     return projector.eval(), sd
-
-
-def _load_strict(module: nn.Module, sd: dict, what: str) -> None:
-    own = module.state_dict()
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    shapes = [f"{k} {tuple(sd[k].shape)} != {tuple(v.shape)}" for k, v in own.items()
-              if k in sd and sd[k].shape != v.shape]
-    if missing or unexpected or shapes:
-        raise ValueError(f"{what} do not load strictly: missing {missing[:5]}, unexpected "
-                         f"{unexpected[:5]}, shapes {shapes[:5]}")
-    module.load_state_dict(sd, strict=True)
 
 
 def load_encoder(path: str, which: str = "base", pooling: str = "cls", projector_layers: int = 0,
@@ -148,7 +136,7 @@ def load_encoder(path: str, which: str = "base", pooling: str = "cls", projector
         vit_sd = dict(sd)
     vit = timm.create_model(spec.name, pretrained=False, num_classes=0,
                             global_pool="token" if pooling == "cls" else "avg", **spec.kwargs)
-    _load_strict(vit, vit_sd, f"the {which} encoder of {path} ({spec.call()})")
+    convert.load_strict(vit, vit_sd, f"the {which} encoder of {path} ({spec.call()})")
     projector, proj_sd = None, {}
     what = f"{path} ({which} encoder)"
     if projector_layers:

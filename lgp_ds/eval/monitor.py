@@ -8,8 +8,7 @@ import torch
 import torch.nn as nn
 
 from lgp_ds import dist
-from lgp_ds.data.pipeline import embedded_shards
-from lgp_ds.data.shards import expand_shards
+from lgp_ds.data.pipeline import shards_or_embedded
 from lgp_ds.data.transforms import eval_transform
 
 from .features import extract_features
@@ -64,12 +63,11 @@ class KNNMonitor:
     first use); missing shards raise FileNotFoundError here, before training.
     """
 
-    def __init__(self, cfg, readers: int, batch_size: int):
+    def __init__(self, cfg, batch_size: int):
         self.every = cfg.knn_every
-        self.sets = {}
-        for split, patterns in (("train", cfg.knn_train_data), ("val", cfg.knn_val_data)):
-            self.sets[split] = (embedded_shards(cfg.img_size, split, readers) if patterns is None
-                                else expand_shards(patterns))
+        self.sets = {split: shards_or_embedded(patterns, cfg.img_size, split, cfg.num_workers)
+                     for split, patterns in (("train", cfg.knn_train_data),
+                                             ("val", cfg.knn_val_data))}
         self.k, self.t, self.batch_size = cfg.knn_k, cfg.knn_t, batch_size
         self.num_workers = cfg.num_workers
         self.transform = eval_transform(cfg.img_size)

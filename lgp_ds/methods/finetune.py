@@ -36,8 +36,8 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from lgp_ds import dist
 from lgp_ds.convert import resample_pos_embed
 from lgp_ds.data.ordered import ordered_batches
-from lgp_ds.data.pipeline import embedded_shards
-from lgp_ds.data.shards import DataError, expand_shards
+from lgp_ds.data.pipeline import shards_or_embedded
+from lgp_ds.data.shards import DataError
 from lgp_ds.data.transforms import Views, eval_transform
 from lgp_ds.engine.param_groups import build_param_groups, freeze_lower_blocks
 from lgp_ds.models.heads import hidden_layers
@@ -170,9 +170,8 @@ class Finetune(Method):
         """Collective (embedded data): the held-out shards."""
         if self._val_urls is None:
             cfg = self.cfg
-            self._val_urls = (expand_shards(cfg.val_data) if cfg.val_data else
-                              embedded_shards(cfg.img_size, "val",
-                                              dist.get_world_size() * max(1, cfg.num_workers)))
+            self._val_urls = shards_or_embedded(cfg.val_data, cfg.img_size, "val",
+                                                cfg.num_workers)
         return self._val_urls
 
     def evaluate(self, trainer) -> dict:
