@@ -13,17 +13,13 @@ the embedded digits set's train and held-out splits are used. Writes results.md,
 results.png and the labelled subset (subset.txt) into OUTPUT_DIR.
 """
 import argparse
-import os
-
-from deepspeed.accelerator import get_accelerator
 
 from lgp_ds import dist
 from lgp_ds.cli import BAD_INPUT, add_eval_arguments, errors_as_one_line, eval_settings
 from lgp_ds.data.pipeline import shards_or_embedded
 from lgp_ds.data.shards import DataError
 from lgp_ds.eval.features import POOLING, WHICH, load_encoder
-from lgp_ds.eval.protocols import evaluate_encoders, settings_record
-from lgp_ds.eval.report import held_out, write_results
+from lgp_ds.eval.protocols import evaluate_encoders, publish
 
 
 def main() -> None:
@@ -51,22 +47,13 @@ def main() -> None:
         first = next(iter(encoders.values())).vit.patch_embed.img_size[0]
         settings = eval_settings(args, img_size=args.img_size or first)
     dist.init_process_group()
-    device = get_accelerator().current_device_name()
     with errors_as_one_line(BAD_INPUT + (DataError,)):
         for path, encoder in encoders.items():
-            encoder.to(device)
             dist.print_main(f"{path}: {encoder.description}")
         train, val = (shards_or_embedded(data, settings.img_size, split, settings.num_workers)
                       for data, split in ((args.train_data, "train"), (args.val_data, "val")))
         results = evaluate_encoders(encoders, train, val, settings, args.output_dir)
-        if dist.is_main():
-            os.makedirs(args.output_dir, exist_ok=True)
-            title = f"top-1 (%) on {held_out(results)} held-out images, frozen features"
-            paths = write_results(results, args.output_dir, title,
-                                  {"settings": settings_record(settings)})
-            with open(paths["md"]) as f:
-                print(f.read() + "\nwritten: " + ", ".join(paths.values()))
-        dist.barrier()
+        publish(results, settings, args.output_dir)
 
 
 if __name__ == "__main__":

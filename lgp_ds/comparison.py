@@ -14,10 +14,12 @@ label, all scored on held-out images that no pre-training run read. One table (M
 PNG) in ``output_dir``.
 
 Re-running continues: finished runs are kept (``resume=auto``), an interrupted one resumes from
-its newest complete checkpoint, and features are cached per checkpoint.
+its newest complete checkpoint, a run grafted from MAE weights that have trained further since
+starts again, and features are cached per checkpoint.
 """
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass, replace
 
@@ -27,9 +29,11 @@ from lgp_ds import dist
 from lgp_ds.checkpoint_file import tensor_digest
 from lgp_ds.config import load_run_config
 from lgp_ds.data.pipeline import samples_per_epoch, shards_or_embedded
+from lgp_ds.engine import checkpoint
+from lgp_ds.engine.run_dir import CHECKPOINTS
+from lgp_ds.engine.trainer import read_init
 from lgp_ds.eval import features as feats
-from lgp_ds.eval.protocols import EvalSettings, evaluate_encoders, settings_record
-from lgp_ds.eval.report import held_out, write_results
+from lgp_ds.eval.protocols import EvalSettings, evaluate_encoders, publish
 from lgp_ds.launch import build_trainer
 from lgp_ds.models.vit import vit_from_config
 
@@ -110,11 +114,31 @@ def pretrain(configs, progress: Progress) -> None:
     for i, (run, (cfg, ds_config)) in enumerate(zip(RUNS, configs)):
         began = time.time()
         progress.begin(i, run)
+        if run.init_from:
+            _set_aside_if_grafted_from_other_weights(cfg)
         trainer = build_trainer(cfg, ds_config)
         first = trainer.step
         trainer.fit()
         progress.end(i, time.time() - began, trainer.step - first)
         del trainer
+
+
+def _set_aside_if_grafted_from_other_weights(cfg) -> None:
+    """Collective: a run whose checkpoints started from other ``init=`` weights than its init
+    run's present ones (the MAE run has trained further since, e.g. with a larger
+    ``max_steps``) would be refused as another run; it is moved to ``<folder>.old`` (replacing
+    an older one) and trains again from the present weights."""
+    if dist.is_main():
+        found = checkpoint.find_checkpoint("auto", os.path.join(cfg.output_dir, CHECKPOINTS))
+        if found is not None:
+            then = checkpoint.read_marker(*found)["run"].get("init_digest")
+            if then != tensor_digest(read_init(cfg.init).encoder()):
+                old = cfg.output_dir + ".old"
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(cfg.output_dir, old)
+                print(f"{cfg.output_dir}: its checkpoints started from other weights than "
+                      f"{cfg.init} holds now; moved to {old}, training again", flush=True)
+    dist.barrier()
 
 
 def _eval_urls(p: Plan) -> tuple[list[str], list[str]]:
@@ -146,14 +170,7 @@ def run(p: Plan) -> dict:
     for name in ROW_ORDER:
         encoders[name] = feats.load_encoder(os.path.join(p.output_dir, name))
     results = evaluate_encoders(encoders, train_urls, val_urls, settings, p.output_dir)
-    if dist.is_main():
-        title = (f"{p.recipes}: top-1 (%) on {held_out(results)} held-out images, frozen "
-                 f"features")
-        paths = write_results(results, p.output_dir, title,
-                              {"settings": settings_record(settings)})
-        with open(paths["md"]) as f:
-            print(f.read() + "\nwritten: " + ", ".join(paths.values()))
-    dist.barrier()
+    publish(results, settings, p.output_dir, p.recipes)
     return results
 
 

@@ -333,14 +333,15 @@ def precision(ds: dict) -> str:
     return "fp16" if ds.get("fp16", {}).get("enabled") else "fp32"
 
 
-def run_identity(cfg: Config, ds: dict, mim_digest: str | None = None) -> dict:
+def run_identity(cfg: Config, ds: dict, init_digest: str | None = None) -> dict:
     """What defines a run, for a resume to compare: every config key but ``resume`` (how the run
     was started), the DeepSpeed settings that change the numbers or the data position
-    (``deepspeed.*``) and, with the MIM anchor on, a digest of the MIM weights it pulls towards
-    (``init_digest``: the ``init=`` path may move, its content may not)."""
+    (``deepspeed.*``) and a digest of the encoder weights ``init=`` gave it (``init_digest``:
+    the path may move, its content may not: a run grafted from other MIM weights, or pulled
+    towards them by the anchor, is another run)."""
     zero = ds.get("zero_optimization", {})
     config = {k: v for k, v in cfg.to_dict().items() if k != "resume"}
-    return {**config, "init_digest": mim_digest,
+    return {**config, "init_digest": init_digest,
             "deepspeed.zero_stage": zero.get("stage", 0), "deepspeed.precision": precision(ds),
             "deepspeed.gradient_accumulation_steps": ds.get("gradient_accumulation_steps", 1),
             "deepspeed.gradient_clipping": ds.get("gradient_clipping", 0.0),

@@ -47,12 +47,22 @@ def test_the_comparison_runs_end_to_end_and_fills_every_cell(tmp_path):
     # no pre-training image is held out, none of the held-out ones was trained on
     assert "450 held-out images" in table
 
-    # A second run into the folder keeps what is finished: no run trains again and the cached
-    # features give the same table.
-    again = _compare(tmp_path, *fast)
+    # A second run into the folder, one step longer, continues what it can: mae and moco resume
+    # at step 3; graft and mim2cl_frozen, grafted from the 3-step MAE, are set aside and train
+    # again from the 4-step one. The random encoder's cached features give its row unchanged.
+    again = _compare(tmp_path, "max_steps=4", "log_every=1", "--linear_epochs", "3")
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert "resumed from" in again.stdout and "step 3/3" not in again.stdout
-    assert json.loads((out / "results.json").read_text())["results"] == results
+    for run in ["mae", "moco"]:
+        assert f"resumed from {out / run / 'checkpoints' / 'step00000003'} at step 3" in again.stdout
+    for run in ["graft", "mim2cl_frozen"]:
+        assert f"{out / run}: its checkpoints started from other weights" in again.stdout
+        assert (out / f"{run}.old" / "checkpoints" / "step00000003").exists()
+        steps = [d for d in os.listdir(out / run / "checkpoints") if d.startswith("step")]
+        assert steps == ["step00000004"]
+    assert again.stdout.count("step 1/4 ") == 2  # graft and mim2cl_frozen from step 0
+    rerun = json.loads((out / "results.json").read_text())["results"]
+    assert rerun["random init"] == results["random init"]
+    results = rerun
 
     # launch/evaluate.py on one of those runs, with that subset file: the same numbers through
     # the user's evaluation entry (features extracted anew into its own folder)

@@ -212,3 +212,12 @@ def test_ordered_batches_name_a_corrupt_sample(tmp_path):
     garbage = write_garbage(tmp_path / "garbage.tar")
     with pytest.raises(DataError, match="garbage.tar"):
         list(ordered_batches([garbage], ToTensor(), 4, 0, 1))
+
+
+def test_ordered_batches_refuse_a_sample_without_a_label(tmp_path):
+    from torchvision.transforms import ToTensor
+    with wds.TarWriter(str(tmp_path / "u.tar")) as sink:
+        sink.write({"__key__": "a", "png": png(0), "cls": b"3"})
+        sink.write({"__key__": "b", "png": png(1)})  # evaluation cannot score it
+    with pytest.raises(DataError, match=r"sample 'b' in .*u.tar has no integer class label"):
+        list(ordered_batches([str(tmp_path / "u.tar")], ToTensor(), 4, 0, 1))

@@ -37,6 +37,39 @@ def test_balanced_subset_is_exact_reproducible_and_readable(tmp_path):
         balanced_subset(names, labels, 1.0)
 
 
+def test_balanced_subset_does_not_depend_on_the_order_the_set_is_read_in():
+    # evaluation reads the set in shard order, fine-tuning's subset_fraction in canonical order:
+    # both must label the same images
+    labels = [i % 3 for i in range(90)]
+    names = [f"img{i:03d}" for i in range(90)]
+    order = torch.randperm(90, generator=torch.Generator().manual_seed(0)).tolist()
+    shuffled = balanced_subset([names[i] for i in order], [labels[i] for i in order], 0.2, seed=5)
+    assert sorted(shuffled) == balanced_subset(names, labels, 0.2, seed=5)
+
+
+def test_subset_names_match_as_training_matches_them(tmp_path):
+    # ImageNet's file names in SimCLR's files, the bare sample keys in the shards
+    (tmp_path / "1percent.txt").write_text("n01_1.JPEG\nn01_7.JPEG\n")
+    assert read_subset(str(tmp_path / "1percent.txt"), available=["train/n01_1", "n01_7"]) == [
+        "n01_1.JPEG", "n01_7.JPEG"]
+    (tmp_path / "twice.txt").write_text("n01_1.JPEG\nn01_1\n")
+    with pytest.raises(ValueError, match="given twice"):
+        read_subset(str(tmp_path / "twice.txt"))
+
+
+def test_subsets_too_small_for_the_penalty_sweep_are_refused_with_the_option():
+    from lgp_ds.eval.protocols import EvalSettings, Split, labelled_subset
+    labels = torch.arange(10).repeat(20)  # 20 images of each of 10 classes
+    train = Split(torch.zeros(200, 4), labels, [f"k{i}" for i in range(200)])
+    assert len(labelled_subset(train, EvalSettings(fraction=0.25))) == 50  # 5 a class: enough
+    with pytest.raises(ValueError, match=r"--fraction 0.05: 10 labelled images of 10 classes "
+                                         r"\(class 0 has 1\) are too few .* at least 50 images"):
+        labelled_subset(train, EvalSettings(fraction=0.05))
+    with pytest.raises(ValueError, match="too few"):
+        logistic_regression(torch.randn(10, 4), torch.arange(10), torch.randn(4, 4),
+                            torch.arange(4))
+
+
 def test_subset_files_of_another_data_set_are_refused(tmp_path):
     (tmp_path / "s.txt").write_text("a\nb\n\nc\n")
     assert read_subset(str(tmp_path / "s.txt")) == ["a", "b", "c"]

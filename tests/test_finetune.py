@@ -206,6 +206,22 @@ def test_subset_fraction_of_the_embedded_set_is_balanced_and_fixed():
     assert all(re.fullmatch(r"\d{6}", n) for n in names)
 
 
+def test_evaluation_labels_the_images_fine_tuning_trains_on(tmp_path):
+    # the comparison's 10% logistic regression and subset_fraction=0.1 fine-tuning: one subset,
+    # however many shards the set was read from
+    from torchvision.transforms import ToTensor
+    from lgp_ds.data.builtin import digits_shards, embedded_subset
+    from lgp_ds.data.ordered import ordered_batches
+    from lgp_ds.eval.protocols import EvalSettings, Split, labelled_subset
+    for shards in (3, 8):
+        urls = expand_shards([digits_shards(8, shards, root=str(tmp_path))[0]])
+        batches = list(ordered_batches(urls, ToTensor(), 512, 0, 1, with_keys=True))
+        labels = torch.cat([b[2] for b in batches])
+        keys = [k for b in batches for k in b[3]]
+        train = Split(torch.zeros(len(keys), 1), labels, keys)
+        assert sorted(labelled_subset(train, EvalSettings(fraction=0.1))) == embedded_subset(0.1)
+
+
 @pytest.mark.parametrize("values, message", [
     ({"mixupp": 0.8}, "unknown config key 'mixupp' (did you mean 'mixup'?)"),
     ({"method": "graft", "mixup": 0.8}, "config key mixup=0.8 applies to method=finetune only"),

@@ -8,6 +8,7 @@ import webdataset as wds
 import yaml
 
 from multirank import free_port
+from tarfiles import png
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["img_size=16", "patch_size=8", "embed_dim=32", "depth=3", "num_heads=2", "proj_dim=16",
@@ -90,6 +91,31 @@ def test_bad_input_exits_with_the_reason(tmp_path):
                               env=dict(os.environ, MASTER_PORT=str(free_port()), **env))
         assert proc.returncode == 2, proc.stderr[-2000:]
         assert message in proc.stderr, proc.stderr[-2000:]
+
+
+def test_missing_held_out_shards_stop_fine_tuning_before_it_trains(tmp_path):
+    # found when the trainer is built, not at the first evaluation after steps were spent
+    proc = subprocess.run(
+        [sys.executable, "launch/finetune.py", "--deepspeed_config", "ds_configs/cpu_demo.json",
+         "--output_dir", str(tmp_path / "run"), "val_data=/no/val-{0..1}.tar"], cwd=ROOT,
+        capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, MASTER_PORT=str(free_port()), LGP_DS_CACHE=str(tmp_path / "c")))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "data pattern '/no/val-{0..1}.tar': 2 shard(s) missing" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "run" / "checkpoints").exists()
+    # held-out data that fails only when evaluated (no labels): the step's checkpoint is saved
+    # before the evaluation, so the failure loses no training
+    with wds.TarWriter(str(tmp_path / "val.tar")) as sink:
+        sink.write({"__key__": "v0", "png": png(0)})
+    proc = subprocess.run(
+        [sys.executable, "launch/finetune.py", "--deepspeed_config", "ds_configs/cpu_demo.json",
+         "--output_dir", str(tmp_path / "run"), f"val_data={tmp_path / 'val.tar'}",
+         "max_steps=2", "save_every=2", "eval_every=2"], cwd=ROOT,
+        capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, MASTER_PORT=str(free_port()), LGP_DS_CACHE=str(tmp_path / "c")))
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "sample 'v0' in " in proc.stderr and "has no integer class label" in proc.stderr
+    assert (tmp_path / "run" / "checkpoints" / "step00000002" / "lgp_ds_complete").exists()
 
 
 def test_data_without_images_stops_with_one_error_line(tmp_path):

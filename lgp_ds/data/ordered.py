@@ -5,8 +5,8 @@ shuffle, no augmentation and no padding; every sample carries its position in th
 ``index = shard_number * 2**32 + position_in_shard`` (shard numbers in the order of ``urls``),
 so results gathered from all ranks are put back in dataset order by sorting on it.
 
-Evaluation must cover the whole set: a corrupt sample or unreadable shard is an error naming it,
-not a skip.
+Evaluation must cover the whole set and score every image: a corrupt sample, an unreadable shard
+or a sample without an integer class label (``cls``) is an error naming it, not a skip.
 """
 from functools import partial
 
@@ -35,12 +35,16 @@ def _reader_samples(urls: list[str], rank: int, world_size: int):
 def _decode(samples, transform):
     """Tar samples -> (index, image [3,H,W], label, key); DataError names a sample that fails."""
     for sample in samples:
+        where = f"sample {sample.get('__key__')!r} in {sample.get('__url__')}"
         try:
             img, label = _image_and_label(sample)
             image = transform(img)
         except Exception as exn:
-            raise DataError(f"sample {sample.get('__key__')!r} in {sample.get('__url__')}: "
-                            f"{_describe(exn)}") from exn
+            raise DataError(f"{where}: {_describe(exn)}") from exn
+        if label < 0:
+            raise DataError(f"{where} has no integer class label (its cls: "
+                            f"{sample.get('cls')!r}): evaluation scores every image against "
+                            f"its label")
         yield sample["__index__"], image, label, sample["__key__"]
 
 

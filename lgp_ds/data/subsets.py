@@ -8,12 +8,16 @@ import os
 import random
 from collections import defaultdict
 
+from .shards import image_name
+
 
 def read_subset(path: str, available=None) -> list[str]:
     """The image names in a subset file, in file order.
 
-    A name given twice is refused; with ``available`` (the names the data set has), so is a
-    name the data set lacks: a subset file of another data set would otherwise select nothing.
+    Names are compared as :func:`image_name` gives them (``n01440764_10026.JPEG`` and the
+    sample key ``train/n01440764_10026`` are one image). A name given twice is refused; with
+    ``available`` (the names the data set has), so is a name the data set lacks: a subset file
+    of another data set would otherwise select nothing.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"subset file {path}: no such file")
@@ -21,14 +25,14 @@ def read_subset(path: str, available=None) -> list[str]:
         names = [line.strip() for line in f if line.strip()]
     seen, twice = set(), []
     for n in names:
-        if n in seen:
+        if image_name(n) in seen:
             twice.append(n)
-        seen.add(n)
+        seen.add(image_name(n))
     if twice:
         raise ValueError(f"subset file {path}: {len(twice)} name(s) given twice, e.g. {twice[:3]}")
     if available is not None:
-        available = set(available)
-        missing = [n for n in names if n not in available]
+        available = {image_name(a) for a in available}
+        missing = [n for n in names if image_name(n) not in available]
         if missing:
             raise ValueError(f"subset file {path}: {len(missing)} of its {len(names)} names are not "
                              f"in the data set, e.g. {missing[:3]}")
@@ -40,6 +44,8 @@ def balanced_subset(names: list[str], labels: list[int], fraction: float, seed: 
     """The same number of images from every class, round(fraction * len(names) / classes)
     (at least 1), drawn with ``seed``; in the order of ``names``.
 
+    The draw depends on the names and labels only, not on their order (each class's names are
+    sorted before drawing), so the same images are chosen however the set is sharded and read.
     ValueError names a class with fewer images than that.
     """
     if not 0 < fraction <= 1:
@@ -53,7 +59,7 @@ def balanced_subset(names: list[str], labels: list[int], fraction: float, seed: 
     rng = random.Random(seed)
     chosen = []
     for label in sorted(by_class):
-        members = by_class[label]
+        members = sorted(by_class[label], key=names.__getitem__)
         if len(members) < per_class:
             raise ValueError(f"class {label} has {len(members)} images, fewer than the "
                              f"{per_class} a balanced {fraction:g} subset takes from each class")

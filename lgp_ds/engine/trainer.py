@@ -109,10 +109,11 @@ class Trainer:
         if anchor_blocks > self.depth:
             raise ValueError(f"config key anchor_blocks={anchor_blocks} exceeds the model depth "
                              f"{self.depth}")
-        mim_state = None
+        mim_state, init_digest = None, None
         if cfg.init:
             weights = read_init(cfg.init, method.encoder(model).blocks[0].attn.num_heads)
             method.load_init(model, weights)
+            init_digest = tensor_digest(weights.encoder())
             mim_state = weights.encoder() if cfg.anchor_weight > 0 else None
             del weights
         freeze_lower_stages(model, self.depth, cfg.num_stages, cfg.frozen_stages, prefix)
@@ -124,8 +125,11 @@ class Trainer:
         self.group_params = [[name_of[id(p)] for p in g["params"]] for g in groups]
         self.group_names = [g["name"] for g in groups]
 
-        self.data = (TrainData(cfg, ds_config["train_micro_batch_size_per_gpu"], method.transform())
-                     if with_data else None)
+        self.data = None
+        if with_data:
+            self.data = TrainData(cfg, ds_config["train_micro_batch_size_per_gpu"],
+                                  method.transform())
+            method.prepare_data()
         # Periodic evaluations besides the method's own (the kNN monitor): each has ``every``
         # (steps) and is called with this trainer; built by lgp_ds.launch.build_trainer.
         self.evaluators = list(evaluators)
@@ -171,9 +175,8 @@ class Trainer:
         if cfg.anchor_weight > 0:
             self.anchor = MIMAnchor(mim_state, self.slices, cfg.anchor_weight, cfg.anchor_norm,
                                     anchor_blocks, sharded=zero_stage > 0, prefix=prefix)
-        # What a resume must match; the anchor's MIM weights by content (the file may move)
-        self.run = run_identity(cfg, ds_config,
-                                tensor_digest(mim_state) if self.anchor is not None else None)
+        # What a resume must match; the init= weights by content (the file may move)
+        self.run = run_identity(cfg, ds_config, init_digest)
         del mim_state
 
         self.step = 0  # optimizer steps applied or skipped (engine.global_steps)
@@ -291,11 +294,12 @@ class Trainer:
                 self.step = self.engine.global_steps
                 if self.batch_in_epoch == self.steps_per_epoch * gas:
                     self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+                # Saved before evaluating: an evaluation that fails loses no training.
+                if self.step % cfg.save_every == 0 or self.step == last_step:
+                    self.save()
                 evaluations = self.evaluate(last_step, meter)
                 if self.step % cfg.log_every == 0 or self.step == last_step or evaluations:
                     records.append(self.log(meter.pop(), out, evaluations))
-                if self.step % cfg.save_every == 0 or self.step == last_step:
-                    self.save()
                 if self.step >= last_step:
                     break
             if self.step < last_step and self.epoch == epoch:  # would spin on an empty epoch

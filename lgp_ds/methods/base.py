@@ -11,6 +11,8 @@ metrics. A method owns only what differs:
   fine-tuning: layer-wise LR decay and frozen lower blocks);
 - ``loss(engine, views, momentum, labels)``: forward and loss over this rank's micro-batch
   (labels: the samples' ``cls``, which only fine-tuning reads);
+- ``prepare_data()``: find and check the data the method reads besides the training stream
+  (fine-tuning: its held-out shards), before training, so that bad paths fail at once;
 - ``evaluate(trainer)``: metrics of the model during and after training (fine-tuning: top-1);
 - switches for the shared components: ``momentum_encoder`` (MoCo's EMA encoder of
   ``model.base_encoder``) and ``encoder_prefix`` (where the ViT's parameters live, for the stage
@@ -57,6 +59,11 @@ class Method:
         """(loss to backpropagate, {name: detached scalar tensor} of its terms) for one batch;
         ``labels`` [B] int64 (-1: none) where the data has them."""
         raise NotImplementedError
+
+    def prepare_data(self) -> None:
+        """Collective, called by the trainer before the engine is built when it reads data:
+        resolve and check the shards that :meth:`evaluate` reads (raise FileNotFoundError or
+        ValueError naming them). Default: none."""
 
     def evaluate(self, trainer) -> dict:
         """Collective: {metric: number} of the model as trained so far, logged with the step's

@@ -89,7 +89,7 @@ class Finetune(Method):
             self.criterion = LabelSmoothingCrossEntropy(cfg.smoothing)
         else:
             self.criterion = nn.CrossEntropyLoss()
-        self._val_urls = None
+        self.val_urls = None  # the held-out shards, found by prepare_data()
 
     # -- model ---------------------------------------------------------------------------------
     def build_model(self):
@@ -166,18 +166,15 @@ class Finetune(Method):
         return self.criterion(engine(x), target), {}
 
     # -- evaluation ----------------------------------------------------------------------------
-    def val_urls(self) -> list[str]:
-        """Collective (embedded data): the held-out shards."""
-        if self._val_urls is None:
-            cfg = self.cfg
-            self._val_urls = shards_or_embedded(cfg.val_data, cfg.img_size, "val",
-                                                cfg.num_workers)
-        return self._val_urls
+    def prepare_data(self) -> None:
+        """Collective: find the held-out shards (``val_data``, else the embedded val split)."""
+        cfg = self.cfg
+        self.val_urls = shards_or_embedded(cfg.val_data, cfg.img_size, "val", cfg.num_workers)
 
     def evaluate(self, trainer) -> dict:
         """Collective: {"val_top1": %} of the model on the held-out set."""
         cfg = self.cfg
-        batches = ordered_batches(self.val_urls(), eval_transform(cfg.img_size),
+        batches = ordered_batches(self.val_urls, eval_transform(cfg.img_size),
                                   trainer.engine.train_micro_batch_size_per_gpu(),
                                   dist.get_rank(), dist.get_world_size(), cfg.num_workers)
         correct, count = top1(trainer.engine, batches, trainer.device)
