@@ -20,6 +20,7 @@ setup(
         "scikit-learn",
         "matplotlib",  # the comparison's bar chart
         "pillow",
+        "tqdm",  # tools/make_shards.py's progress bar
         "numpy",
     ],
     extras_require={"test": ["pytest>=7"]},

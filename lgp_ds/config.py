@@ -83,7 +83,9 @@ class Config(BaseModel):
     max_steps: Positive | None = None  # stop early; schedules still span `epochs`
     # data
     data: list[str] | None = None  # WebDataset shard patterns; None: the embedded digits set
-    samples_per_epoch: Positive | None = None  # None: the embedded set's size; required with data
+    # None: with data= the count in the shards' index.json (required without one; checked by
+    # data.pipeline.samples_per_epoch, which reads it), else the embedded set's size
+    samples_per_epoch: Positive | None = None
     num_workers: NonNegative = 8
     shuffle_buffer: Positive = 5000
     max_corrupt_run: Positive = 100  # undecodable samples in a row that stop the run
@@ -173,9 +175,6 @@ class Config(BaseModel):
             ("stage_blrs", len(self.stage_blrs) == self.num_stages,
              f"has {len(self.stage_blrs)} values but num_stages={self.num_stages}"),
             ("warmup_epochs", self.warmup_epochs <= self.epochs, f"exceeds epochs={self.epochs}"),
-            ("samples_per_epoch", self.data is None or self.samples_per_epoch is not None
-             or self.subset is not None,
-             "must be given with data= (the number of training samples in the shards)"),
             ("samples_per_epoch", self.samples_per_epoch is None
              or (self.subset is None and self.subset_fraction is None),
              "and a subset: an epoch is then the subset's size (leave samples_per_epoch unset)"),

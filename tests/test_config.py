@@ -79,7 +79,6 @@ def test_list_override_with_unquoted_patterns_says_how_to_write_it():
     ({"warmup_epochs": 50, "epochs": 10}, "warmup_epochs=50 exceeds epochs=10"),
     ({"data": {"a.tar": None, "b.tar": None}}, "got the YAML mapping .* quote brace patterns"),
     ({"anchor_norm": "l3"}, "anchor_norm='l3': Input should be 'l1' or 'l2'"),
-    ({"data": ["x.tar"]}, "samples_per_epoch=None must be given with data="),
     ({"resume": "/no/such/ckpt"}, "resume='/no/such/ckpt' must be 'auto' or an existing"),
 ])
 def test_bad_config_is_refused_with_the_key(values, message):

@@ -4,6 +4,7 @@ import itertools
 from lgp_ds import dist
 
 from .builtin import NUM_SAMPLES, digits_shards, embedded_subset
+from .index import NoIndex, indexed_samples
 from .shards import check_readers, expand_shards, image_name, train_batches
 from .subsets import read_subset
 
@@ -19,12 +20,19 @@ def subset_names(cfg) -> list[str] | None:
 
 
 def samples_per_epoch(cfg) -> int:
-    """Training samples in one epoch: the subset's size with one, else ``cfg.samples_per_epoch``
-    (required with ``data=``) or the size of the embedded set's train split."""
+    """Training samples in one epoch: the subset's size with one, else ``cfg.samples_per_epoch``,
+    else with ``data=`` the count in the shards' index (ValueError without one), else the size of
+    the embedded set's train split."""
     names = subset_names(cfg)
     if names is not None:
         return len(names)
-    return cfg.samples_per_epoch or NUM_SAMPLES["train"]
+    if cfg.samples_per_epoch or cfg.data is None:
+        return cfg.samples_per_epoch or NUM_SAMPLES["train"]
+    try:
+        return indexed_samples(expand_shards(cfg.data))
+    except NoIndex as e:
+        raise ValueError(f"config key samples_per_epoch=None must be given with data= when the "
+                         f"shards have no index: {e}") from None
 
 
 def embedded_shards(img_size: int, split: str = "train", readers: int = 1) -> list[str]:

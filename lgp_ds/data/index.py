@@ -1,0 +1,75 @@
+"""The index beside a shard set (``index.json``, written last by tools/make_shards.py): how many
+samples each shard holds, so that an epoch's size need not be typed.
+
+Format (JSON object)::
+
+    format        INDEX_FORMAT
+    shards        [{"name": "train-000000.tar", "count": samples, "bytes": file size}, ...]
+    total         sum of the counts
+    classes       class names; a sample's ``cls`` indexes this list (also in classes.txt)
+    unreadable    source files left out as no image could be decoded from them
+    source, prefix, seed, max_count, max_size, plan_digest: how the set was made
+
+An index covers the shards of its own folder; a run may read some of them (``train-0000{00..49}
+.tar``) or shards of several folders, each folder with its index.
+"""
+import json
+import os
+
+from .shards import _REMOTE
+
+INDEX_FILE = "index.json"
+INDEX_FORMAT = "lgp_ds shards 1"
+
+
+class NoIndex(FileNotFoundError):
+    """Shards whose folder holds no index (or that are remote): their sample count is unknown."""
+
+
+def read_index(folder: str) -> dict:
+    """The index of the shard set in ``folder``; NoIndex without one, ValueError when it is not an
+    index of this format or its counts do not add up."""
+    path = os.path.join(folder, INDEX_FILE)
+    if not os.path.isfile(path):
+        raise NoIndex(f"{folder} holds no {INDEX_FILE} (tools/make_shards.py writes one)")
+    with open(path) as f:
+        index = json.load(f)
+    if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT:
+        raise ValueError(f"{path}: not a shard index of format {INDEX_FORMAT!r}")
+    counted = sum(s["count"] for s in index["shards"])
+    if counted != index["total"]:
+        raise ValueError(f"{path}: its shards hold {counted} samples but it records a total of "
+                         f"{index['total']}: the index is damaged; run tools/make_shards.py again")
+    return index
+
+
+def indexed_samples(urls: list[str]) -> int:
+    """Samples in exactly the shards ``urls``, from the index in each shard's folder.
+
+    NoIndex when a shard is remote or its folder has no index. ValueError names a shard that its
+    folder's index does not list (the index belongs to another shard set) or whose size on disk
+    is not the one indexed (the shard was rewritten since).
+    """
+    remote = [u for u in urls if u.startswith(_REMOTE)]
+    if remote:
+        raise NoIndex(f"remote shards have no index to read (e.g. {remote[0]})")
+    by_folder = {}
+    for url in urls:
+        by_folder.setdefault(os.path.dirname(os.path.abspath(url)), []).append(url)
+    total = 0
+    for folder, shards in by_folder.items():
+        listed = {s["name"]: s for s in read_index(folder)["shards"]}
+        where = os.path.join(folder, INDEX_FILE)
+        unknown = [u for u in shards if os.path.basename(u) not in listed]
+        if unknown:
+            raise ValueError(f"{len(unknown)} shard(s) not listed in {where}, e.g. {unknown[:3]}: "
+                             f"the index belongs to another shard set; run "
+                             f"tools/make_shards.py again or give samples_per_epoch=")
+        for url in shards:
+            entry, size = listed[os.path.basename(url)], os.path.getsize(url)
+            if size != entry["bytes"]:
+                raise ValueError(f"shard {url} has {size} bytes but {where} records "
+                                 f"{entry['bytes']}: it was rewritten after the index; run "
+                                 f"tools/make_shards.py again or give samples_per_epoch=")
+            total += entry["count"]
+    return total
