@@ -2,8 +2,9 @@
 
 fp16 with DeepSpeed's loss scaler and FusedAdam under ZeRO 2 (an overflow step is skipped,
 counted, and leaves the momentum encoder alone), bf16 under ZeRO 3, the MIM anchor under fp16
-ZeRO 2 (fp32 gradient accumulation), every method that needs no init= under fp16 ZeRO 2, and SDPA (flash) attention against the explicit softmax on
-the GPU. Prints one line per check; exits non-zero on failure.
+ZeRO 2 (fp32 gradient accumulation), every method that needs no init= under fp16 ZeRO 2,
+fine-tuning under fp16 with its top-1, the evaluation protocols on the GPU over NCCL, and SDPA
+(flash) attention against the explicit softmax on the GPU. Prints one line per check; exits non-zero on failure.
 """
 import os
 import sys
@@ -102,6 +103,43 @@ def check_methods_fp16(out):
               flush=True)
 
 
+def check_finetune_fp16(out):
+    """Fine-tuning (labels, layer decay, Mixup) under fp16 ZeRO 2 and its top-1 over NCCL."""
+    t = trainer(os.path.join(out, "fp16_finetune"), 2, "fp16", method="finetune",
+                num_classes=10, num_stages=1, stage_blrs=[1e-3], warmup_epochs=0, mixup=0.8,
+                layer_decay=0.75)
+    t.method.prepare_data()
+    g = torch.Generator().manual_seed(0)
+    for step in range(40):
+        x = jobs.global_batch(step, t.cfg)[0]
+        loss = t.train_step(x, labels=torch.randint(0, 10, (x.shape[0],), generator=g))["loss"]
+    assert t.applied_steps() > 0 and torch.isfinite(loss), loss
+    top1 = t.method.evaluate(t)
+    assert 0 <= top1["val_top1"] <= 100 and top1["val_images"] == 450, top1
+    print(f"fp16 zero2 finetune: {t.applied_steps()} applied steps, val top-1 "
+          f"{top1['val_top1']:.1f} on {top1['val_images']} images", flush=True)
+
+
+def check_evaluation(out):
+    """Frozen features on the GPU, gathered over NCCL, and kNN, logistic regression and the
+    linear probe's heads (all-reduced gradients) on the GPU."""
+    from lgp_ds.data.pipeline import embedded_shards
+    from lgp_ds.eval.features import FrozenEncoder
+    from lgp_ds.eval.protocols import EvalSettings, evaluate_encoders
+    cfg = jobs.tiny_config()
+    vit = create_vit(cfg.arch, img_size=cfg.img_size, patch_size=cfg.patch_size,
+                     embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads)
+    key = {"weights": "gpu-check", "model": "tiny", "which": "base", "pooling": "cls",
+           "projector_layers": 0}
+    encoder = FrozenEncoder(vit, None, "tiny random ViT", key)
+    settings = EvalSettings(img_size=cfg.img_size, linear_epochs=2, batch_size=128)
+    urls = [embedded_shards(cfg.img_size, split) for split in ("train", "val")]
+    results = evaluate_encoders({"tiny": encoder}, *urls, settings, os.path.join(out, "eval"))
+    top1 = {p: r["top1"] for p, r in results["tiny"].items()}
+    assert set(top1) == {"knn", "logreg", "linear"} and all(0 <= v <= 100 for v in top1.values())
+    print(f"evaluation on the GPU: {top1}", flush=True)
+
+
 def check_flash_attention():
     vit = create_vit("vit_base_patch16_224", fused_attn=False).cuda().eval()
     x = torch.randn(4, 3, 224, 224, device="cuda")
@@ -121,4 +159,6 @@ if __name__ == "__main__":
     check_bf16_zero3(sys.argv[1])
     check_anchor(sys.argv[1])
     check_methods_fp16(sys.argv[1])
+    check_finetune_fp16(sys.argv[1])
+    check_evaluation(sys.argv[1])
     check_flash_attention()
