@@ -88,9 +88,16 @@ class Config(BaseModel):
     samples_per_epoch: Positive | None = None
     num_workers: NonNegative = 8
     shuffle_buffer: Positive = 5000
+    # every reader (rank x worker) draws shards from all of them with replacement, for runs with
+    # more readers than shards; an epoch is still samples_per_epoch // batch_size steps of draws
+    resampled_shards: StrictBool = False
     max_corrupt_run: Positive = 100  # undecodable samples in a row that stop the run
     crop_min: Fraction = 0.08  # smallest crop (area fraction) of the two contrastive views
     mae_crop_min: Fraction = 0.2  # smallest crop of the MAE view (mae, cl2mim, mtl)
+    # where the views' augmentation runs: all in the DataLoader workers (torchvision), or only
+    # the crops there (uint8, reduced JPEG decode) and the colour, blur and normalisation per
+    # sample on the device, for GPU runs (lgp_ds.data.transforms): views of the same distribution
+    augment_on: Literal["cpu", "device"] = "cpu"
     subset: str | None = None  # SimCLR-style file of image names: train on those samples only
     subset_fraction: Fraction | None = None  # embedded set: a class-balanced subset, seed 0
     # fine-tuning (method=finetune; FINETUNE_KEYS): off by default, the recipes set MAE's values
@@ -182,6 +189,9 @@ class Config(BaseModel):
              "and subset= both name the subset: give one"),
             ("subset_fraction", self.subset_fraction is None or self.data is None,
              "draws from the embedded set's labels; with data= give a subset file (subset=)"),
+            ("augment_on", self.augment_on == "cpu" or self.method != "finetune",
+             "applies to pre-training: method=finetune's timm transform (RandAugment, random "
+             "erasing) runs on the CPU"),
             ("val_data", self.method != "finetune" or self.data is None or self.val_data,
              "must name the held-out shards that method=finetune measures top-1 on, with data="),
             *((key, self.method == "finetune" or getattr(self, key) == default,
@@ -312,7 +322,8 @@ def load_config(recipe: str | None, overrides: list[str]) -> Config:
 
 # Keys a resumed run may change: where it writes and logs, how long it runs, where its input
 # files are, and switches that leave the numbers alone (num_workers changes which worker reads
-# which shard, so the stream after the resume is another, equally shuffled one). Every other
+# which shard, so the stream after the resume is another, equally shuffled one: the rest of the
+# epoch comes from the head of its stream, see data.pipeline.TrainData.resume). Every other
 # key defines the run: a resume that changes one is refused.
 MAY_CHANGE_ON_RESUME = frozenset({"output_dir", "max_steps", "log_every", "save_every",
                                   "init", "data", "num_workers", "max_corrupt_run", "grad_ckpt",

@@ -20,10 +20,15 @@ def test_bench_reports_step_and_data_throughput(tmp_path):
     assert step.returncode == 0, step.stderr[-3000:]
     assert re.search(r"batch 8/rank x 1 rank\(s\) on cpu: [\d.]+ img/s, [\d.]+ ms/step, "
                      r"[\d.]+ TFLOP/s per device, MFU [\d.]+%", step.stdout), step.stdout
-    data = subprocess.run(base + TINY + ["--data_only"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
+    data = subprocess.run(base + TINY + ["--data_only", "--images", "16"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
     assert data.returncode == 0, data.stderr[-3000:]
-    assert re.search(r"data: [\d.]+ img/s per rank with 0 workers", data.stdout), data.stdout
+    assert "16 photo-like 500x375 JPEGs" in data.stdout, data.stdout
+    for views in ("MoCo v3, 2 views", "MAE, 1 view"):
+        assert re.search(rf"\| {views} \| torchvision \(CPU\) \| [\d.]+ \| [\d.]+ \| 1.00x \|\n"
+                         rf"\| {views} \| crops \(CPU\) \| [\d.]+ \| [\d.]+ \| [\d.]+x \|\n"
+                         rf"\| {views} \| \+ the rest \(cpu\) \| [\d.]+ \| \| \|",
+                         data.stdout), data.stdout
 
 
 def test_bench_runs_the_vit_l_recipe_as_shipped(tmp_path):
@@ -38,12 +43,12 @@ def test_bench_runs_the_vit_l_recipe_as_shipped(tmp_path):
 
 
 def test_bench_runs_every_kind_of_method(tmp_path):
-    """MAE (one view, masked encoder), MTL (three views, momentum encoder and decoder) and cl2mim
-    (needs init=: a stand-in is written) and fine-tuning (labels), shrunk from their ViT-B
-    recipes."""
+    """MAE (one view, masked encoder), MTL (three views, momentum encoder and decoder; uint8 crops
+    that the step augments on the device) and cl2mim (needs init=: a stand-in is written) and
+    fine-tuning (labels), shrunk from their ViT-B recipes."""
     decoder = ["decoder_embed_dim=16", "decoder_depth=1", "decoder_num_heads=2"]
-    for recipe, extra in (("vit_b_mae", []), ("vit_b_mtl", []), ("vit_b_cl2mim", ["depth=2"]),
-                          ("vit_b_finetune", [])):
+    for recipe, extra in (("vit_b_mae", []), ("vit_b_mtl", ["augment_on=device"]),
+                          ("vit_b_cl2mim", ["depth=2"]), ("vit_b_finetune", [])):
         cmd = [sys.executable, "tools/bench.py", "--deepspeed_config", "ds_configs/cpu_demo.json",
                "--config", recipe, "--steps", "1", "--warmup", "1"] + TINY + decoder + extra
         env = dict(os.environ, LGP_DS_CACHE=str(tmp_path), MASTER_PORT=str(free_port()),

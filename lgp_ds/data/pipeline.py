@@ -1,11 +1,9 @@
 """Data from the config: the user's shards (``data=``) or the embedded digits set."""
-import itertools
-
 from lgp_ds import dist
 
 from .builtin import NUM_SAMPLES, digits_shards, embedded_subset
 from .index import NoIndex, indexed_samples
-from .shards import check_readers, expand_shards, image_name, train_batches
+from .shards import StreamPosition, check_readers, expand_shards, image_name, train_batches
 from .subsets import read_subset
 
 
@@ -55,29 +53,70 @@ def shards_or_embedded(patterns, img_size: int, split: str, num_workers: int) ->
 
 class TrainData:
     """Per-epoch iterators of this rank's micro-batches: the views that ``transform`` makes of
-    each image, each [batch_per_rank, 3, H, W].
+    each image, each [batch_per_rank, 3, H, W]; and where the stream is, for checkpoints.
 
     Construction fails (FileNotFoundError, ValueError) on missing shards and on fewer shards than
-    ranks x workers, before any engine is built.
+    ranks x workers (unless ``resampled_shards``), before any engine is built.
     """
 
     def __init__(self, cfg, batch_per_rank: int, transform):
         self.urls = shards_or_embedded(cfg.data, cfg.img_size, "train", cfg.num_workers)
         # Checked here, as the trainer builds the data before the engine, not when reading starts.
-        check_readers(self.urls, dist.get_world_size(), cfg.num_workers)
+        check_readers(self.urls, dist.get_world_size(), cfg.num_workers, cfg.resampled_shards)
         self.cfg, self.batch_per_rank = cfg, batch_per_rank
         self.transform = transform  # PIL image -> tuple of view tensors
         names = subset_names(cfg)
         self.subset = frozenset(names) if names is not None else None
+        # fine-tuning trains on the labels: a sample without one is skipped as corrupt
+        self.labelled = cfg.method == "finetune"
+        self.readers = max(1, cfg.num_workers)  # per rank
+        self.epoch, self.position = 0, StreamPosition.head(self.readers)
 
     def batches(self, epoch: int, count: int, skip: int = 0):
         """The ``count`` micro-batches of ``epoch`` on this rank, without the first ``skip``.
 
-        Skipped batches are still read (the order is a pure function of seed, epoch and rank),
-        so a run resumed mid-epoch sees exactly the batches an uninterrupted run would.
+        Where the stream is at batch ``skip`` of ``epoch`` (it was left there, or :meth:`resume`
+        put it there), it goes on from there: the readers drop, undecoded, the samples they gave
+        for the skipped batches, and the batches are exactly those an uninterrupted run takes.
+        Otherwise the readers start from the head of the epoch's stream.
         """
+        if (self.epoch, self.position.batches) != (epoch, skip):
+            self.epoch, self.position = epoch, StreamPosition.head(self.readers, skip)
         cfg = self.cfg
-        stream = train_batches(self.urls, self.transform, self.batch_per_rank, count,
-                               dist.get_rank(), dist.get_world_size(), cfg.num_workers, cfg.seed,
-                               epoch, cfg.shuffle_buffer, cfg.max_corrupt_run, self.subset)
-        return itertools.islice(stream, skip, None)
+        return train_batches(self.urls, self.transform, self.batch_per_rank, count,
+                             dist.get_rank(), dist.get_world_size(), cfg.num_workers, cfg.seed,
+                             epoch, cfg.shuffle_buffer, cfg.max_corrupt_run, self.subset,
+                             cfg.resampled_shards, self.labelled, self.position)
+
+    def state_dict(self) -> dict:
+        """Where this rank's stream is, for a checkpoint: the raw samples each reader gave in the
+        epoch so far (the epoch and batch are the trainer's), and the shard count they read."""
+        return {"samples": list(self.position.samples), "shards": len(self.urls)}
+
+    def resume(self, state: dict | None, epoch: int, batches: int) -> None:
+        """Continue at batch ``batches`` of ``epoch`` from ``state`` (:meth:`state_dict` of the
+        run that saved the checkpoint at that batch; None where it recorded none).
+
+        Readers of another layout cannot continue it (another ``num_workers`` deals the shards
+        to other readers; another shard count, other shards): the rest of the epoch then comes
+        from the head of its stream for this layout, with a note, as a user who changed them
+        would expect of a long run rather than a refusal. Some of the epoch's images then come
+        twice and others not at all; the next epochs are those of a run with this layout.
+        """
+        self.epoch, self.position = epoch, StreamPosition.head(self.readers, batches)
+        if batches == 0:  # at an epoch's start, whatever the layout
+            return
+        if state is None:
+            why = "the checkpoint records no data position"
+        elif len(state["samples"]) != self.readers:
+            why = (f"num_workers gives {self.readers} reader(s) per rank, the run that saved it "
+                   f"had {len(state['samples'])}")
+        elif state["shards"] != len(self.urls):
+            why = (f"data has {len(self.urls)} shard(s), the run that saved it read "
+                   f"{state['shards']}")
+        else:
+            self.position.samples = list(state["samples"])
+            return
+        dist.print_main(f"resume: the data stream cannot continue where it was ({why}): the rest "
+                        f"of epoch {epoch} comes from the head of its stream for this layout, so "
+                        f"some of its images come twice and others not at all")

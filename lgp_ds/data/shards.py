@@ -5,29 +5,42 @@ reader, i.e. rank x DataLoader worker, keeps its shards for the epoch) -> the re
 new seeded order each pass, forever -> tar samples -> shuffle buffer -> decode + the method's views
 (corrupt samples skipped and counted) -> batches of ``batch_per_rank``. Every rank takes exactly
 ``steps`` batches per epoch, so an uneven shard split never leaves a rank short of a batch (which
-would hang the next collective).
+would hang the next collective). With ``resampled`` (more readers than shards) every reader
+instead draws shards from the whole list with replacement, forever.
+
+Determinism: every random choice is seeded, the deal of shards to ranks from (seed, epoch), a
+reader's shard order, shuffle buffer and the views of the n-th sample leaving that buffer from
+(seed, epoch, rank, reader) (and n), so a sample's views do not depend on whether the samples
+before it were decoded. The DataLoader takes batches from its workers in turn, so batch j of an
+epoch comes from reader j % readers. A stream resumed from a :class:`StreamPosition` (the raw
+samples each reader gave for the batches taken) drops those samples as bytes, before decoding,
+and goes on exactly as the uninterrupted stream.
 
 Bad data that would make a reader loop forever without yielding stops it with a DataError
-naming the shards: a pass over its shards that gives no sample, or ``max_corrupt_run``
-undecodable samples in a row. Raised in a DataLoader worker, the message reaches the main process.
+naming the shards: all its shards read without a sample, or ``max_corrupt_run`` undecodable
+samples in a row. Raised in a DataLoader worker, the message reaches the main process.
 """
 import glob
+import hashlib
+import io
 import itertools
 import logging
 import os
 import random
+from dataclasses import dataclass
 from functools import partial
 
+import numpy as np
 import torch
 import webdataset as wds
 from braceexpand import braceexpand
+from PIL import Image
 
 log = logging.getLogger(__name__)
 
 # Sample keys (file extensions) that hold the image, matched in any case. Pillow decodes them all.
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 _REMOTE = ("pipe:", "http://", "https://", "s3://", "gs://")
-_decode_image = wds.imagehandler("pil", IMAGE_KEYS)  # (key, bytes) -> fully decoded RGB PIL image
 
 
 class DataError(RuntimeError):
@@ -72,13 +85,15 @@ def expand_shards(patterns: list[str]) -> list[str]:
     return urls
 
 
-def check_readers(urls: list[str], world_size: int, num_workers: int) -> None:
-    """Raise ValueError (naming the shards) unless every rank x worker gets a shard of its own."""
+def check_readers(urls: list[str], world_size: int, num_workers: int,
+                  resampled: bool = False) -> None:
+    """Raise ValueError (naming the shards) unless every rank x worker gets a shard of its own,
+    or ``resampled`` (every reader draws from all shards)."""
     readers = world_size * max(1, num_workers)
-    if len(urls) < readers:
+    if not resampled and len(urls) < readers:
         raise ValueError(f"{len(urls)} shard(s) ({_listed(urls)}) cannot give each of "
                          f"{world_size} rank(s) x {max(1, num_workers)} worker(s) its own shards: "
-                         f"use more shards or fewer num_workers")
+                         f"use more shards or fewer num_workers, or resampled_shards=true")
 
 
 def _listed(items: list[str], n: int = 5) -> str:
@@ -101,6 +116,14 @@ def _shuffled(items: list[str], seed: int) -> list[str]:
     return order
 
 
+def _seed(*parts) -> int:
+    """A seed in [0, 2**63) from ``parts`` (ints and tags): the same in every process (Python's
+    ``hash`` of a string is not) and unrelated for different parts (sums of multiples such as
+    ``seed * 10_007 + epoch`` collide)."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
+
+
 def _skip_shard_data(url: str, problems: dict, exn: Exception) -> bool:
     """Tar handler: warn, note what was wrong with shard ``url`` in ``problems``, keep going."""
     problems[url] = _describe(exn)
@@ -114,45 +137,59 @@ def image_name(name: str) -> str:
     return os.path.basename(name).split(".", 1)[0]
 
 
-def _reader_samples(urls: list[str], rank: int, world_size: int, seed: int,
-                    subset: frozenset | None = None):
-    """Source stage: tar samples (dicts: ``__key__``, ``__url__``, one bytes value per file) of
-    this reader's shards, a new seeded order each pass, forever; with ``subset`` (a set of
-    :func:`image_name` values) only the samples it names, skipped before they are decoded.
+def _reader_samples(shards: list[str], rng: random.Random, resampled: bool,
+                    subset: frozenset | None, where: str):
+    """Source stage of one reader (``where`` names it): tar samples (dicts: ``__key__``,
+    ``__url__``, one bytes value per file) of ``shards`` (distinct URLs), forever: a pass over
+    them in a new order that ``rng`` draws each time, or with ``resampled`` shard after shard
+    drawn from them with replacement. With ``subset`` (a set of :func:`image_name` values) only
+    the samples it names, skipped before they are decoded.
 
-    Unreadable shard data is skipped with a warning. A whole pass that yields no sample raises
-    DataError naming the shards and what was wrong with them: the reader would otherwise loop
-    over them forever without yielding, and its rank would wait forever for the batch.
+    Unreadable shard data is skipped with a warning. Once every shard was read since the last
+    sample without giving one (a whole pass), DataError names them and what was wrong with them:
+    the reader would otherwise loop over them forever without yielding, and its rank would wait
+    forever for the batch. (Counting distinct shards rather than reads: with replacement, a few
+    draws in a row can miss the good shards.)
     """
-    mine = list(wds.split_by_worker(_shuffled(urls, seed)[rank::world_size]))
-    for n in itertools.count():
-        problems, found = {}, 0
-        for url in _shuffled(mine, seed * 1_000_003 + n):
+    problems, barren = {}, set()  # what was wrong with a shard; shards without a sample since
+    while True:                   # the last one
+        for url in [rng.choice(shards)] if resampled else rng.sample(shards, len(shards)):
+            found = False
             for sample in wds.tarfile_samples([{"url": url}],
                                               handler=partial(_skip_shard_data, url, problems)):
                 if subset is not None and image_name(sample.get("__key__", "")) not in subset:
                     continue
-                found += 1
+                found = True
                 yield sample
-        if not found:
-            worker = wds.utils.pytorch_worker_info()[2]
-            none = ("no samples of the subset (its names, e.g. "
-                    f"{sorted(subset)[:2]}, are matched on the sample keys)" if subset is not None
-                    else "no samples (empty, or no files named KEY.EXT)")
-            what = [f"{u}: {problems.get(u, none)}" for u in mine]
-            raise DataError(f"no sample in a whole pass over the {len(mine)} shard(s) of rank "
-                            f"{rank}, DataLoader worker {worker}: {_listed(what)}")
+            barren = set() if found else barren | {url}
+            if len(barren) == len(shards):
+                none = ("no samples of the subset (its names, e.g. "
+                        f"{sorted(subset)[:2]}, are matched on the sample keys)"
+                        if subset is not None else "no samples (empty, or no files named KEY.EXT)")
+                what = [f"{u}: {problems.get(u, none)}" for u in sorted(shards)]
+                raise DataError(f"no sample in a whole pass over the {len(shards)} shard(s) of "
+                                f"{where}: {_listed(what)}")
 
 
 class _NoImage(ValueError):
     """A tar sample without an image key; the message lists the keys it has."""
 
 
+def _open_image(data: bytes) -> Image.Image:
+    """An RGB PIL image of the file ``data``. An RGB one (nearly every JPEG) is only opened:
+    PIL knows its size and decodes its pixels on first use, so a transform can still ask for a
+    reduced decode (:mod:`lgp_ds.data.crops`); another mode is decoded and converted here."""
+    img = Image.open(io.BytesIO(data))
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
 def _image_and_label(sample: dict):
-    """Tar sample -> (RGB PIL image, label: the integer in ``cls``, or -1 without one).
+    """Tar sample -> (RGB PIL image, see :func:`_open_image`; label: the integer in ``cls``, or
+    -1 without one).
 
     The image is the first key in IMAGE_KEYS, any case; _NoImage when the sample has none. A
-    ``cls`` that is not an integer (a class name) gives -1: pre-training needs no labels.
+    ``cls`` that is not an integer (a class name) gives -1: pre-training needs no labels. Data
+    that is no image fails here; a truncated RGB file fails when the transform decodes it.
     """
     key = next((k for k in sample if k.lower() in IMAGE_KEYS), None)
     if key is None:
@@ -160,26 +197,50 @@ def _image_and_label(sample: dict):
         raise _NoImage(f"has no image (keys found: {found}; image keys: "
                        f"{', '.join(IMAGE_KEYS)}, any case)")
     label = sample.get("cls", b"-1").strip()
-    return _decode_image(key, sample[key]), int(label) if label.lstrip(b"-").isdigit() else -1
+    return _open_image(sample[key]), int(label) if label.lstrip(b"-").isdigit() else -1
 
 
-def _decode_views(samples, transform, max_corrupt_run: int):
-    """Tar samples -> (view_1 [3,H,W], ..., view_k, label, skipped): the views ``transform``
-    makes, label an int (-1: none) and skipped the number of corrupt samples dropped just before
-    this one.
+class _NoLabel(ValueError):
+    """A tar sample without an integer ``cls`` where the run trains on labels."""
+
+
+def _seed_global_rngs(seed: int) -> None:
+    """Seed the global RNGs that image transforms draw from: torch's CPU generator
+    (torchvision), Python's ``random`` (timm's RandAugment and random erasing) and numpy's
+    (RandAugment's choice of operations). About 8 us, against milliseconds to decode and augment
+    an image; ``torch.manual_seed`` would also seed every CUDA device (about 100 us)."""
+    torch.default_generator.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+
+
+def _decode_views(numbered, transform, max_corrupt_run: int, seed: int, labelled: bool = False):
+    """(n, tar sample) pairs, n the sample's number in its reader's stream -> (view_1 [3,H,W],
+    ..., view_k, label, skipped): the views ``transform`` makes, label an int (-1: none) and
+    skipped the number of corrupt samples dropped just before this one.
+
+    Before each sample the global RNGs are seeded from (``seed``, n) (:func:`_seed_global_rngs`),
+    so its views do not depend on which samples before it were decoded: a resume that drops
+    them undecoded makes the same views. In a DataLoader worker nothing else draws from those
+    RNGs; without workers this process's are left as the last sample seeded them (the trainer's
+    forward pass draws from an RNG of its own). With ``labelled`` (the run trains on labels) a
+    sample without an integer ``cls`` is corrupt.
 
     Isolated corrupt samples are skipped with a warning. ``max_corrupt_run`` in a row raise
     DataError naming their shards and the last one's problem: data this reader can never
     decode (e.g. no image key) would otherwise be skipped forever without a batch.
     """
     run = []  # shard URLs of the corrupt samples since the last good one
-    for sample in samples:
+    for n, sample in numbered:
+        _seed_global_rngs(_seed(seed, n))
         try:
             img, label = _image_and_label(sample)
+            if labelled and label < 0:
+                raise _NoLabel(f"has no integer class label (cls: {sample.get('cls')!r})")
             views = transform(img)
         except Exception as exn:  # a corrupt or incomplete sample: count it and go on
             key, url = sample.get("__key__"), sample.get("__url__")
-            problem = (str(exn) if isinstance(exn, _NoImage)
+            problem = (str(exn) if isinstance(exn, (_NoImage, _NoLabel))
                        else f"could not be decoded: {_describe(exn)}")
             log.warning("skipping corrupt sample %s in %s: %s", key, url, problem)
             run.append(url)
@@ -193,33 +254,88 @@ def _decode_views(samples, transform, max_corrupt_run: int):
         run = []
 
 
+@dataclass
+class StreamPosition:
+    """How far a rank's stream of an epoch has gone: ``batches`` taken, and ``samples[r]`` the
+    raw samples (used or corrupt) that reader r gave for them, counted from the head of its
+    stream. There is a reader per DataLoader worker (one without workers), and batch j of an
+    epoch comes from reader j % readers."""
+    batches: int
+    samples: list[int]
+
+    @classmethod
+    def head(cls, readers: int, batches: int = 0) -> "StreamPosition":
+        """Batch ``batches`` of an epoch with every reader at the head of its stream."""
+        return cls(batches, [0] * readers)
+
+
+def _reader_batches(urls: list[str], transform, batch_per_rank: int, rank: int, world_size: int,
+                    readers: int, seed: int, epoch: int, first: int, consumed: tuple[int, ...],
+                    shuffle_buffer: int, max_corrupt_run: int, subset: frozenset | None,
+                    resampled: bool, labelled: bool):
+    """In a DataLoader worker (or this process, without workers): the batches of the reader whose
+    turn this worker's batches are, from the epoch's batch ``first`` on, at which the readers had
+    given ``consumed`` raw samples. Its samples -> seeded shuffle buffer -> the first
+    ``consumed[reader]`` dropped, undecoded -> views seeded per sample -> batches."""
+    info = torch.utils.data.get_worker_info()
+    worker = 0 if info is None else info.id
+    # The loader takes its t-th batch from worker t % readers; that batch is the epoch's batch
+    # first + t, which reader (first + t) % readers gives.
+    reader = (worker + first) % readers
+    key = (seed, epoch, rank, reader)
+    # without resampling: the rank's share of the epoch's shard order, and the reader's of that
+    shards = (urls if resampled
+              else _shuffled(urls, _seed(seed, epoch))[rank::world_size][reader::readers])
+    samples = _reader_samples(shards, random.Random(_seed(*key, "shards")), resampled, subset,
+                              f"rank {rank}, DataLoader worker {worker}")
+    samples = wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 1000),
+                          seed=_seed(*key, "buffer"))(samples)
+    numbered = itertools.islice(enumerate(samples), consumed[reader], None)
+    views = _decode_views(numbered, transform, max_corrupt_run, _seed(*key, "views"), labelled)
+    return wds.batched(batch_per_rank, partial=False)(views)
+
+
 def train_batches(urls: list[str], transform, batch_per_rank: int, steps: int, rank: int,
                   world_size: int, num_workers: int, seed: int, epoch: int,
                   shuffle_buffer: int = 5000, max_corrupt_run: int = 100,
-                  subset: frozenset | None = None):
-    """Iterator over exactly ``steps`` batches of this rank for ``epoch``.
+                  subset: frozenset | None = None, resampled: bool = False,
+                  labelled: bool = False, position: StreamPosition | None = None):
+    """Iterator over this rank's batches of ``epoch`` from ``position`` (default: the head of
+    the stream) up to batch ``steps``; it advances ``position`` as it yields each batch, so a
+    checkpoint can record where the stream is.
 
     Each batch is (view_1 [B,3,H,W], ..., view_k, labels [B], skipped [B]) where
-    ``skipped.sum()`` counts corrupt samples dropped while it was assembled. The order is a
-    function of (seed, epoch, rank), so a resumed run sees the same batches. ``subset``: read only
-    the samples whose :func:`image_name` it holds (SimCLR-style label subsets). Raises ValueError
-    when there are fewer shards than readers, DataError (see the module) on hopeless data.
+    ``skipped.sum()`` counts corrupt samples dropped while it was assembled. The stream is a
+    function of (seed, epoch, rank, num_workers); from a position, the readers drop the samples
+    they gave for the batches taken before decoding them, and the batches are exactly those of
+    the uninterrupted stream. ``subset``: read only the samples whose :func:`image_name` it holds
+    (SimCLR-style label subsets). ``resampled``: every reader draws shards from all of ``urls``
+    with replacement. ``labelled``: a sample without a label is corrupt. Raises ValueError when
+    there are fewer shards than readers (and not ``resampled``), DataError (see the module) on
+    hopeless data.
     """
-    check_readers(urls, world_size, num_workers)
-    epoch_seed = seed * 10_007 + epoch
-    pipeline = wds.DataPipeline(
-        # partials, not lambdas: DataLoader workers started by spawn receive the pipeline pickled
-        partial(_reader_samples, urls, rank, world_size, epoch_seed, subset=subset),
-        wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 1000),
-                    seed=epoch_seed * 1_000 + rank),
-        partial(_decode_views, transform=transform, max_corrupt_run=max_corrupt_run),
-        wds.batched(batch_per_rank, partial=False),
-    )
-    generator = torch.Generator().manual_seed(epoch_seed * 1_000 + rank)
-    if num_workers == 0:  # the transforms draw from the global RNGs of this process
-        torch.manual_seed(epoch_seed * 1_000 + rank)
-        random.seed(epoch_seed * 1_000 + rank)
-    loader = wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers,
-                           generator=generator, persistent_workers=False,
-                           prefetch_factor=4 if num_workers else None)
-    return itertools.islice(iter(loader), steps)
+    check_readers(urls, world_size, num_workers, resampled)
+    readers = max(1, num_workers)
+    position = position or StreamPosition.head(readers)
+    # a partial, not a lambda: DataLoader workers started by spawn receive it pickled
+    stream = wds.DataPipeline(partial(
+        _reader_batches, urls, transform, batch_per_rank, rank, world_size, readers, seed, epoch,
+        position.batches, tuple(position.samples), shuffle_buffer, max_corrupt_run, subset,
+        resampled, labelled))
+    # A generator of its own: starting the loader draws the workers' base seed from it rather
+    # than from this process's global RNG (the views are seeded per sample, not from that seed).
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=num_workers,
+                                         generator=torch.Generator(),
+                                         prefetch_factor=4 if num_workers else None)
+    return _advancing(itertools.islice(loader, steps - position.batches), position,
+                      batch_per_rank)
+
+
+def _advancing(batches, position: StreamPosition, batch_per_rank: int):
+    """``batches`` as they are, ``position`` moved past each one before it is handed on: its
+    reader gave ``batch_per_rank`` samples and the corrupt ones skipped on the way."""
+    readers = len(position.samples)
+    for batch in batches:
+        position.samples[position.batches % readers] += batch_per_rank + int(batch[-1].sum())
+        position.batches += 1
+        yield batch

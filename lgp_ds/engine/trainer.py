@@ -203,7 +203,10 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------------------------
     def save(self) -> str:
+        # Every rank's data position: DeepSpeed writes the client state of rank 0 only.
+        position = self.data.state_dict() if self.data is not None else None
         state = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                 "data": dist.all_gather_object(position),
                  "corrupt_samples": self.corrupt_samples(), "config": self.cfg.to_dict(),
                  "group_params": self.group_params, "frozen": self.frozen}
         if self.momentum is not None:
@@ -227,20 +230,25 @@ class Trainer:
         self.step, self.epoch = state["step"], state["epoch"]
         self.batch_in_epoch = state["batch_in_epoch"]
         self.corrupt_before = state["corrupt_samples"]
+        if self.data is not None:  # checkpoints written before positions were recorded lack them
+            positions = state.get("data") or [None] * dist.get_world_size()
+            self.data.resume(positions[dist.get_rank()], self.epoch, self.batch_in_epoch)
         self.metrics.truncate(self.step)
         dist.print_main(f"resumed from {os.path.join(*found)} at step {self.step}, "
                         f"epoch {self.epoch}, batch {self.batch_in_epoch}")
 
     # -- training ------------------------------------------------------------------------------
     def train_step(self, *views: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
-        """One micro-batch of views [B,3,H,W] (and the samples' labels [B], which fine-tuning
-        reads): forward, backward, and at the accumulation boundary step + EMA. The views stay
-        fp32 (an MAE target is computed from them); the models cast their inputs to the engine's
-        dtype."""
+        """One micro-batch of views [B,3,H,W] as the method's transform() makes them (and the
+        samples' labels [B], which fine-tuning reads): the method's device part of the views
+        (``augment_on: device``), forward, backward, and at the accumulation boundary step + EMA.
+        The views stay fp32 (an MAE target is computed from them); the models cast their inputs
+        to the engine's dtype."""
         views = tuple(v.to(self.device, non_blocking=True) for v in views)
         if labels is not None:
             labels = labels.to(self.device, non_blocking=True)
-        with self._forward_rng():
+        with self._forward_rng():  # the device augmentation draws from it too
+            views = self.method.device_views(views)
             loss, terms = self.method.loss(self.engine, views, self.momentum, labels)
         self.engine.backward(loss)
         anchor = 0.0

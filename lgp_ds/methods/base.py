@@ -6,7 +6,10 @@ metrics. A method owns only what differs:
 
 - ``build_model()``: the module the engine trains (encoder plus heads or decoder);
 - ``load_init(model, weights)``: how ``init=`` weights enter that model;
-- ``transform()``: PIL image -> the tuple of views one sample gives;
+- ``views()``: the views one image gives (:class:`lgp_ds.data.transforms.View`), which
+  ``transform()`` (PIL image -> the tuple of views, in the DataLoader workers) and
+  ``device_views(views)`` (on the device, in the trainer's step) make between them: all on the
+  CPU with ``augment_on: cpu``; crops on the CPU and the rest on the device with ``device``;
 - ``param_groups(model, depth, stage_lrs)``: the optimizer's param groups (stage-wise LRs;
   fine-tuning: layer-wise LR decay and frozen lower blocks);
 - ``loss(engine, views, momentum, labels)``: forward and loss over this rank's micro-batch
@@ -22,6 +25,9 @@ import torch
 import torch.nn as nn
 
 from lgp_ds.convert import Weights
+from lgp_ds.data.crops import CropViews
+from lgp_ds.data.device_augment import augment
+from lgp_ds.data.transforms import View, Views, torchvision_view
 from lgp_ds.engine.param_groups import build_param_groups
 from lgp_ds.models.vit import load_weights
 
@@ -51,8 +57,25 @@ class Method:
         return build_param_groups(model, depth, stage_lrs, self.cfg.weight_decay,
                                   self.encoder_prefix)
 
-    def transform(self):
+    def views(self) -> list[View]:
+        """The views one image gives, in the order :meth:`loss` takes them."""
         raise NotImplementedError
+
+    def transform(self):
+        """PIL image -> the tuple of views one sample gives: float [3,H,W] each, or with
+        ``augment_on: device`` their crops, uint8 [3,H,W], that :meth:`device_views` finishes."""
+        size, views = self.cfg.img_size, self.views()
+        if self.cfg.augment_on == "device":
+            return CropViews(size, [v.crop for v in views])
+        return Views(*(torchvision_view(size, v) for v in views))
+
+    def device_views(self, views: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """The batch of views [B,3,H,W] that :meth:`transform` made, on the device -> the views
+        the model takes: with ``augment_on: device`` each view's photometric part, drawing from
+        the global RNG (the trainer seeds it per micro-batch and rank); else as they are."""
+        if self.cfg.augment_on == "cpu":
+            return views
+        return tuple(augment(x, v.photometric) for x, v in zip(views, self.views(), strict=True))
 
     def loss(self, engine, views: tuple[torch.Tensor, ...], momentum,
              labels: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:

@@ -6,7 +6,7 @@ cl2mim:  CL->MIM grafting: the encoder from a MoCo v3 checkpoint (``init=``: lgp
          official one), its lower ``frozen_stages`` frozen; upper blocks and a fresh decoder
          train with the MAE loss.
 """
-from lgp_ds.data.transforms import Views, mae_view_transform
+from lgp_ds.data.transforms import mae_views
 from lgp_ds.models.mae import build_mae_model
 from lgp_ds.models.vit import HEAD_PREFIXES, MAE_ONLY_PREFIXES, load_weights
 
@@ -31,8 +31,8 @@ class MAE(Method):
         load_weights(model, weights.encoder(), self.cfg.init,
                      skip=MAE_ONLY_PREFIXES + HEAD_PREFIXES)
 
-    def transform(self):
-        return Views(mae_view_transform(self.cfg.img_size, self.cfg.mae_crop_min))
+    def views(self):
+        return mae_views(self.cfg.mae_crop_min)
 
     def loss(self, engine, views, momentum, labels=None):
         (x,) = views

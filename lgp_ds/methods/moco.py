@@ -6,7 +6,7 @@ moco:           MoCo v3 from random weights (one stage, one LR).
 mim2cl_frozen:  init= MAE weights with the lower ``frozen_stages`` frozen (in the momentum
                 encoder too, as it only follows trained parameters).
 """
-from lgp_ds.data.transforms import Views, moco_view_transforms
+from lgp_ds.data.transforms import moco_views
 from lgp_ds.models.moco import build_graft_model
 from lgp_ds.objectives import moco_loss
 
@@ -21,8 +21,8 @@ class MoCo(Method):
     def build_model(self):
         return build_graft_model(self.cfg)
 
-    def transform(self):
-        return Views(*moco_view_transforms(self.cfg.img_size, self.cfg.crop_min))
+    def views(self):
+        return moco_views(self.cfg.img_size, self.cfg.crop_min)
 
     def loss(self, engine, views, momentum, labels=None):
         x1, x2 = views

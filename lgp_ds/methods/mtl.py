@@ -5,7 +5,7 @@ encoder runs whole on the MoCo views and on the visible patches of the MAE view;
 projector/predictor (with a momentum encoder) and the MAE decoder all train.
 loss = cl_weight * MoCo loss + mim_weight * MAE loss.
 """
-from lgp_ds.data.transforms import Views, mae_view_transform, moco_view_transforms
+from lgp_ds.data.transforms import mae_views, moco_views
 from lgp_ds.models.mae import add_decoder, decode, encode_visible
 from lgp_ds.models.moco import GraftModel
 from lgp_ds.models.vit import vit_from_config
@@ -42,10 +42,8 @@ class MTL(Method):
         self.patch_size = model.base_encoder.patch_embed.patch_size[0]
         return model
 
-    def transform(self):
-        cfg = self.cfg
-        return Views(*moco_view_transforms(cfg.img_size, cfg.crop_min),
-                     mae_view_transform(cfg.img_size, cfg.mae_crop_min))
+    def views(self):
+        return moco_views(self.cfg.img_size, self.cfg.crop_min) + mae_views(self.cfg.mae_crop_min)
 
     def loss(self, engine, views, momentum, labels=None):
         cfg = self.cfg

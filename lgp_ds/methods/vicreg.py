@@ -6,7 +6,7 @@ momentum encoder.
 import torch
 import torch.nn as nn
 
-from lgp_ds.data.transforms import Views, moco_view_transforms
+from lgp_ds.data.transforms import moco_views
 from lgp_ds.models.heads import build_expander
 from lgp_ds.models.vit import vit_from_config
 from lgp_ds.objectives import vicreg_loss
@@ -31,8 +31,8 @@ class GraftVICReg(Method):
     def build_model(self):
         return VICRegModel(vit_from_config(self.cfg), self.cfg.proj_dim, self.cfg.mlp_dim)
 
-    def transform(self):
-        return Views(*moco_view_transforms(self.cfg.img_size, self.cfg.crop_min))
+    def views(self):
+        return moco_views(self.cfg.img_size, self.cfg.crop_min)
 
     def loss(self, engine, views, momentum, labels=None):
         z1, z2 = engine(*views)
