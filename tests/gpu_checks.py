@@ -77,7 +77,7 @@ def check_anchor(out, precision="fp16"):
     anchors = []
     for step in range(12):  # the first steps may overflow at the initial loss scale
         x1, x2 = jobs.global_batch(step, cfg)
-        anchors.append(t.train_step(x1, x2)["anchor"])
+        anchors.append(float(t.train_step(x1, x2)["anchor"]))
     assert anchors[0] == 0.0 and t.applied_steps() > 1 and anchors[-1] > 0, anchors
     print(f"{precision} zero2 anchor: fp32 gradient accumulation, anchor {anchors[0]} -> "
           f"{anchors[-1]:.3g} over {t.applied_steps()} applied steps", flush=True)

@@ -115,7 +115,7 @@ def anchor_job(cases, mim_path, out_dir):
         engine = trainer.engine
         q1, q2 = engine(local(x1).to(trainer.dtype), local(x2).to(trainer.dtype))
         engine.backward((q1.sum() + q2.sum()) * 0.0)  # zero gradients, reduced as usual
-        value = trainer.anchor.add_gradient(trainer.slices)
+        value = float(trainer.anchor.add_gradient(trainer.slices))
         grads = {n: safe_get_full_grad(p).cpu().clone()
                  for n, p in engine.module.named_parameters() if p.requires_grad}
         reference_numel = sum(v.numel() for v in trainer.anchor.reference.values())
@@ -267,7 +267,7 @@ def anchor_precision_job(stage, anchor_weight, persistence, mim_path, out_dir):
         for m in range(2):
             result = trainer.train_step(local(x1[m * half:(m + 1) * half]),
                                         local(x2[m * half:(m + 1) * half]))
-        return result["anchor"]
+        return float(result["anchor"])
 
     out["anchor"] = [step(0), step(1)]
     add_gradient = trainer.anchor.add_gradient

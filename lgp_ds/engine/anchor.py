@@ -41,8 +41,10 @@ class MIMAnchor:
         self.names = sorted(set().union(*[set(n) for n in dist.all_gather_object(self.names)]))
 
     @torch.no_grad()
-    def add_gradient(self, slices: list[MasterSlice], grad_scale: float = 1.0) -> float:
-        """Add d(penalty)/d(master) * grad_scale to this rank's gradients; return the penalty.
+    def add_gradient(self, slices: list[MasterSlice], grad_scale: float = 1.0) -> torch.Tensor:
+        """Add d(penalty)/d(master) * grad_scale to this rank's gradients; return the penalty, a
+        0-d float64 tensor on the device (read it only when logging: reading it waits for the
+        device, and this runs every step).
 
         ``grad_scale`` is the loss scale of fp16 training (gradients are still scaled then).
         """
@@ -63,4 +65,4 @@ class MIMAnchor:
                 norm = norms[index[n]].float()
                 g = torch.where(norm > 0, d / norm.clamp_min(1e-30), torch.zeros_like(d))
             mine[n].add_to_grad(g * (self.weight * grad_scale))
-        return self.weight * norms.sum().item()
+        return self.weight * norms.sum()

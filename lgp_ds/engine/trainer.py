@@ -351,7 +351,7 @@ class Trainer:
                                                    self.engine.optimizer.param_groups)}}
         if self.momentum is not None:
             record["momentum"] = out["momentum"]
-        record.update(anchor=out["anchor"], skipped_steps=self.engine.skipped_steps,
+        record.update(anchor=float(out["anchor"]), skipped_steps=self.engine.skipped_steps,
                       img_per_s=window["images"] * dist.get_world_size() / window["seconds"],
                       corrupt_samples=self.corrupt_samples())
         if self.dtype == torch.float16:
