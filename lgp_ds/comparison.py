@@ -127,18 +127,35 @@ def _set_aside_if_grafted_from_other_weights(cfg) -> None:
     """Collective: a run whose checkpoints started from other ``init=`` weights than its init
     run's present ones (the MAE run has trained further since, e.g. with a larger
     ``max_steps``) would be refused as another run; it is moved to ``<folder>.old`` (replacing
-    an older one) and trains again from the present weights."""
+    an older one) and trains again from the present weights. Rank 0 decides and moves; what goes
+    wrong there is raised on every rank (ValueError), rather than leaving the others waiting."""
+    outcome = None
     if dist.is_main():
-        found = checkpoint.find_checkpoint("auto", os.path.join(cfg.output_dir, CHECKPOINTS))
-        if found is not None:
-            then = checkpoint.read_marker(*found)["run"].get("init_digest")
-            if then != tensor_digest(read_init(cfg.init).encoder()):
-                old = cfg.output_dir + ".old"
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(cfg.output_dir, old)
-                print(f"{cfg.output_dir}: its checkpoints started from other weights than "
-                      f"{cfg.init} holds now; moved to {old}, training again", flush=True)
-    dist.barrier()
+        try:
+            outcome = ("ok", _set_aside(cfg))
+        except (OSError, ValueError) as e:
+            outcome = ("error", f"{cfg.output_dir}: could not check or set aside its "
+                                f"checkpoints: {type(e).__name__}: {e}")
+    status, message = dist.broadcast_object(outcome)
+    if status == "error":
+        raise ValueError(message)
+    if message:
+        dist.print_main(message)
+
+
+def _set_aside(cfg) -> str | None:
+    """Rank 0's part of :func:`_set_aside_if_grafted_from_other_weights`: what it did."""
+    found = checkpoint.find_checkpoint("auto", os.path.join(cfg.output_dir, CHECKPOINTS))
+    if found is None:
+        return None
+    then = checkpoint.read_marker(*found)["run"].get("init_digest")
+    if then == tensor_digest(read_init(cfg.init).encoder()):
+        return None
+    old = cfg.output_dir + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(cfg.output_dir, old)
+    return (f"{cfg.output_dir}: its checkpoints started from other weights than {cfg.init} "
+            f"holds now; moved to {old}, training again")
 
 
 def _eval_urls(p: Plan) -> tuple[list[str], list[str]]:

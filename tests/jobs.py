@@ -322,3 +322,33 @@ def resave_crash_job(out_dir):
     except RuntimeError:
         pass
     return checkpoint.find_checkpoint("auto", ckpts)
+
+
+class _Evaluation:
+    """An evaluator due at the last step only, failing when ``fail``."""
+    every = 0
+
+    def __init__(self, fail: bool):
+        self.fail = fail
+
+    def __call__(self, trainer) -> dict:
+        if self.fail:
+            raise RuntimeError("evaluation failed")
+        return {"knn": 42.0}
+
+
+def evaluation_after_resume_job(out_dir):
+    cfg = tiny_config(output_dir=out_dir, max_steps=2, resume="auto")
+    trainer = Trainer(cfg, ds_config(cfg, 0, False), build_method(cfg),
+                      evaluators=[_Evaluation(fail=True)])
+    try:
+        trainer.fit()
+    except RuntimeError as e:
+        failed = str(e)
+    trainer = Trainer(cfg, ds_config(cfg, 0, False), build_method(cfg),
+                      evaluators=[_Evaluation(fail=False)])
+    records = trainer.fit()
+    dist.barrier()  # rank 0 writes metrics.jsonl
+    return {"failed": failed, "resumed_step": trainer.step, "records": records,
+            "logged_steps": [r["step"] for r in read_metrics(out_dir)]}
+

@@ -57,6 +57,18 @@ def test_subset_names_match_as_training_matches_them(tmp_path):
         read_subset(str(tmp_path / "twice.txt"))
 
 
+def test_subsets_of_sets_whose_samples_share_base_names(tmp_path):
+    # keys that keep a class folder (Places365, Caltech-101): a fraction draws keys, and a
+    # subset file, which names base names, is refused rather than labelling every class's 0001
+    from lgp_ds.eval.protocols import EvalSettings, Split, labelled_subset
+    keys = [f"class{c}/{i:04d}" for c in range(5) for i in range(20)]
+    train = Split(torch.zeros(100, 4), torch.arange(5).repeat_interleave(20), keys)
+    assert len(labelled_subset(train, EvalSettings(fraction=0.25))) == 25
+    (tmp_path / "s.txt").write_text("0001.jpg\n")
+    with pytest.raises(ValueError, match=r"samples 'class0/0000' and 'class1/0000' share the name"):
+        labelled_subset(train, EvalSettings(subset=str(tmp_path / "s.txt")))
+
+
 def test_subsets_too_small_for_the_penalty_sweep_are_refused_with_the_option():
     from lgp_ds.eval.protocols import EvalSettings, Split, labelled_subset
     labels = torch.arange(10).repeat(20)  # 20 images of each of 10 classes

@@ -107,6 +107,21 @@ def test_resume_that_would_change_the_run_is_refused(tmp_path):
     allowed = _run(epochs=100, max_steps=50, digest="ab12", init="moved.pth")
     assert checkpoint.check_resumable(str(tmp_path), "step00000006", allowed) == [
         "init: None -> 'moved.pth'", "max_steps: None -> 50"]
+    # a run saved when only the anchor's weights were digested (None without the anchor)
+    _marker(tmp_path, "step00000007", epochs=100, init="mae.pth")
+    assert checkpoint.check_resumable(str(tmp_path), "step00000007", _run(
+        epochs=100, digest="ab12", init="mae.pth")) == ["init_digest: None -> 'ab12'"]
     (tmp_path / "step00000006" / checkpoint.COMPLETE_MARKER).write_text("{torn")
     with pytest.raises(ValueError, match="not a completion record written by lgp_ds"):
         checkpoint.check_resumable(str(tmp_path), "step00000006", allowed)
+
+
+def test_a_resume_runs_the_evaluations_its_last_step_did_not_finish(tmp_path):
+    # saved before evaluating, the last step's checkpoint is complete when its evaluation
+    # fails; the resumed run evaluates that step and logs it, rather than ending with no result
+    first, second = run_ranks(jobs.evaluation_after_resume_job, str(tmp_path / "run"))
+    assert first == second
+    assert first["failed"] == "evaluation failed" and first["resumed_step"] == 2
+    assert first["records"] == [{"step": 2, "epoch": 1, "knn": 42.0}]  # 2 steps an epoch
+    assert first["logged_steps"] == [1, 2]
+

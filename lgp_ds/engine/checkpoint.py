@@ -128,8 +128,11 @@ def check_resumable(save_dir: str, tag: str, run: dict) -> list[str]:
                          f"weights (tools/convert_ckpt.py) and start from them with init=")
     saved = marker["run"]
     changed = {k: (saved[k], v) for k, v in run.items() if k in saved and saved[k] != v}
+    # Runs saved before the init= weights' digest defined every run recorded it only with the
+    # MIM anchor on (None otherwise): nothing to compare, so such a run continues.
+    unrecorded = {"init_digest"} if saved.get("init_digest") is None else set()
     refused = [f"{k}={old!r} -> {new!r}" for k, (old, new) in changed.items()
-               if k not in MAY_CHANGE_ON_RESUME]
+               if k not in MAY_CHANGE_ON_RESUME | unrecorded]
     if refused:
         raise ValueError(f"{where} belongs to a run with other settings ({', '.join(refused)}): "
                          f"continuing it would silently change its LR schedule, data position or "

@@ -86,6 +86,14 @@ class MetricsLog:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
+    def has(self, step: int) -> bool:
+        """Collective: whether a record of ``step`` was logged (rank 0 reads the file)."""
+        found = None
+        if dist.is_main() and os.path.isfile(self.path):
+            with open(self.path) as f:
+                found = any(_step(line) == step for line in f)
+        return bool(dist.broadcast_object(found))
+
     def truncate(self, last_step: int) -> None:
         """Drop the records after ``last_step`` (logged by an interrupted run after its last
         checkpoint, and about to be logged again by the resumed run)."""

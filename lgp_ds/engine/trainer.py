@@ -180,6 +180,7 @@ class Trainer:
         del mim_state
 
         self.step = 0  # optimizer steps applied or skipped (engine.global_steps)
+        self.step_logged = True  # False: resumed at a step whose record was never logged
         self.fit_began = (time.perf_counter(), 0)  # (time, step) where fit() began
         self.epoch, self.batch_in_epoch = 0, 0
         # Corrupt samples: the global count before this process started (from the checkpoint)
@@ -234,6 +235,7 @@ class Trainer:
             positions = state.get("data") or [None] * dist.get_world_size()
             self.data.resume(positions[dist.get_rank()], self.epoch, self.batch_in_epoch)
         self.metrics.truncate(self.step)
+        self.step_logged = self.metrics.has(self.step)
         dist.print_main(f"resumed from {os.path.join(*found)} at step {self.step}, "
                         f"epoch {self.epoch}, batch {self.batch_in_epoch}")
 
@@ -288,6 +290,13 @@ class Trainer:
         last_step = min(self.total_steps, cfg.max_steps or self.total_steps)
         gas = self.engine.gradient_accumulation_steps()
         records, meter = [], _Meter()
+        if not self.step_logged:
+            # The checkpoint of this step was saved, but the run ended before the step's record:
+            # its evaluations (the last step's: the run's results) may not have finished.
+            evaluations = self.evaluate(last_step)
+            if evaluations:
+                records.append(self.log_evaluations(evaluations))
+            self.step_logged = True
         self.fit_began = (time.perf_counter(), self.step)
         while self.step < last_step:
             epoch = self.epoch
@@ -338,6 +347,15 @@ class Trainer:
             return ""
         left = int((last_step - self.step) * (time.perf_counter() - began) / (self.step - first))
         return f" eta {left // 3600}:{left // 60 % 60:02d}:{left % 60:02d}"
+
+    def log_evaluations(self, evaluations: dict) -> dict:
+        """The record of this step's ``evaluations`` alone (the training metrics of the step are
+        lost with the process that trained it), logged by rank 0."""
+        record = {"step": self.step, "epoch": self.epoch, **evaluations}
+        self.metrics.append(record)
+        dist.print_main(f"step {self.step} (evaluated after resuming) " + " ".join(
+            f"{k} {v:.4g}" for k, v in evaluations.items()))
+        return record
 
     def log(self, window: dict, out: dict, evaluations: dict | None = None) -> dict:
         """Collective: the metrics record of this step (means over ranks) with the

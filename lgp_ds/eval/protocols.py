@@ -73,13 +73,22 @@ class Split(NamedTuple):
 def labelled_subset(train: Split, settings: EvalSettings) -> list[str]:
     """The sample keys of the labelled subset, in dataset order: those the subset file names
     (matched on :func:`image_name`, as training matches them: ``n01440764_10026.JPEG`` names
-    the sample ``n01440764_10026``; a name the training set lacks is refused), or a
-    class-balanced ``fraction`` drawn with ``seed``. Computed alike on every rank, which all
-    refuse (ValueError) a subset too small for the logistic regression's penalty sweep."""
-    names = [image_name(k) for k in train.keys]
+    the sample ``n01440764_10026``; a name the training set lacks is refused, and so is a file
+    for a set where two samples share a name, e.g. ``cat/0001`` and ``dog/0001``), or a
+    class-balanced ``fraction`` of the keys drawn with ``seed``. Computed alike on every rank,
+    which all refuse (ValueError) a subset too small for the logistic regression's penalty
+    sweep."""
     if settings.subset is not None:
+        names = [image_name(k) for k in train.keys]
+        first = {}
+        for key, name in zip(train.keys, names):
+            if first.setdefault(name, key) != key:
+                raise ValueError(f"--subset {settings.subset}: subset files name images by base "
+                                 f"name, but the samples {first[name]!r} and {key!r} share the "
+                                 f"name {name!r}: one line would label both")
         chosen = set(image_name(n) for n in read_subset(settings.subset, available=names))
     else:
+        names = train.keys
         chosen = set(balanced_subset(names, train.labels.tolist(), settings.fraction,
                                      settings.seed))
     picked = [i for i, n in enumerate(names) if n in chosen]
