@@ -3,6 +3,7 @@ epoch size that training reads from the index."""
 import io
 import json
 import os
+import re
 import sys
 import tarfile
 
@@ -146,7 +147,7 @@ def test_val_layout_takes_the_train_class_list(tmp_path):
                           str(tmp_path / "train_shards" / "classes.txt"), "--workers", "1"]) == 0
         samples = read_shards(outs[-1])
         assert {s["key"]: (s["image"], classes[s["label"]]) for s in samples} == images
-        assert sorted(os.listdir(outs[-1])) == ["classes.txt", "index.json", "plan.json",
+        assert sorted(os.listdir(outs[-1])) == [".lock", "classes.txt", "index.json", "plan.json",
                                                 "val-000000.tar"]
         assert read_classes(str(outs[-1] / "classes.txt")) == classes
     assert (outs[0] / "val-000000.tar").read_bytes() == (outs[1] / "val-000000.tar").read_bytes()
@@ -230,16 +231,18 @@ def test_interrupted_run_resumes_to_the_same_shards(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         make_shards(source, str(cut), max_count=3, progress=False)
     left = sorted(os.listdir(cut))
-    assert left == ["classes.txt", "plan.json", "train-000000.tar", "train-000001.tar",
-                    "train-000002.tar.tmp"]  # no index: the set is not complete
+    assert left == [".lock", "classes.txt", "plan.json", "train-000000.tar", "train-000001.tar",
+                    f"train-000002.tar.tmp.{os.getpid()}"]  # no index: the set is not complete
     make_shards(source, str(cut), max_count=3, progress=False)
     assert len(decoded) == 8 + 6  # the two complete shards were kept, not written again
     assert shard_files(cut) == shard_files(whole)  # the same files, index included
 
-    # Killed later: the index gone, a shard missing, another half written.
+    # Killed later: the index gone, a shard missing, another half written (by this tool's
+    # earlier versions, NAME.tmp, or a run that died, NAME.tmp.PID).
     os.remove(cut / "index.json")
     os.remove(cut / "train-000003.tar")
     (cut / "train-000001.tar.tmp").write_bytes(b"half a shard")
+    (cut / "train-000001.tar.tmp.4194304").write_bytes(b"half a shard")
     os.remove(cut / "train-000001.tar")
     make_shards(source, str(cut), max_count=3, progress=False)
     assert shard_files(cut) == shard_files(whole)
@@ -284,3 +287,113 @@ def test_other_arguments_or_source_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"n01/n01_9.JPEG and n02/n01_9.png in .* give the same "
                                          r"sample key 'n01_9'"):
         make_shards(folder_source(str(tmp_path / "train")), str(tmp_path / "x"), progress=False)
+
+
+def test_damaged_shards_are_found_and_written_again(tmp_path, capsys):
+    (tmp_path / "train" / "n02").mkdir(parents=True)
+    (tmp_path / "train" / "n02" / "n02_9.JPEG").write_bytes(b"not a jpeg")  # left out
+    images = train_tree(tmp_path / "train", {"n01": 4, "n03": 7})
+    source = folder_source(str(tmp_path / "train"))
+    out = tmp_path / "shards"
+    whole = make_shards(source, str(out), max_count=4, progress=False)
+    files = shard_files(out)
+    (record,) = [n for n in files if n.endswith(".left_out.json")]  # beside the shard lacking it
+    assert json.loads(files[record]) == {"n02/n02_9.JPEG": "UnidentifiedImageError: not an image "
+                                                           "format PIL knows"}
+    assert whole["unreadable"] == ["n02/n02_9.JPEG"] and whole["total"] == len(images)
+    capsys.readouterr()
+
+    def damage(name, how):
+        path = out / name
+        with tarfile.open(path) as tar:
+            members = tar.getmembers()
+            end = tar.offset
+        data = path.read_bytes()
+        path.write_bytes({"zeroed": b"\0" * 4096 + data[4096:],
+                          "two samples": data[:members[4].offset],  # cut at a member boundary
+                          "no end blocks": data[:end]}[how])  # every member, then nothing
+
+    # tarfile reads none of the first shard's members, two samples of the second's; the third
+    # is missing: the images they lack are not unreadable, and the shards are written again.
+    damage("train-000000.tar", "zeroed")
+    damage("train-000001.tar", "two samples")
+    os.remove(out / "train-000002.tar")
+    assert make_shards(source, str(out), max_count=4, progress=False) == whole
+    printed = capsys.readouterr().out
+    assert re.search(r"damaged shard .*train-000000.tar holds 0 of the \d+ members planned: "
+                     r".*: writing it again", printed)
+    assert re.search(r"damaged shard .*train-000001.tar holds 4 of the \d+ members planned",
+                     printed)
+    assert shard_files(out) == files  # the same bytes, index and record included
+
+    # Whole members but no end-of-archive blocks; a shard without the record of the image it
+    # lacks; a record naming an image of another shard.
+    lacking = record[:-len(".left_out.json")]
+    cut, other = sorted({"train-000000.tar", "train-000001.tar", "train-000002.tar"} - {lacking})
+    damage(cut, "no end blocks")
+    os.remove(out / record)
+    (out / f"{other}.left_out.json").write_text(json.dumps({"n02/n02_9.JPEG": "?"}))
+    assert make_shards(source, str(out), max_count=4, progress=False) == whole
+    printed = capsys.readouterr().out
+    assert re.search(fr"{cut} does not end with tar's end-of-archive blocks after its \d+ "
+                     fr"samples", printed)
+    assert re.search(fr"{lacking} (holds|has) .* planned", printed)
+    assert re.search(fr"{other} has a record of left-out images that names images not planned "
+                     fr"for it: n02/n02_9.JPEG", printed)
+    assert shard_files(out) == files
+
+
+def test_a_file_listed_twice_is_refused(tmp_path):
+    train_tree(tmp_path / "img")
+    listed = tmp_path / "list.txt"
+    listed.write_text("img/n01/n01_0.JPEG n01\nimg/n02/n02_0.JPEG n02\n./img/n01/n01_0.JPEG n01\n")
+    with pytest.raises(ValueError, match=r"1 file\(s\) listed more than once .* e.g. "
+                                         r"img/n01/n01_0.JPEG \(.*list.txt line 1, .*list.txt "
+                                         r"line 3\)"):
+        list_source(str(listed))
+
+
+def test_val_needs_the_train_class_list_and_evaluation_checks_it(tmp_path, capsys):
+    from lgp_ds.data.index import check_same_classes
+    from lgp_ds.eval.protocols import EvalSettings, evaluate_encoders
+    train_tree(tmp_path / "train")  # n01, n02, n03
+    make_shards(folder_source(str(tmp_path / "train")), str(tmp_path / "t"), progress=False)
+    val_folder(tmp_path / "val", ["n02", "n02", "n09"])
+    labels = tmp_path / "labels.txt"
+    labels.write_text("n02\nn02\nn09\n")
+    val = ["val", str(tmp_path / "val"), str(labels), str(tmp_path / "v"), "--workers", "1"]
+    with pytest.raises(SystemExit) as exit:
+        tool.main(val)
+    assert exit.value.code == 2 and "val: give --classes TRAIN_OUT/classes.txt (the train set's " \
+        "class list" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        tool.main(val + ["--own_classes", "--classes", str(tmp_path / "t" / "classes.txt")])
+    assert "--classes and --own_classes exclude each other" in capsys.readouterr().err
+    assert tool.main(val + ["--classes", str(tmp_path / "t" / "classes.txt")]) == 2
+    assert re.search(r"error: 1 label\(s\) not in the given class list of 3, e.g. .*labels.txt "
+                     r"line 3: 'n09'", capsys.readouterr().err)
+
+    # Numbered on their own (n02 = 0 here, 1 in train), evaluation refuses the pair.
+    assert tool.main(val + ["--own_classes"]) == 0
+    train, held_out = [str(tmp_path / "t" / "train-000000.tar")], [str(tmp_path / "v" /
+                                                                         "val-000000.tar")]
+    mismatch = (fr"the shards in {tmp_path / 't'} and {tmp_path / 'v'} number their classes "
+                fr"differently \(3 and 2 classes; class 0: 'n01' and 'n02'")
+    with pytest.raises(ValueError, match=mismatch):
+        check_same_classes(train, held_out)
+    with pytest.raises(ValueError, match=mismatch):
+        evaluate_encoders({}, train, held_out, EvalSettings(), str(tmp_path / "eval"))
+    check_same_classes(train, train)
+    os.remove(tmp_path / "v" / "index.json")  # nothing to compare with
+    check_same_classes(train, held_out)
+
+
+def test_a_folder_that_another_run_writes_is_refused(tmp_path, capsys):
+    train_tree(tmp_path / "train")
+    out = tmp_path / "shards"
+    with writer._locked(str(out)):  # another open file: flock excludes it as another process
+        assert tool.main(["folder", str(tmp_path / "train"), str(out), "--workers", "1"]) == 2
+    assert (f"error: {out} is being written by another make_shards run (it holds {out}/.lock): "
+            f"wait for it to end") in capsys.readouterr().err
+    assert os.listdir(out) == [".lock"]  # nothing written
+    assert tool.main(["folder", str(tmp_path / "train"), str(out), "--workers", "1"]) == 0

@@ -2,19 +2,23 @@
 
     python tools/make_shards.py folder ROOT OUT          # ImageNet train: ROOT/<wnid>/*.JPEG
     python tools/make_shards.py list LIST OUT            # lines 'PATH LABEL'
-    python tools/make_shards.py val FOLDER LABELS OUT    # ImageNet val: flat folder + labels
+    python tools/make_shards.py val FOLDER LABELS OUT (--classes FILE | --own_classes)
+                                                         # ImageNet val: flat folder + labels
         [--classes FILE] [--prefix NAME] [--seed N] [--max_count N] [--max_size BYTES]
         [--workers N]
 
 LABEL (list) is a class name, or, when every label is an integer, the class index itself. LABELS
 (val) is one class name a line in sorted file-name order, or Kaggle's LOC_val_solution.csv.
 Class indices follow the sorted class names, or --classes (e.g. the train set's classes.txt, so
-that val's indices agree with train's).
+that val's indices agree with train's; a label not in it is refused). val requires --classes, or
+--own_classes to number its own sorted labels: val's labels alone may lack train's classes and
+number the others differently.
 
 OUT gets PREFIX-000000.tar ... (samples KEY.jpeg with the file's bytes and KEY.cls with the class
 index; KEY the file name without extension), classes.txt, plan.json and, once every shard is
-complete, index.json. Interrupted, the same command continues where it stopped; other arguments
-or changed source files are refused. Images PIL cannot decode are left out and listed.
+complete, index.json. Interrupted, the same command continues where it stopped, writing again
+the shards it finds damaged; other arguments or changed source files are refused, and so is a
+folder that another run is writing. Images PIL cannot decode are left out and listed.
 Errors exit 2.
 """
 import argparse
@@ -49,12 +53,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     val = sources.add_parser("val", parents=[common], help="a flat folder and a label file")
     val.add_argument("folder")
     val.add_argument("labels")
+    val.add_argument("--own_classes", action="store_true",
+                     help="number the sorted labels of LABELS rather than a train set's "
+                          "--classes (their indices differ unless LABELS has every class)")
     for parser in (folder, listed, val):
         parser.add_argument("out", help="output folder")
     args = p.parse_args(argv)
     for key in ("max_count", "max_size", "workers"):
         if not getattr(args, key) >= 1:
             p.error(f"--{key} {getattr(args, key)}: must be 1 or more")
+    if args.source == "val" and not args.classes and not args.own_classes:
+        p.error("val: give --classes TRAIN_OUT/classes.txt (the train set's class list, so that "
+                "val's class indices agree with train's), or --own_classes to number the sorted "
+                "labels of LABELS on their own")
+    if args.source == "val" and args.classes and args.own_classes:
+        p.error("val: --classes and --own_classes exclude each other")
     args.prefix = args.prefix or ("val" if args.source == "val" else "train")
     return args
 

@@ -1,5 +1,6 @@
 """The index beside a shard set (``index.json``, written last by tools/make_shards.py): how many
-samples each shard holds, so that an epoch's size need not be typed.
+samples each shard holds, so that an epoch's size need not be typed, and the class list, so that
+evaluation can check that its train and val sets number the classes alike.
 
 Format (JSON object)::
 
@@ -73,3 +74,36 @@ def indexed_samples(urls: list[str]) -> int:
                                  f"tools/make_shards.py again or give samples_per_epoch=")
             total += entry["count"]
     return total
+
+
+def check_same_classes(train_urls: list[str], val_urls: list[str]) -> None:
+    """ValueError naming two folders of the shards ``train_urls`` and ``val_urls`` whose indexes
+    give different class lists: a class index would not mean the same class in both (e.g. val
+    shards made without the train set's ``--classes``). Folders without an index, and remote
+    shards, are not checked."""
+    folders = {}  # folder -> its class list (None: no index), train's folders first
+    for url in [*train_urls, *val_urls]:
+        folder = os.path.dirname(os.path.abspath(url))
+        if url.startswith(_REMOTE) or folder in folders:
+            continue
+        try:
+            folders[folder] = read_index(folder)["classes"]
+        except NoIndex:
+            folders[folder] = None
+    indexed = [(folder, classes) for folder, classes in folders.items() if classes is not None]
+    for folder, classes in indexed[1:]:
+        first, expected = indexed[0]
+        if classes != expected:
+            at = next((i for i, pair in enumerate(zip(expected, classes)) if pair[0] != pair[1]),
+                      min(len(expected), len(classes)))
+            raise ValueError(
+                f"the shards in {first} and {folder} number their classes differently "
+                f"({len(expected)} and {len(classes)} classes; class {at}: "
+                f"{_name(expected, at)} and {_name(classes, at)}; see each folder's "
+                f"{INDEX_FILE}): make one set again with tools/make_shards.py --classes naming "
+                f"the other's classes.txt")
+
+
+def _name(classes: list[str], i: int) -> str:
+    """Class ``i`` of ``classes`` quoted, or 'none' past its end."""
+    return repr(classes[i]) if i < len(classes) else "none"

@@ -105,8 +105,8 @@ def folder_source(root: str, classes: list[str] | None = None) -> Source:
 
 
 def list_source(path: str, classes: list[str] | None = None) -> Source:
-    """The images of a ``PATH LABEL`` list (see the module); missing files and non-image paths
-    are refused naming their lines."""
+    """The images of a ``PATH LABEL`` list (see the module); files listed twice, missing files
+    and non-image paths are refused naming their lines."""
     path = os.path.abspath(path)
     root = os.path.dirname(path)
     paths, labels, where = [], [], []
@@ -120,6 +120,13 @@ def list_source(path: str, classes: list[str] | None = None) -> Source:
             paths.append(os.path.relpath(os.path.join(root, parts[0]), root))
             labels.append(parts[1])
             where.append(f"{path} line {n}")
+    lines = {}  # path -> where it is listed; './a.jpg' and 'a.jpg' are one file
+    for w, p in zip(where, paths):
+        lines.setdefault(p, []).append(w)
+    twice = [f"{p} ({', '.join(ws)})" for p, ws in lines.items() if len(ws) > 1]
+    if twice:
+        raise ValueError(f"{len(twice)} file(s) listed more than once (each line would make a "
+                         f"sample of it), e.g. {'; '.join(twice[:3])}")
     bad = [f"{w}: {p}" for w, p in zip(where, paths) if not is_image(p)]
     if bad:
         raise ValueError(f"{len(bad)} listed file(s) are not images (extensions "

@@ -13,23 +13,30 @@ The output folder holds one shard set:
   shard, a deterministic function of the sorted source list (paths, labels, file sizes), the
   seed and the size limits, with a digest of it all;
 - ``classes.txt``: one class name a line; a sample's ``cls`` is its line number from 0;
-- ``PREFIX-000000.tar`` ...: each shard is written as ``NAME.tmp`` and renamed when whole, so a
-  file under a shard's own name is always complete;
-- ``index.json`` (lgp_ds.data.index), written last, only when every shard is complete.
+- ``PREFIX-000000.tar`` ...: each shard is written as ``NAME.tmp.<pid>`` and renamed when whole;
+- ``NAME.left_out.json`` beside a shard that lacks planned images as PIL cannot decode them:
+  {source path: why}, written before the shard's rename, so that a shard lacking an image this
+  record does not name is known to be damaged rather than taken as complete;
+- ``index.json`` (lgp_ds.data.index), written last, only when every shard is verified;
+- ``.lock``: held (flock) by the run writing the folder, so that two runs never write it at once.
 
-Run again with the same arguments over the same files, it keeps the complete shards and writes
-the others; other arguments or changed files give another digest and are refused. Images that
-PIL cannot decode are left out, reported, and listed in the index.
+Run again with the same arguments over the same files, it keeps the shards that hold exactly
+what the plan puts in them and writes the others, damaged ones included (cut short, zeroed,
+members missing: a shard is checked by its tar headers and end, not its image bytes); other
+arguments or changed files give another digest and are refused. Images that PIL cannot decode
+are left out, reported, and listed in the index.
 """
+import fcntl
 import hashlib
 import io
 import json
 import multiprocessing
 import os
 import random
+import re
 import tarfile
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from functools import partial
 
 from PIL import Image, UnidentifiedImageError
@@ -39,7 +46,8 @@ from .index import INDEX_FILE, INDEX_FORMAT
 from .shards import image_name
 from .sources import Source, extension
 
-PLAN_FILE, CLASSES_FILE = "plan.json", "classes.txt"
+PLAN_FILE, CLASSES_FILE, LOCK_FILE = "plan.json", "classes.txt", ".lock"
+LEFT_OUT = ".left_out.json"  # a shard's record of its undecodable images: NAME + LEFT_OUT
 PLAN_FORMAT = "lgp_ds shard plan 1"
 TAR_BLOCK = 512
 
@@ -104,16 +112,39 @@ def _what_changed(old: dict, new: dict) -> str:
     return "; ".join(changes) or "the plan was edited"
 
 
+def _tmp(path: str) -> str:
+    """This process's temporary name for ``path``: a pool worker and the main process never
+    share one."""
+    return f"{path}.tmp.{os.getpid()}"
+
+
 def _write_text(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file: never half a file."""
-    with open(f"{path}.tmp", "w") as f:
+    """Write ``path`` through a temporary file: never half a file."""
+    with open(_tmp(path), "w") as f:
         f.write(text)
-    os.replace(f"{path}.tmp", path)
+    os.replace(_tmp(path), path)
+
+
+@contextmanager
+def _locked(out: str):
+    """Hold ``out/.lock`` (created with ``out``) for the block; a folder that another run holds
+    is refused at once. flock: the kernel releases it when the holder dies, so a killed run
+    leaves no lock behind."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, LOCK_FILE), "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BlockingIOError(f"{out} is being written by another make_shards run (it holds "
+                                  f"{os.path.join(out, LOCK_FILE)}): wait for it to end, or "
+                                  f"write to another folder") from None
+        yield  # closing the file releases the lock
 
 
 def _start(out: str, plan: dict) -> None:
-    """Check that ``out`` is empty of shards or holds this plan's; write the plan (if new) and
-    the class list. ValueError says what differs from the plan found there."""
+    """With ``out`` locked: check that it is empty of shards or holds this plan's; write the
+    plan (if new) and the class list; remove the temporary files of runs that died. ValueError
+    says what differs from the plan found there."""
     path = os.path.join(out, PLAN_FILE)
     if os.path.isfile(path):
         with open(path) as f:
@@ -123,13 +154,20 @@ def _start(out: str, plan: dict) -> None:
                              f"({_what_changed(old, plan)}): write to another folder, or delete "
                              f"{out} to make it anew")
     else:
-        os.makedirs(out, exist_ok=True)
-        ours = [n for n in os.listdir(out) if n.endswith((".tar", ".tar.tmp")) or n == INDEX_FILE]
+        ours = [n for n in os.listdir(out)
+                if n.endswith(".tar") or ".tar." in n or n == INDEX_FILE]
         if ours:
             raise ValueError(f"{out} holds shards or an index but no {PLAN_FILE} (e.g. "
                              f"{sorted(ours)[0]}): not a folder this tool can resume; write to "
                              f"another folder")
         _write_text(path, json.dumps(plan))
+    # Any run that could be writing these is dead: the lock is ours.
+    names = {PLAN_FILE, CLASSES_FILE, INDEX_FILE}
+    names.update(name for s in plan["shards"] for name in (s["name"], s["name"] + LEFT_OUT))
+    for name in os.listdir(out):
+        stem = re.fullmatch(r"(.+)\.tmp(\.\d+)?", name)
+        if stem and stem.group(1) in names:
+            os.remove(os.path.join(out, name))
     _write_text(os.path.join(out, CLASSES_FILE), "".join(name + "\n" for name in plan["classes"]))
 
 
@@ -155,16 +193,26 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
+def _left_out_record(path: str) -> dict[str, str]:
+    """The left-out record beside the shard ``path`` ({} without one)."""
+    if not os.path.isfile(path + LEFT_OUT):
+        return {}
+    with open(path + LEFT_OUT) as f:
+        return json.load(f)
+
+
 def _write_shard(path: str, root: str, samples: list) -> dict[str, str]:
-    """Write the shard ``path`` (through ``path.tmp``); {source path: why} of the images left
-    out as PIL cannot decode them.
+    """Write the shard ``path`` (through a temporary file, checked with :func:`_damage` before
+    it is renamed) and its left-out record; {source path: why} of the images left out as PIL
+    cannot decode them. ValueError when the shard as written is not the planned one (a source
+    image changed during the run).
 
     The tarfile module rather than webdataset's writers: ShardWriter names and opens shards
     itself as they fill (no temporary name, no plan to resume from), and TarWriter's encoder
     would have to be bypassed to keep the bytes as they are; tarfile writes exactly them.
     """
     left_out = {}
-    with open(f"{path}.tmp", "wb") as f:
+    with open(_tmp(path), "wb") as f:
         with tarfile.open(fileobj=f, mode="w") as tar:
             for file, label, _ in samples:
                 with open(os.path.join(root, file), "rb") as image:
@@ -177,41 +225,79 @@ def _write_shard(path: str, root: str, samples: list) -> dict[str, str]:
                 _add(tar, f"{image_name(file)}.cls", str(label).encode())
         f.flush()
         os.fsync(f.fileno())  # the data is on disk before the name says the shard is complete
-    os.replace(f"{path}.tmp", path)
+    problem = _damage(_tmp(path), samples, left_out)
+    if problem:
+        os.remove(_tmp(path))
+        raise ValueError(f"shard {path} as just written {problem}: did images in {root} change "
+                         f"during the run?")
+    # The record before the rename: a shard under its name always has its record beside it.
+    if left_out:
+        _write_text(path + LEFT_OUT, json.dumps(left_out, sort_keys=True))
+    elif os.path.isfile(path + LEFT_OUT):
+        os.remove(path + LEFT_OUT)  # a damaged shard's, were the images decodable now
+    os.replace(_tmp(path), path)
     return left_out
 
 
-def _complete_shard(out: str, root: str, shard: dict) -> tuple[dict, list[str], dict[str, str]]:
-    """Write ``shard`` unless it is complete; (its index entry, the planned images it lacks,
-    {image: why} of those left out in this call). The entry comes from the tar as written, so
-    the index counts what the shards hold, whichever run wrote them."""
-    path = os.path.join(out, shard["name"])
-    why = {} if os.path.isfile(path) else _write_shard(path, root, shard["samples"])
-    members = _members(path)
-    planned = {image_name(f): sorted([extension(f), "cls"]) for f, *_ in shard["samples"]}
-    foreign = [key for key, exts in members.items() if sorted(exts) != planned.get(key)]
-    if foreign:
-        raise ValueError(f"shard {path} does not hold what {PLAN_FILE} puts in it (e.g. sample "
-                         f"{foreign[0]!r}): not written by this tool for this plan; delete it and "
-                         f"run again")
-    lacks = [file for file, *_ in shard["samples"] if image_name(file) not in members]
-    entry = {"name": shard["name"], "count": len(members), "bytes": os.path.getsize(path)}
-    return entry, lacks, why
-
-
-def _members(path: str) -> dict[str, list[str]]:
-    """{sample key: its extensions} of the tar ``path``; ValueError names a shard that cannot be
-    read."""
-    members = {}
+def _damage(path: str, samples: list, left_out: dict) -> str | None:
+    """Why the tar ``path`` is not the shard of the planned ``samples`` less ``left_out``, or
+    None if it is: its members are the planned ones in order with their planned sizes, then
+    tar's end-of-archive blocks and the padding tarfile writes, nothing else. Headers and the
+    end only, not the image bytes: a shard cut short, zeroed over a header or lacking members
+    is caught, bytes altered inside an image are not."""
+    stray = sorted(set(left_out) - {file for file, *_ in samples})
+    if stray:
+        return f"has a record of left-out images that names images not planned for it: {stray[0]}"
+    planned = []
+    for file, label, size in samples:
+        if file not in left_out:
+            key = image_name(file)
+            planned += [(f"{key}.{extension(file)}", size), (f"{key}.cls", len(str(label)))]
     try:
-        with tarfile.open(path) as tar:
-            for name in tar.getnames():
-                key, ext = name.split(".", 1)
-                members.setdefault(key, []).append(ext)
-    except (tarfile.TarError, ValueError) as exn:  # ValueError: a member name without a dot
-        raise ValueError(f"shard {path} cannot be read ({type(exn).__name__}: {exn}): delete it "
-                         f"and run again") from None
-    return members
+        with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+            found = [(m.name, m.size) for m in tar.getmembers()]
+            end = tar.offset  # where tarfile met the end-of-archive blocks, or the file's end
+            if found != planned:
+                return _difference(found, planned)
+            size = os.fstat(f.fileno()).st_size
+            # what tarfile writes after the last member: two zero blocks, zeros to a record
+            whole = -(-(end + 2 * TAR_BLOCK) // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
+            f.seek(end)
+            if size != whole or f.read().strip(b"\0"):  # no more than a record to read
+                return (f"does not end with tar's end-of-archive blocks after its "
+                        f"{len(found) // 2} samples ({size} bytes, not {whole})")
+    except (tarfile.TarError, OSError) as exn:
+        return f"cannot be read whole ({type(exn).__name__}: {exn})"
+    return None
+
+
+def _difference(found: list, planned: list) -> str:
+    """Where the members ``found`` first differ from those ``planned`` ((name, size) lists), in
+    words."""
+    i = next((i for i, (a, b) in enumerate(zip(found, planned)) if a != b),
+             min(len(found), len(planned)))
+    if i == len(found):
+        return (f"holds {len(found)} of the {len(planned)} members planned: {planned[i][0]} and "
+                f"the rest are missing")
+    if i == len(planned):
+        return f"holds {len(found) - i} member(s) more than planned, e.g. {found[i][0]}"
+    return (f"has {found[i][0]} ({found[i][1]} bytes) as member {i + 1} where {planned[i][0]} "
+            f"({planned[i][1]} bytes) is planned")
+
+
+def _kept_shard(out: str, shard: dict) -> tuple[str, str | None, dict]:
+    """(name, why the file under the shard's name is damaged or None, its left-out record)."""
+    path = os.path.join(out, shard["name"])
+    try:
+        left_out = _left_out_record(path)
+    except ValueError as exn:  # a JSON error: the record was not written by this tool
+        return shard["name"], f"has a record {path + LEFT_OUT} that is not JSON ({exn})", {}
+    return shard["name"], _damage(path, shard["samples"], left_out), left_out
+
+
+def _new_shard(out: str, root: str, shard: dict) -> tuple[str, dict]:
+    """(name, {image: why} left out) of the shard, written."""
+    return shard["name"], _write_shard(os.path.join(out, shard["name"]), root, shard["samples"])
 
 
 def make_shards(source: Source, out: str, prefix: str = "train", seed: int = 0,
@@ -219,33 +305,47 @@ def make_shards(source: Source, out: str, prefix: str = "train", seed: int = 0,
                 progress: bool = True) -> dict:
     """Write (or complete) the shard set of ``source`` in ``out`` and return its index.
 
-    ``workers`` processes write one shard each at a time (1: in this process). The unreadable
-    images are printed as they are found and listed in the index.
+    ``workers`` processes check or write one shard each at a time (1: in this process). Shards
+    of an earlier run are checked (:func:`_damage`); damaged ones are reported and written
+    again. The unreadable images are printed as they are found and listed in the index, which
+    counts the samples of checked shards. BlockingIOError when another run holds ``out``.
     """
     plan = make_plan(source, prefix, seed, max_count, max_size)
-    _start(out, plan)
-    names = [s["name"] for s in plan["shards"]]
-    kept = sum(os.path.isfile(os.path.join(out, name)) for name in names)
-    if kept < len(names):
-        if os.path.isfile(os.path.join(out, INDEX_FILE)):
-            os.remove(os.path.join(out, INDEX_FILE))  # shards are missing: not complete
-        if kept and progress:
-            print(f"{out}: {kept} of {len(names)} shards complete from an earlier run; writing "
-                  f"the others")
-    task = partial(_complete_shard, out, source.root)
-    entries, lacking = {}, []
-    with (multiprocessing.Pool(workers) if workers > 1 else nullcontext()) as pool, \
-            tqdm(total=len(names), unit="shard", disable=not progress) as bar:
-        for entry, lacks, why in (pool.imap_unordered(task, plan["shards"]) if pool
-                                  else map(task, plan["shards"])):
-            for file, reason in why.items():
-                tqdm.write(f"unreadable, left out: {os.path.join(source.root, file)}: {reason}")
-            entries[entry["name"]] = entry
-            lacking += lacks
-            bar.update()
-    shards = [entries[name] for name in names]
-    index = {"format": INDEX_FORMAT, **plan["settings"], "plan_digest": plan["digest"],
-             "classes": plan["classes"], "shards": shards,
-             "total": sum(s["count"] for s in shards), "unreadable": sorted(lacking)}
-    _write_text(os.path.join(out, INDEX_FILE), json.dumps(index))
+    shard = {s["name"]: s for s in plan["shards"]}
+    with _locked(out):
+        _start(out, plan)
+        existing, todo = [], []  # shards on disk, to check; shards to write
+        for s in plan["shards"]:
+            (existing if os.path.isfile(os.path.join(out, s["name"])) else todo).append(s)
+        left_out = {}  # shard name -> {image: why}, of verified shards
+        with (multiprocessing.Pool(workers) if workers > 1 else nullcontext()) as pool, \
+                tqdm(total=len(shard), unit="shard", disable=not progress) as bar:
+            run = pool.imap_unordered if pool else map
+            for name, damage, record in run(partial(_kept_shard, out), existing):
+                if damage:
+                    tqdm.write(f"damaged shard {os.path.join(out, name)} {damage}: writing it "
+                               f"again")
+                    todo.append(shard[name])
+                else:
+                    left_out[name] = record
+                    bar.update()
+            if todo and os.path.isfile(os.path.join(out, INDEX_FILE)):
+                os.remove(os.path.join(out, INDEX_FILE))  # shards are missing: not complete
+            if todo and left_out and progress:
+                tqdm.write(f"{out}: {len(left_out)} of {len(shard)} shards complete from an "
+                           f"earlier run; writing the others")
+            for name, why in run(partial(_new_shard, out, source.root), todo):
+                for file, reason in why.items():
+                    tqdm.write(f"unreadable, left out: {os.path.join(source.root, file)}: "
+                               f"{reason}")
+                left_out[name] = why
+                bar.update()
+        shards = [{"name": s["name"], "count": len(s["samples"]) - len(left_out[s["name"]]),
+                   "bytes": os.path.getsize(os.path.join(out, s["name"]))}
+                  for s in plan["shards"]]
+        index = {"format": INDEX_FORMAT, **plan["settings"], "plan_digest": plan["digest"],
+                 "classes": plan["classes"], "shards": shards,
+                 "total": sum(s["count"] for s in shards),
+                 "unreadable": sorted(f for why in left_out.values() for f in why)}
+        _write_text(os.path.join(out, INDEX_FILE), json.dumps(index))
     return index

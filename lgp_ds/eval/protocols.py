@@ -18,6 +18,7 @@ import torch
 from deepspeed.accelerator import get_accelerator
 
 from lgp_ds import dist
+from lgp_ds.data.index import check_same_classes
 from lgp_ds.data.shards import image_name
 from lgp_ds.data.subsets import balanced_subset, read_subset, write_subset
 from lgp_ds.data.transforms import eval_transform
@@ -134,6 +135,7 @@ def evaluate_encoders(encoders: dict, train_urls: list[str], val_urls: list[str]
     protocols; the results. Each encoder is on the accelerator only while it encodes. Features
     are cached in ``output_dir/features``; the labelled subset is written to ``output_dir`` as
     a SimCLR-style file."""
+    check_same_classes(train_urls, val_urls)  # before hours of encoding, on every rank alike
     transform = eval_transform(settings.img_size)
     cache = os.path.join(output_dir, "features")
     device = get_accelerator().current_device_name()
