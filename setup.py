@@ -23,5 +23,10 @@ setup(
         "tqdm",  # tools/make_shards.py's progress bar
         "numpy",
     ],
-    extras_require={"test": ["pytest>=7"]},
+    extras_require={
+        # input_backend: dali. The wheel for CUDA 12; with CUDA 13 install nvidia-dali-cuda130.
+        "dali": ["nvidia-dali-cuda120"],
+        # with DALI, so that CI runs its CPU pipeline (tests/test_dali.py) for real
+        "test": ["pytest>=7", "nvidia-dali-cuda120"],
+    },
 )

@@ -7,6 +7,7 @@ that names the key. The global batch size has one source of truth: ``batch_size`
 another batch size is refused).
 """
 import difflib
+import importlib.util
 import json
 import os
 import types
@@ -98,6 +99,11 @@ class Config(BaseModel):
     # the crops there (uint8, reduced JPEG decode) and the colour, blur and normalisation per
     # sample on the device, for GPU runs (lgp_ds.data.transforms): views of the same distribution
     augment_on: Literal["cpu", "device"] = "cpu"
+    # what reads, decodes and crops the training images: webdataset (PIL in the DataLoader
+    # workers) or NVIDIA DALI (nvJPEG on the GPU, its CPU decoder without one; num_workers is
+    # then its thread count), for machines short of CPU cores (lgp_ds.data.dali): the same views
+    # with augment_on=device; pip install -e ".[dali]"
+    input_backend: Literal["webdataset", "dali"] = "webdataset"
     subset: str | None = None  # SimCLR-style file of image names: train on those samples only
     subset_fraction: Fraction | None = None  # embedded set: a class-balanced subset, seed 0
     # fine-tuning (method=finetune; FINETUNE_KEYS): off by default, the recipes set MAE's values
@@ -189,6 +195,19 @@ class Config(BaseModel):
              "and subset= both name the subset: give one"),
             ("subset_fraction", self.subset_fraction is None or self.data is None,
              "draws from the embedded set's labels; with data= give a subset file (subset=)"),
+            ("input_backend", self.input_backend == "webdataset" or self.method != "finetune",
+             "applies to pre-training: method=finetune's timm transform (RandAugment, random "
+             "erasing) runs on the CPU"),
+            ("input_backend", self.input_backend == "webdataset" or self.augment_on == "device",
+             "makes only the views' crops: set augment_on=device too, whose device part adds "
+             "their colour, blur and normalisation"),
+            ("input_backend", self.input_backend == "webdataset" or not (
+                self.resampled_shards or self.subset or self.subset_fraction),
+             "reads every sample of its own shards on each rank: resampled_shards, subset and "
+             "subset_fraction need input_backend=webdataset"),
+            ("input_backend", self.input_backend == "webdataset" or dali_installed(),
+             "needs NVIDIA DALI: pip install -e \".[dali]\" (with CUDA 13: pip install "
+             "nvidia-dali-cuda130)"),
             ("augment_on", self.augment_on == "cpu" or self.method != "finetune",
              "applies to pre-training: method=finetune's timm transform (RandAugment, random "
              "erasing) runs on the CPU"),
@@ -215,6 +234,14 @@ FINETUNE_KEYS = {k: Config.model_fields[k].default for k in (
     "num_classes", "pooling", "layer_decay", "freeze_blocks", "from_projector_layer", "mixup",
     "cutmix", "mixup_prob", "mixup_switch_prob", "smoothing", "auto_augment", "re_prob",
     "val_data", "eval_every")}
+
+
+def dali_installed() -> bool:
+    """Whether NVIDIA DALI can be imported (``input_backend: dali``), without importing it."""
+    try:
+        return importlib.util.find_spec("nvidia.dali") is not None
+    except ModuleNotFoundError:  # not even the ``nvidia`` namespace package
+        return False
 
 
 def _kinds(annotation) -> set:

@@ -3,8 +3,9 @@
 fp16 with DeepSpeed's loss scaler and FusedAdam under ZeRO 2 (an overflow step is skipped,
 counted, and leaves the momentum encoder alone), bf16 under ZeRO 3, the MIM anchor under fp16
 ZeRO 2 (fp32 gradient accumulation), every method that needs no init= under fp16 ZeRO 2,
-fine-tuning under fp16 with its top-1, the evaluation protocols on the GPU over NCCL, and SDPA
-(flash) attention against the explicit softmax on the GPU. Prints one line per check; exits non-zero on failure.
+fine-tuning under fp16 with its top-1, the evaluation protocols on the GPU over NCCL,
+input_backend=dali's nvJPEG decode and training on its views, and SDPA (flash) attention
+against the explicit softmax on the GPU. Prints one line per check; exits non-zero on failure.
 """
 import os
 import sys
@@ -140,6 +141,46 @@ def check_evaluation(out):
     print(f"evaluation on the GPU: {top1}", flush=True)
 
 
+def check_dali(out):
+    """input_backend=dali on the GPU: DALI's "mixed" decoder (nvJPEG) hands uint8 views to
+    torch on the GPU; seeded alike, the CPU pipeline reads the same samples and draws the same
+    boxes and flips (DALI draws them on the host for either), so the views differ by the
+    decoders and resize kernels only; then 2 steps (2 epochs) of MoCo v3 train on them."""
+    try:
+        from lgp_ds.data.dali import DaliTrainData
+    except ImportError:
+        print('input_backend=dali: skipped, NVIDIA DALI is not installed '
+              '(pip install -e ".[dali]")', flush=True)
+        return
+    from lgp_ds.data.photos import write_photo_shards
+    from lgp_ds.data.transforms import moco_views
+    folder = os.path.join(out, "photos")
+    os.makedirs(folder)
+    pattern = write_photo_shards(folder, 64, 4)  # 500x375 JPEGs: nvJPEG decodes them
+    keys = dict(data=[pattern], input_backend="dali", augment_on="device")
+    cfg = jobs.tiny_config(img_size=64, shuffle_buffer=64, num_workers=4, **keys)
+    crops = [v.crop for v in moco_views(64)]
+    gpu = list(DaliTrainData(cfg, 32, crops).batches(0, 2))
+    cpu = list(DaliTrainData(cfg, 32, crops, device=torch.device("cpu")).batches(0, 2))
+    gaps = []
+    for g, c in zip(gpu, cpu):
+        assert [(v.device.type, v.dtype, tuple(v.shape)) for v in g[:2]] == \
+            [("cuda", torch.uint8, (32, 3, 64, 64))] * 2, [(v.device, v.dtype, v.shape) for v in g]
+        assert torch.equal(g[2], c[2]), "the GPU and CPU pipelines read other samples"
+        gaps += [(x.cpu().float() - y.float()).abs().mean((1, 2, 3)) for x, y in zip(g[:2], c[:2])]
+    gap = torch.cat(gaps).median().item()
+    assert gap <= 4, (f"GPU views differ from the CPU pipeline's, seeded alike, by a median "
+                      f"{gap:.1f} levels: the decoders and resize kernels differ by a few; tens "
+                      f"mean other boxes or flips")
+    t = trainer(os.path.join(out, "dali"), 2, "bf16", method="moco", num_stages=1,
+                stage_blrs=[1e-3], warmup_epochs=0, max_steps=2, **keys)
+    losses = [r["loss"] for r in t.fit()]
+    assert t.data.device.type == "cuda", t.data.device
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses))), losses
+    print(f"input_backend=dali on the GPU (nvJPEG): views {gap:.2f} levels from the CPU "
+          f"pipeline's (median); 2 steps of MoCo v3, losses {losses}", flush=True)
+
+
 def check_flash_attention():
     vit = create_vit("vit_base_patch16_224", fused_attn=False).cuda().eval()
     x = torch.randn(4, 3, 224, 224, device="cuda")
@@ -161,4 +202,5 @@ if __name__ == "__main__":
     check_methods_fp16(sys.argv[1])
     check_finetune_fp16(sys.argv[1])
     check_evaluation(sys.argv[1])
+    check_dali(sys.argv[1])
     check_flash_attention()

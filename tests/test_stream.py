@@ -1,47 +1,16 @@
 """The training stream over an epoch and a resume: the same stream from the same seed, a
 mid-epoch resume that continues it exactly without decoding the samples it skips, bad samples
 inside a shard, another num_workers on resume, and more readers than shards (resampled)."""
-import io
 import logging
 
-import numpy as np
 import pytest
 import torch
-import webdataset as wds
-from PIL import Image
 
 from lgp_ds.config import Config
 from lgp_ds.data.pipeline import TrainData
 from lgp_ds.data.shards import expand_shards, train_batches
 from lgp_ds.data.transforms import Views, moco_view_transforms
-
-
-def numbered_image(i: int, fmt: str = "PNG") -> bytes:
-    """A 20x20 image file whose pixel (0, 0) holds ``i`` (red * 256 + green)."""
-    pixels = np.random.default_rng(i).integers(0, 255, (20, 20, 3), np.uint8)
-    pixels[0, 0] = (i // 256, i % 256, 0)
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format=fmt)
-    return buf.getvalue()
-
-
-def numbered_shards(folder, sizes, truncated=(), unlabelled=()) -> str:
-    """Shards whose samples are numbered across them: sample i has ``cls`` i and i in its pixel
-    (0, 0); those numbered in ``truncated`` are JPEG files cut in half, those in ``unlabelled``
-    have no ``cls``. Returns the brace pattern."""
-    for shard, n in enumerate(sizes):
-        with wds.TarWriter(str(folder / f"n-{shard:02d}.tar")) as sink:
-            for i in range(sum(sizes[:shard]), sum(sizes[:shard + 1])):
-                sample = {"__key__": f"{i:05d}"}
-                if i in truncated:
-                    jpeg = numbered_image(i, "JPEG")
-                    sample["jpg"] = jpeg[:len(jpeg) // 2]
-                else:
-                    sample["png"] = numbered_image(i)
-                if i not in unlabelled:
-                    sample["cls"] = str(i).encode()
-                sink.write(sample)
-    return str(folder / f"n-{{00..{len(sizes) - 1:02d}}}.tar")
+from tarfiles import numbered_shards
 
 
 class RecordingViews(Views):

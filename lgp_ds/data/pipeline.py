@@ -117,6 +117,22 @@ class TrainData:
         else:
             self.position.samples = list(state["samples"])
             return
-        dist.print_main(f"resume: the data stream cannot continue where it was ({why}): the rest "
-                        f"of epoch {epoch} comes from the head of its stream for this layout, so "
-                        f"some of its images come twice and others not at all")
+        restart_note(epoch, why)
+
+
+def restart_note(epoch: int, why: str) -> None:
+    """Tell the user that a resumed stream cannot continue where it was (``why``) and what the
+    rest of ``epoch`` is instead."""
+    dist.print_main(f"resume: the data stream cannot continue where it was ({why}): the rest "
+                    f"of epoch {epoch} comes from the head of its stream for this layout, so "
+                    f"some of its images come twice and others not at all")
+
+
+def build_train_data(cfg, batch_per_rank: int, method):
+    """The training stream ``cfg.input_backend`` names, for ``method``'s views: TrainData over
+    its transform, or (``dali``) :class:`lgp_ds.data.dali.DaliTrainData` over its views' crops,
+    whose photometric part ``method.device_views`` adds (``augment_on: device``)."""
+    if cfg.input_backend == "dali":
+        from .dali import DaliTrainData  # imports NVIDIA DALI: only where it is asked for
+        return DaliTrainData(cfg, batch_per_rank, [v.crop for v in method.views()])
+    return TrainData(cfg, batch_per_rank, method.transform())

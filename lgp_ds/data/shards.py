@@ -116,6 +116,12 @@ def _shuffled(items: list[str], seed: int) -> list[str]:
     return order
 
 
+def rank_shards(urls: list[str], seed: int, epoch: int, rank: int, world_size: int) -> list[str]:
+    """The shards ``rank`` reads in ``epoch``: its share of the epoch's seeded order of ``urls``,
+    every ``world_size``-th from its place (dealt anew each epoch, so unequal shards even out)."""
+    return _shuffled(urls, _seed(seed, epoch))[rank::world_size]
+
+
 def _seed(*parts) -> int:
     """A seed in [0, 2**63) from ``parts`` (ints and tags): the same in every process (Python's
     ``hash`` of a string is not) and unrelated for different parts (sums of multiples such as
@@ -196,8 +202,14 @@ def _image_and_label(sample: dict):
         found = sorted(k for k in sample if not k.startswith("__"))
         raise _NoImage(f"has no image (keys found: {found}; image keys: "
                        f"{', '.join(IMAGE_KEYS)}, any case)")
-    label = sample.get("cls", b"-1").strip()
-    return _open_image(sample[key]), int(label) if label.lstrip(b"-").isdigit() else -1
+    return _open_image(sample[key]), label_of(sample.get("cls", b""))
+
+
+def label_of(cls: bytes) -> int:
+    """A sample's label from its ``cls`` file: the integer it holds, else -1 (none, empty, or
+    a class name: pre-training needs no labels)."""
+    cls = cls.strip()
+    return int(cls) if cls.lstrip(b"-").isdigit() else -1
 
 
 class _NoLabel(ValueError):
@@ -285,7 +297,7 @@ def _reader_batches(urls: list[str], transform, batch_per_rank: int, rank: int, 
     key = (seed, epoch, rank, reader)
     # without resampling: the rank's share of the epoch's shard order, and the reader's of that
     shards = (urls if resampled
-              else _shuffled(urls, _seed(seed, epoch))[rank::world_size][reader::readers])
+              else rank_shards(urls, seed, epoch, rank, world_size)[reader::readers])
     samples = _reader_samples(shards, random.Random(_seed(*key, "shards")), resampled, subset,
                               f"rank {rank}, DataLoader worker {worker}")
     samples = wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 1000),

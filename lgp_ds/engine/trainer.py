@@ -25,7 +25,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from lgp_ds import convert, dist
 from lgp_ds.checkpoint_file import tensor_digest
 from lgp_ds.config import Config, precision, run_identity
-from lgp_ds.data.pipeline import TrainData, samples_per_epoch
+from lgp_ds.data.pipeline import build_train_data, samples_per_epoch
 
 from . import checkpoint, run_dir
 from .anchor import MIMAnchor
@@ -127,8 +127,8 @@ class Trainer:
 
         self.data = None
         if with_data:
-            self.data = TrainData(cfg, ds_config["train_micro_batch_size_per_gpu"],
-                                  method.transform())
+            self.data = build_train_data(cfg, ds_config["train_micro_batch_size_per_gpu"],
+                                         method)
             method.prepare_data()
         # Periodic evaluations besides the method's own (the kNN monitor): each has ``every``
         # (steps) and is called with this trainer; built by lgp_ds.launch.build_trainer.

@@ -9,7 +9,8 @@ metrics. A method owns only what differs:
 - ``views()``: the views one image gives (:class:`lgp_ds.data.transforms.View`), which
   ``transform()`` (PIL image -> the tuple of views, in the DataLoader workers) and
   ``device_views(views)`` (on the device, in the trainer's step) make between them: all on the
-  CPU with ``augment_on: cpu``; crops on the CPU and the rest on the device with ``device``;
+  CPU with ``augment_on: cpu``; crops on the CPU and the rest on the device with ``device``
+  (with ``input_backend: dali``, DALI cuts the crops of ``views()`` instead of ``transform()``);
 - ``param_groups(model, depth, stage_lrs)``: the optimizer's param groups (stage-wise LRs;
   fine-tuning: layer-wise LR decay and frozen lower blocks);
 - ``loss(engine, views, momentum, labels)``: forward and loss over this rank's micro-batch
