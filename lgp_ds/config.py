@@ -370,15 +370,18 @@ def precision(ds: dict) -> str:
     return "fp16" if ds.get("fp16", {}).get("enabled") else "fp32"
 
 
-def run_identity(cfg: Config, ds: dict, init_digest: str | None = None) -> dict:
+def run_identity(cfg: Config, ds: dict, init_digest: str | None = None,
+                 epoch_samples: int | None = None) -> dict:
     """What defines a run, for a resume to compare: every config key but ``resume`` (how the run
     was started), the DeepSpeed settings that change the numbers or the data position
     (``deepspeed.*``) and a digest of the encoder weights ``init=`` gave it (``init_digest``:
     the path may move, its content may not: a run grafted from other MIM weights, or pulled
-    towards them by the anchor, is another run)."""
+    towards them by the anchor, is another run) and the samples of an epoch as resolved
+    (``epoch_samples``: with ``data=`` and no ``samples_per_epoch`` it comes from the shards'
+    index, so other shards may change the epoch, hence the LR and momentum schedules)."""
     zero = ds.get("zero_optimization", {})
     config = {k: v for k, v in cfg.to_dict().items() if k != "resume"}
-    return {**config, "init_digest": init_digest,
+    return {**config, "init_digest": init_digest, "epoch_samples": epoch_samples,
             "deepspeed.zero_stage": zero.get("stage", 0), "deepspeed.precision": precision(ds),
             "deepspeed.gradient_accumulation_steps": ds.get("gradient_accumulation_steps", 1),
             "deepspeed.gradient_clipping": ds.get("gradient_clipping", 0.0),

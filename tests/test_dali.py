@@ -4,6 +4,7 @@ from shards of its own, the stream is a function of (seed, epoch, rank), a resum
 exactly, and the crops have the distribution of crops.CropViews' (torchvision's boxes)."""
 import io
 import math
+import re
 
 import numpy as np
 import pytest
@@ -101,7 +102,7 @@ def test_same_seed_same_stream_whatever_the_thread_count(dali, tmp_path):
 def test_resume_continues_the_epoch_exactly(dali, tmp_path, capsys):
     """The state a checkpoint saves mid-epoch (past the end of a pass over the rank's shards)
     restores DALI's pipeline: the rest of the epoch is the uninterrupted run's; a stream left
-    mid-epoch goes on where it was; with another shard count the epoch restarts, with a note."""
+    mid-epoch goes on where it was; with other shards the epoch restarts, with a note."""
     pattern = numbered_shards(tmp_path, [12, 12])
     epoch, count, stop = 1, 9, 7  # 6 batches a pass
     straight = stream(dali, pattern, epoch, count)
@@ -117,8 +118,9 @@ def test_resume_continues_the_epoch_exactly(dali, tmp_path, capsys):
     assert same(list(resumed.batches(epoch, count, skip=stop)), straight[stop:])
     assert capsys.readouterr().out == ""
 
-    resumed.resume({**state, "shards": 3}, epoch, stop)
-    assert "data has 2 shard(s), the run that saved it read 3" in capsys.readouterr().out
+    resumed.resume({**state, "shards": "3 shards, 0123456789ab"}, epoch, stop)
+    assert re.search(r"data names 2 shards, \w{12}, the run that saved it read 3 shards, "
+                     r"0123456789ab \(other shards", capsys.readouterr().out)
     assert same(list(resumed.batches(epoch, count, skip=stop)), straight[:count - stop])
 
 

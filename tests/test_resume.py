@@ -61,11 +61,12 @@ def test_overwriting_a_checkpoint_unmarks_it_first(tmp_path):
     assert run_ranks(jobs.resave_crash_job, str(tmp_path)) == [(ckpts, "step00000002")] * 2
 
 
-def _run(gas=1, digest=None, **config) -> dict:
-    """What a run with ``config`` (batch 8) on 1 rank and ``gas`` accumulation steps is."""
+def _run(gas=1, digest=None, samples=1347, **config) -> dict:
+    """What a run with ``config`` (batch 8) on 1 rank and ``gas`` accumulation steps is, with
+    ``samples`` an epoch."""
     cfg = build_config({"batch_size": 8, **config})
     ds = resolve_ds_config({"gradient_accumulation_steps": gas}, cfg, 1)
-    return run_identity(cfg, ds, digest)
+    return run_identity(cfg, ds, digest, samples)
 
 
 def _marker(save_dir, tag, world_size=1, **run):
@@ -99,7 +100,9 @@ def test_resume_that_would_change_the_run_is_refused(tmp_path):
     refused = {  # each would continue with another LR, data position or anchor target
         "batch_size=8 -> 16": _run(batch_size=16, epochs=100, digest="ab12"),
         "deepspeed.gradient_accumulation_steps=1 -> 2": _run(gas=2, epochs=100, digest="ab12"),
-        "init_digest='ab12' -> 'cd34'": _run(epochs=100, digest="cd34", init="moved.pth")}
+        "init_digest='ab12' -> 'cd34'": _run(epochs=100, digest="cd34", init="moved.pth"),
+        # other shards (data= may change) whose index gives another epoch: another schedule
+        "epoch_samples=1347 -> 2000": _run(epochs=100, digest="ab12", samples=2000)}
     for change, run in refused.items():
         with pytest.raises(ValueError, match=rf"\({re.escape(change)}\).*Resume with the "
                                              r"checkpoint's values, or start a fresh run"):

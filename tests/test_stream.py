@@ -124,6 +124,27 @@ def test_resume_with_other_num_workers_starts_the_rest_of_the_epoch_afresh(tmp_p
     assert same(rest, list(train_data(pattern, tmp_path / "c.log", 1).batches(0, 4)))
 
 
+def test_resume_over_other_shards_of_the_same_count_starts_the_epoch_afresh(tmp_path, capsys):
+    # the saved per-reader counts would land elsewhere in other shards: a note, not a silent
+    # misplaced stream; the same shards moved to another folder continue exactly
+    pattern = numbered_shards(tmp_path, [12] * 4)
+    taken, state = interrupted(train_data(pattern, tmp_path / "a.log", 2), 0, 6, 2)
+    (tmp_path / "b").mkdir()
+    other = numbered_shards(tmp_path / "b", [10, 12, 14, 12])
+    data = train_data(other, tmp_path / "b.log", 2)
+    data.resume(state, 0, 2)
+    assert "data names 4 shards, " in capsys.readouterr().out
+    (tmp_path / "moved").mkdir()
+    for shard in sorted(tmp_path.glob("n-*.tar")):
+        shard.rename(tmp_path / "moved" / shard.name)
+    moved = train_data(str(tmp_path / "moved" / "n-{00..03}.tar"), tmp_path / "c.log", 2)
+    moved.resume(state, 0, 2)
+    assert capsys.readouterr().out == ""
+    assert same(list(moved.batches(0, 6, skip=2)),
+                list(train_data(str(tmp_path / "moved" / "n-{00..03}.tar"), tmp_path / "d.log",
+                                2).batches(0, 6))[2:])
+
+
 def test_resampled_shards_feed_more_readers_than_shards(tmp_path):
     pattern = numbered_shards(tmp_path, [24], truncated={7})
     with pytest.raises(ValueError, match=r"1 shard\(s\) .* 2 worker\(s\) .*resampled_shards"):

@@ -31,8 +31,9 @@ from torchvision.transforms import InterpolationMode
 from lgp_ds import dist
 
 from .crops import RATIO
-from .pipeline import restart_note, shards_or_embedded
-from .shards import _REMOTE, IMAGE_KEYS, DataError, _listed, _seed, label_of, rank_shards
+from .pipeline import other_shards, restart_note, shards_or_embedded
+from .shards import (_REMOTE, IMAGE_KEYS, DataError, _listed, _seed, label_of, rank_shards,
+                     shard_set)
 from .transforms import Crop
 
 _INTERPOLATION = {InterpolationMode.NEAREST: types.INTERP_NN,
@@ -185,22 +186,21 @@ class DaliTrainData:
 
     def state_dict(self) -> dict:
         """Where this rank's stream is, for a checkpoint: DALI's pipeline state (the epoch and
-        batch are the trainer's), and the shard count it reads."""
-        return {"dali": self._state(), "shards": len(self.urls)}
+        batch are the trainer's), and the shards it reads."""
+        return {"dali": self._state(), "shards": shard_set(self.urls)}
 
     def resume(self, state: dict | None, epoch: int, batches: int) -> None:
         """Continue at batch ``batches`` of ``epoch`` from ``state`` (:meth:`state_dict` of the
         run that saved the checkpoint at that batch; None where it recorded none). With
-        another shard count the rest of the epoch comes from the head of its stream, with a
+        other shards the rest of the epoch comes from the head of its stream, with a
         note, as :meth:`TrainData.resume <lgp_ds.data.pipeline.TrainData.resume>` does."""
         self.epoch, self.taken, self.pipe, self.restore = epoch, batches, None, None
         if batches == 0:  # at an epoch's start, whatever the layout
             return
         if state is None or state.get("dali") is None:
             why = "the checkpoint records no DALI pipeline state"
-        elif state["shards"] != len(self.urls):
-            why = (f"data has {len(self.urls)} shard(s), the run that saved it read "
-                   f"{state['shards']}")
+        elif state["shards"] != shard_set(self.urls):
+            why = other_shards(self.urls, state["shards"])
         else:
             self.restore = state["dali"]
             return

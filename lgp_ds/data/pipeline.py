@@ -3,7 +3,8 @@ from lgp_ds import dist
 
 from .builtin import NUM_SAMPLES, digits_shards, embedded_subset
 from .index import NoIndex, indexed_samples
-from .shards import StreamPosition, check_readers, expand_shards, image_name, train_batches
+from .shards import (StreamPosition, check_readers, expand_shards, image_name, shard_set,
+                     train_batches)
 from .subsets import read_subset
 
 
@@ -90,15 +91,15 @@ class TrainData:
 
     def state_dict(self) -> dict:
         """Where this rank's stream is, for a checkpoint: the raw samples each reader gave in the
-        epoch so far (the epoch and batch are the trainer's), and the shard count they read."""
-        return {"samples": list(self.position.samples), "shards": len(self.urls)}
+        epoch so far (the epoch and batch are the trainer's), and the shards they read."""
+        return {"samples": list(self.position.samples), "shards": shard_set(self.urls)}
 
     def resume(self, state: dict | None, epoch: int, batches: int) -> None:
         """Continue at batch ``batches`` of ``epoch`` from ``state`` (:meth:`state_dict` of the
         run that saved the checkpoint at that batch; None where it recorded none).
 
         Readers of another layout cannot continue it (another ``num_workers`` deals the shards
-        to other readers; another shard count, other shards): the rest of the epoch then comes
+        to other readers; other shards, or the same in another order or rewritten): the rest of the epoch then comes
         from the head of its stream for this layout, with a note, as a user who changed them
         would expect of a long run rather than a refusal. Some of the epoch's images then come
         twice and others not at all; the next epochs are those of a run with this layout.
@@ -111,13 +112,18 @@ class TrainData:
         elif len(state["samples"]) != self.readers:
             why = (f"num_workers gives {self.readers} reader(s) per rank, the run that saved it "
                    f"had {len(state['samples'])}")
-        elif state["shards"] != len(self.urls):
-            why = (f"data has {len(self.urls)} shard(s), the run that saved it read "
-                   f"{state['shards']}")
+        elif state["shards"] != shard_set(self.urls):
+            why = other_shards(self.urls, state["shards"])
         else:
             self.position.samples = list(state["samples"])
             return
         restart_note(epoch, why)
+
+
+def other_shards(urls: list[str], saved) -> str:
+    """Why a position saved over the shards ``saved`` (:func:`shard_set`) does not fit ``urls``."""
+    return (f"data names {shard_set(urls)}, the run that saved it read {saved} (other shards, "
+            f"or the same in another order or rewritten)")
 
 
 def restart_note(epoch: int, why: str) -> None:

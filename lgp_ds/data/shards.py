@@ -116,6 +116,19 @@ def _shuffled(items: list[str], seed: int) -> list[str]:
     return order
 
 
+def shard_set(urls: list[str]) -> str:
+    """What a stream position refers to: the shards in order, by file name and size (a remote
+    one by its URL), as ``"<count> shards, <digest>"``. Other shards, the same ones in another
+    order or rewritten, or the same set moved to another folder: another string but for the
+    last."""
+    digest = hashlib.sha256()
+    for url in urls:
+        local = not url.startswith(_REMOTE)
+        digest.update(f"{os.path.basename(url) if local else url}:"
+                      f"{os.path.getsize(url) if local else ''};".encode())
+    return f"{len(urls)} shards, {digest.hexdigest()[:12]}"
+
+
 def rank_shards(urls: list[str], seed: int, epoch: int, rank: int, world_size: int) -> list[str]:
     """The shards ``rank`` reads in ``epoch``: its share of the epoch's seeded order of ``urls``,
     every ``world_size``-th from its place (dealt anew each epoch, so unequal shards even out)."""
@@ -173,8 +186,11 @@ def _reader_samples(shards: list[str], rng: random.Random, resampled: bool,
                         f"{sorted(subset)[:2]}, are matched on the sample keys)"
                         if subset is not None else "no samples (empty, or no files named KEY.EXT)")
                 what = [f"{u}: {problems.get(u, none)}" for u in sorted(shards)]
+                hint = ("; a subset whose images lie in a few shards leaves readers of the others "
+                        "without any: use fewer num_workers, or resampled_shards=true"
+                        if subset is not None else "")
                 raise DataError(f"no sample in a whole pass over the {len(shards)} shard(s) of "
-                                f"{where}: {_listed(what)}")
+                                f"{where}: {_listed(what)}{hint}")
 
 
 class _NoImage(ValueError):

@@ -176,7 +176,7 @@ class Trainer:
             self.anchor = MIMAnchor(mim_state, self.slices, cfg.anchor_weight, cfg.anchor_norm,
                                     anchor_blocks, sharded=zero_stage > 0, prefix=prefix)
         # What a resume must match; the init= weights by content (the file may move)
-        self.run = run_identity(cfg, ds_config, init_digest)
+        self.run = run_identity(cfg, ds_config, init_digest, samples_per_epoch(cfg))
         del mim_state
 
         self.step = 0  # optimizer steps applied or skipped (engine.global_steps)
