@@ -15,10 +15,17 @@ of it on each contrastive view.
 ``--data_only`` measures the input pipeline of this rank alone (shards -> decode -> views ->
 batches, with ``num_workers`` DataLoader workers) for MoCo v3's two views and MAE's one, each
 made by torchvision on the CPU (``augment_on=cpu``) and as crops on the CPU (``augment_on=device``,
-whose photometric part is timed apart on the device): images/s in total and per worker, and the
-ratio to torchvision's. It reads ``data=``'s shards, else ``--images`` photo-like JPEGs of
-ImageNet's size (:mod:`lgp_ds.data.photos`) that it writes. Each run writes into a fresh
-temporary folder, removed at the end.
+whose photometric part is timed apart on the device) and, where NVIDIA DALI is installed, as
+crops by DALI (``input_backend=dali``: nvJPEG on a GPU, its CPU decoder without one): images/s
+in total and per worker (DALI: per thread), and the ratio to torchvision's. It reads ``data=``'s
+shards, else ``--images`` photo-like JPEGs of ImageNet's size (:mod:`lgp_ds.data.photos`) that
+it writes. Each run writes into a fresh temporary folder, removed at the end.
+
+``--scaling`` prints, without a GPU, the grafting step's communication per ZeRO stage, memory,
+predicted step time and scaling efficiency on many GPUs and the ZeRO stage to pick
+(:mod:`lgp_ds.scaling`; docs/scaling.md):
+
+    python tools/bench.py --scaling [--img_per_s 364] [--gpus 8,64,512] [--nics_per_node 8]
 """
 import argparse
 import os
@@ -33,11 +40,11 @@ from fvcore.nn import FlopCountAnalysis
 from PIL import Image
 from timm.models.vision_transformer import Attention
 
-from lgp_ds import dist
+from lgp_ds import dist, scaling
 from lgp_ds.cli import BAD_INPUT, errors_as_one_line
-from lgp_ds.config import load_run_config
+from lgp_ds.config import dali_installed, load_run_config
 from lgp_ds.data.photos import write_photo_shards
-from lgp_ds.data.pipeline import TrainData
+from lgp_ds.data.pipeline import build_train_data
 from lgp_ds.data.shards import DataError
 from lgp_ds.engine.trainer import Trainer
 from lgp_ds.methods import build_method
@@ -115,8 +122,13 @@ def main() -> None:
                    help="--data_only without data=: photo-like JPEGs to write and read")
     p.add_argument("--local_rank", type=int, default=-1)
     p.add_argument("overrides", nargs="*")
+    scaling.add_arguments(p)
     p = deepspeed.add_config_arguments(p)
     args = p.parse_intermixed_args()
+    if args.scaling:  # on paper: no process group, no device
+        with errors_as_one_line(ranks_started=False):
+            print(scaling.report(scaling.inputs_from_args(args)))
+        return
     folder = tempfile.mkdtemp(prefix="lgp_ds_bench_")  # per rank: node-local /tmp is fine
     try:
         # The step costs the same whatever the weights: unless init= is given here, the run
@@ -156,15 +168,17 @@ def run(args, trainer) -> None:
     dist.print_main(line)
 
 
-def pipeline_rate(cfg, transform, batch: int, warmup: int, steps: int):
-    """(images/s, the last batch's views) of this rank's input pipeline (``cfg``'s shards and
-    workers) making ``transform``'s views, over ``steps`` batches after ``warmup``."""
-    batches = TrainData(cfg, batch, transform).batches(0, warmup + steps)
+def pipeline_rate(cfg, method, batch: int, warmup: int, steps: int):
+    """(images/s, the last batch's views) of this rank's input pipeline for ``method`` as
+    ``cfg`` builds it (shards, workers, ``augment_on``, ``input_backend``), over ``steps``
+    batches after ``warmup``."""
+    batches = build_train_data(cfg, batch, method).batches(0, warmup + steps)
     for _ in range(warmup):
         next(batches)
     start = time.perf_counter()
     for *views, _, _ in batches:
         pass
+    get_accelerator().synchronize()  # DALI's views may be on the GPU
     return steps * batch / (time.perf_counter() - start), views
 
 
@@ -196,15 +210,22 @@ def bench_data(cfg, batch: int, args, folder: str) -> None:
              "| views | made by | img/s | img/s per worker | vs torchvision |",
              "|---|---|---:|---:|---:|"]
     for name, views in (("moco", "MoCo v3, 2 views"), ("mae", "MAE, 1 view")):
-        plain, fast = (build_method(cfg.model_copy(update={"method": name, "augment_on": where}))
+        plain, fast = (cfg.model_copy(update={"method": name, "augment_on": where})
                        for where in ("cpu", "device"))
-        base, _ = pipeline_rate(cfg, plain.transform(), batch, args.warmup, args.steps)
-        rate, crops = pipeline_rate(cfg, fast.transform(), batch, args.warmup, args.steps)
-        on_device = device_rate(fast, crops, args.warmup, args.steps)
+        method = build_method(fast)  # its views; its transform is the crops
+        base, _ = pipeline_rate(plain, build_method(plain), batch, args.warmup, args.steps)
+        rate, crops = pipeline_rate(fast, method, batch, args.warmup, args.steps)
+        on_device = device_rate(method, crops, args.warmup, args.steps)
         lines += [f"| {views} | torchvision (CPU) | {base:.1f} | {base / workers:.1f} | 1.00x |",
                   f"| {views} | crops (CPU) | {rate:.1f} | {rate / workers:.1f} | "
                   f"{rate / base:.2f}x |",
                   f"| {views} | + the rest ({device}) | {on_device:.1f} | | |"]
+        if dali_installed():  # its crops, made where input_backend=dali makes them
+            dali = fast.model_copy(update={"input_backend": "dali"})
+            rate, _ = pipeline_rate(dali, method, batch, args.warmup, args.steps)
+            where = "nvJPEG, GPU" if torch.cuda.is_available() else "CPU"
+            lines.append(f"| {views} | DALI crops ({where}) | {rate:.1f} | {rate / workers:.1f} | "
+                         f"{rate / base:.2f}x |")
     dist.print_main("\n".join(lines))
 
 

@@ -1,0 +1,132 @@
+"""What the scaling model needs from the grafting step's models, counted on the meta device.
+
+The models are built by the same code as training (the method's ``build_model`` from a bundled
+recipe) with ``torch.device("meta")``: shapes without storage, so ViT-g/14 (1B parameters, 4 GB
+in fp32) counts in a fraction of a second.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from lgp_ds.config import load_config
+from lgp_ds.engine.anchor import is_anchored
+from lgp_ds.methods import build_method
+from lgp_ds.models.heads import CrossRankBatchNorm1d
+
+# The sizes the report covers: (recipe, arch that replaces the recipe's; None: its own). ViT-H and
+# ViT-g have no recipe and take ViT-L's (activation checkpointing, the MIM anchor on the
+# embeddings and blocks 0-11) with their own architecture.
+ARCHS = {"ViT-B/16": ("vit_b_graft", None),
+         "ViT-L/16": ("vit_l_graft", None),
+         "ViT-H/14": ("vit_l_graft", "vit_huge_patch14_224"),
+         "ViT-g/14": ("vit_l_graft", "vit_giant_patch14_224")}
+# The global batch of the sizes without a recipe of their own (MoCo v3 trained its large ViTs
+# with 4096), for the fixed-global-batch table.
+DEFAULT_GLOBAL_BATCH = 4096
+
+
+@dataclass(frozen=True)
+class Params:
+    """The parameter tensors of a module: their sizes and whether each one trains."""
+    numels: tuple[int, ...]
+    trains: tuple[bool, ...]
+
+    @classmethod
+    def of(cls, module: nn.Module) -> "Params":
+        params = list(module.parameters())
+        return cls(tuple(p.numel() for p in params), tuple(p.requires_grad for p in params))
+
+    @property
+    def total(self) -> int:
+        return sum(self.numels)
+
+    @property
+    def trained(self) -> int:
+        return sum(n for n, t in zip(self.numels, self.trains) if t)
+
+    def over(self, threshold: int, trained_only: bool = False) -> int:
+        """Elements in tensors of more than ``threshold`` elements (ZeRO-3 gathers those; the
+        others persist whole on every rank)."""
+        return sum(n for n, t in zip(self.numels, self.trains)
+                   if n > threshold and (t or not trained_only))
+
+
+@dataclass(frozen=True)
+class ModelCounts:
+    """One grafting model: the engine's module (base encoder with its projector, predictor), the
+    momentum encoder (a copy of the base encoder with its projector), and per-image work."""
+    name: str
+    recipe: str
+    engine: Params
+    momentum: Params
+    engine_bn: tuple[int, ...]  # widths of the engine's cross-rank BNs, each run once per view
+    momentum_bn: tuple[int, ...]  # the same for the momentum encoder (forward only)
+    key_dim: int  # width of the keys the contrastive loss all-gathers
+    anchored_tensors: int  # tensors whose partial norms the MIM anchor all-reduces (0: no anchor)
+    tokens: int  # per view, class token included
+    width: int
+    depth: int
+    grad_ckpt: bool
+    forward_flops: float  # one view of one image through base encoder, projector and predictor
+    momentum_flops: float  # one view of one image through the momentum encoder
+    global_batch: int  # the recipe's
+
+    @property
+    def train_flops(self) -> float:
+        """FLOPs of one image (two views) per step, as REFERENCE.md counts them: forward and
+        backward (3 forwards) of the engine's model, one forward of the momentum encoder."""
+        return 2 * (3 * self.forward_flops + self.momentum_flops)
+
+    @property
+    def fp32_grads(self) -> bool:
+        """With the MIM anchor lgp_ds accumulates gradients in fp32 under bf16 (its gradient
+        rounds away in bf16: ``config._anchor_precision``), which refuses ZeRO 0 and makes
+        ZeRO 1 DeepSpeed's BF16_Optimizer."""
+        return self.anchored_tensors > 0
+
+
+def _forward_flops(encoder: nn.Module, tokens: int, patches: int) -> float:
+    """2 x multiply-adds of one image through a timm ViT whose ``head`` is the projector: the
+    blocks' linear layers on every token, attention's two token-by-token products, the patch
+    projection on every patch, the projector on the class token."""
+    flops = 0.0
+    for name, m in encoder.named_modules():
+        if isinstance(m, nn.Linear):
+            flops += 2 * m.weight.numel() * (1 if name.startswith("head.") else tokens)
+        elif isinstance(m, nn.Conv2d):
+            flops += 2 * m.weight.numel() * patches
+    return flops + len(encoder.blocks) * 2 * 2 * tokens ** 2 * encoder.embed_dim
+
+
+def count_model(name: str) -> ModelCounts:
+    """Count the grafting model ``name`` (a key of :data:`ARCHS`) as its recipe builds it."""
+    recipe, arch = ARCHS[name]
+    cfg = load_config(recipe, [f"arch={arch}"] if arch else [])
+    return count_config(cfg, name, recipe, DEFAULT_GLOBAL_BATCH if arch else cfg.batch_size)
+
+
+def count_config(cfg, name: str = "", recipe: str = "",
+                 global_batch: int | None = None) -> ModelCounts:
+    """Count the model that ``cfg`` (a MoCo-style method's config) builds, on the meta device."""
+    method = build_method(cfg)
+    with torch.device("meta"):
+        model = method.build_model()
+    encoder = method.encoder(model)  # the ViT with the projector as its head
+    patches = encoder.patch_embed.num_patches
+    tokens = patches + encoder.num_prefix_tokens
+    predictor = sum(2 * m.weight.numel() for m in model.predictor.modules()
+                    if isinstance(m, nn.Linear))
+    encoder_flops = _forward_flops(encoder, tokens, patches)
+    anchor_blocks = cfg.anchor_blocks if cfg.anchor_blocks is not None else len(encoder.blocks) // 2
+    anchored = sum(is_anchored(n, anchor_blocks) for n, p in model.named_parameters()
+                   if p.requires_grad) if cfg.anchor_weight > 0 else 0
+    bn = [m.num_features for m in model.modules() if isinstance(m, CrossRankBatchNorm1d)]
+    momentum_bn = [m.num_features for m in encoder.modules() if isinstance(m, CrossRankBatchNorm1d)]
+    return ModelCounts(
+        name=name, recipe=recipe, engine=Params.of(model), momentum=Params.of(encoder),
+        engine_bn=tuple(bn), momentum_bn=tuple(momentum_bn), key_dim=cfg.proj_dim,
+        anchored_tensors=anchored, tokens=tokens, width=encoder.embed_dim,
+        depth=len(encoder.blocks), grad_ckpt=bool(encoder.grad_checkpointing),
+        forward_flops=encoder_flops + predictor, momentum_flops=encoder_flops,
+        global_batch=global_batch or cfg.batch_size)

@@ -1,0 +1,63 @@
+"""What each rank holds in a step of the grafting step, per ZeRO stage (bytes, rough where said).
+
+- parameters: the engine's bf16 module, whole (ZeRO 0-2) or a 1/n partition plus the tensors
+  under the persistence threshold and ZeRO-3's gathered working set (one prefetch bucket).
+- gradients: bf16, whole (ZeRO 0) or this rank's averaged partition plus the reduce buckets
+  that the hooks fill in backward (ZeRO 1/2 with ``overlap_comm``: two of ``reduce_bucket_size``
+  elements; ZeRO 3: one). Without gradient accumulation ZeRO 1 holds what ZeRO 2 holds. With
+  the MIM anchor (fp32 gradient accumulation) partitions and buckets are fp32, and ZeRO 1 (the
+  BF16_Optimizer) holds the bf16 gradients and a whole fp32 copy.
+- optimizer: fp32 masters and Adam's two moments, plus the fp32 gradient made for the step from
+  bf16 ones, whole (ZeRO 0) or partitioned.
+- momentum encoder (:mod:`lgp_ds.engine.momentum`): a whole fp32 copy (ZeRO 0); today's ZeRO 1/2
+  adds an fp32 update buffer of the whole encoder; the sharded EMA keeps fp32 slices and a bf16
+  compute copy; ZeRO 3 a 1/n fp32 partition plus one gathered fp32 prefetch bucket.
+- activations, rough: 34 bytes per token and width per block and view (bf16, attention in
+  fused kernels that keep no token-by-token matrix: Korthikanti et al. 2022 without their
+  attention-score term); with activation checkpointing each block's input (2 bytes) plus one
+  block's 34 while it is recomputed. The momentum encoder runs without gradient (no activations
+  kept), the heads see one token per image (left out).
+"""
+from .counts import ModelCounts
+from .traffic import (BF16, FP32, PERSISTENCE_THRESHOLD, PREFETCH_BUCKET, REDUCE_BUCKET, VIEWS,
+                      Setup)
+
+ACTIVATION_BYTES = 34
+OPTIMIZER_BYTES = 12  # fp32 master, Adam's m and v
+
+
+def activation_bytes(m: ModelCounts, batch: float) -> float:
+    block = ACTIVATION_BYTES * m.tokens * m.width
+    per_view = (m.depth * BF16 * m.tokens * m.width + block) if m.grad_ckpt else m.depth * block
+    return VIEWS * batch * per_view
+
+
+def memory(m: ModelCounts, setup: Setup, n: int, batch: float) -> dict[str, float]:
+    """{part: bytes} on each of ``n`` ranks; parts: params, grads, optimizer, momentum,
+    activations."""
+    stage, total, trained, mom = setup.stage, m.engine.total, m.engine.trained, m.momentum.total
+    shards = 1 if stage == 0 else n
+    fp32_grads = m.fp32_grads and stage > 0  # ZeRO 0 runs without the anchor
+    grad_bytes = FP32 if fp32_grads else BF16
+    if stage == 3:
+        gathered = m.engine.over(PERSISTENCE_THRESHOLD)
+        params = BF16 * (total - gathered + gathered / n + PREFETCH_BUCKET)
+        grads = grad_bytes * (trained / n + REDUCE_BUCKET)
+        momentum = FP32 * (mom / n + PREFETCH_BUCKET)
+    else:
+        params = BF16 * total
+        if stage == 0:
+            grads = BF16 * trained
+        elif stage == 1 and fp32_grads:  # the BF16_Optimizer
+            grads = (BF16 + FP32) * trained
+        else:
+            grads = grad_bytes * (trained / n + 2 * REDUCE_BUCKET)
+        if stage == 0:
+            momentum = FP32 * mom
+        elif setup.sharded_ema:
+            momentum = FP32 * mom / n + BF16 * mom
+        else:
+            momentum = 2 * FP32 * mom  # the whole encoder and its update buffer
+    optimizer = (OPTIMIZER_BYTES + (0 if fp32_grads else FP32)) * trained / shards
+    return {"params": params, "grads": grads, "optimizer": optimizer, "momentum": momentum,
+            "activations": activation_bytes(m, batch)}

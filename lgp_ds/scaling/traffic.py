@@ -1,0 +1,166 @@
+"""The collectives of one optimizer step of the grafting step, per ZeRO stage, as lgp_ds and
+DeepSpeed 0.19 issue them with the shipped bf16 configs (ds_configs/zero{1,2,3}_bf16.json; ZeRO 0
+is ``"stage": 0`` with bf16).
+
+One step on each rank (micro-batch ``batch``, two views, no gradient accumulation):
+
+- cross-rank BatchNorm (:class:`lgp_ds.models.heads.CrossRankBatchNorm1d`): per BN layer and call,
+  an all-reduce of [1 + C] (count and sums) and one of [C] (centred squares), fp32; the same two
+  again in backward. The engine runs its 5 BNs (projector 3, predictor 2) once per view with
+  backward, the momentum encoder its projector's 3 once per view without.
+- the contrastive keys: ``contrastive_loss`` all-gathers k [batch, key_dim] in fp32 (it
+  normalises in fp32 before gathering), once for each of the two loss terms.
+- gradients of the trained parameters, bf16 (DeepSpeed reduces in the model dtype, also where
+  it accumulates them in fp32): ZeRO 0 an all-reduce after backward; ZeRO 1 and 2 an all-reduce
+  too, not a reduce-scatter (DeepSpeed's ``use_multi_rank_bucket_allreduce``, on by default,
+  all-reduces each bucket and each rank keeps its partition), during backward (``overlap_comm``,
+  which the shipped configs set, reduces from the gradient hooks) but for ZeRO 1 with the MIM
+  anchor: its fp32 gradients make it DeepSpeed's BF16_Optimizer, which all-reduces after
+  backward; ZeRO 3 a reduce-scatter during backward.
+- parameters, bf16: ZeRO 1/2 all-gather the updated trained parameters after the step. ZeRO 3
+  gathers every tensor over ``stage3_param_persistence_threshold`` elements where it is used:
+  forward of each view, backward of each view (trained tensors only: the frozen patch projection
+  has no backward), and with activation checkpointing again for the recomputed forward; the
+  persistent small tensors are all-gathered after the step instead. Counted per use, this is an
+  upper bound: DeepSpeed keeps a gathered tensor whose next use lies within
+  ``stage3_max_reuse_distance`` elements (1e9 by default, as the shipped config leaves it) or
+  that it prefetched for that use, down to one gather per step (a tiny model on 2 CPU ranks:
+  one forward pass), at the price of holding the gathered tensors.
+- the momentum encoder (:mod:`lgp_ds.engine.momentum`): ZeRO 0 holds whole masters, no traffic.
+  ZeRO 1/2 today: each rank writes the EMA update of the master slices it owns into a zero
+  buffer of the whole encoder, and one fp32 all-reduce of it updates every rank's full fp32
+  copy. Sharded (the alternative being built): each rank keeps the fp32 EMA of its own slices
+  and all-gathers a bf16 compute copy of the trained tensors. ZeRO 3: the momentum encoder is a
+  ZeRO-3 engine in fp32 with persistence threshold 0, so each of its two forwards (one per view)
+  all-gathers all of it in fp32; its EMA needs no communication.
+- the MIM anchor (recipes with ``anchor_weight`` > 0) under ZeRO 1-3: one fp64 all-reduce of
+  the anchored tensors' partial norms.
+
+A few scalar all-reduces per step (DeepSpeed's overflow and norm checks) are left out.
+
+Collective algorithms assumed: ring all-reduce sends 2(n-1)/n x size per rank, reduce-scatter
+and all-gather (n-1)/n x size, where size is the whole tensor (all ranks' data). On 2 CPU ranks
+the collectives a tiny model's step issues match these counts (tests/test_scaling.py).
+"""
+import math
+from dataclasses import dataclass
+
+from .counts import ModelCounts
+
+# Bytes per element
+BF16, FP32, FP64 = 2, 4, 8
+# The shipped configs' values (ds_configs/zero*_bf16.json)
+REDUCE_BUCKET = 200_000_000  # reduce_bucket_size (elements); allgather_bucket_size is the same
+PERSISTENCE_THRESHOLD = 100_000  # stage3_param_persistence_threshold
+PREFETCH_BUCKET = 50_000_000  # stage3_prefetch_bucket_size, also DeepSpeed's default (the
+# momentum encoder's engine)
+VIEWS = 2
+
+# Compute that a collective may run under (a share of the step's compute; see timing.py)
+BACKWARD, ENGINE, MOMENTUM = "backward", "engine forward and backward", "momentum forward"
+
+
+@dataclass(frozen=True)
+class Comm:
+    """One kind of collective in a step: ``calls`` of them, ``size`` bytes in all (the whole
+    result, summed over the calls), hidden at best under the ``window`` compute (None: on the
+    critical path)."""
+    term: str
+    op: str  # "all-reduce", "all-gather" or "reduce-scatter"
+    dtype: str
+    size: float
+    calls: int
+    window: str | None = None
+
+
+@dataclass(frozen=True)
+class Setup:
+    """A ZeRO stage and, for stages 1 and 2, how the momentum encoder is updated."""
+    stage: int
+    sharded_ema: bool = False
+
+    def __post_init__(self):
+        if self.sharded_ema and self.stage not in (1, 2):
+            raise ValueError(f"a sharded EMA is an alternative for ZeRO 1 and 2, not {self.stage}")
+
+    @property
+    def label(self) -> str:
+        return f"ZeRO {self.stage}" + (", sharded EMA" if self.sharded_ema else "")
+
+
+SETUPS = (Setup(0), Setup(1), Setup(2), Setup(3), Setup(1, True), Setup(2, True))
+
+
+def refused(m: ModelCounts, setup: Setup) -> str | None:
+    """Why lgp_ds refuses ``setup`` for model ``m`` in bf16; None where it runs it."""
+    if setup.stage == 0 and m.fp32_grads:
+        return "the MIM anchor needs fp32 gradients, which ZeRO 0 in bf16 does not keep"
+    return None
+
+
+def send_factor(op: str, n: int) -> float:
+    """Bytes each rank sends per byte of the collective's (whole) result, ring algorithms."""
+    if op == "all-reduce":
+        return 2 * (n - 1) / n
+    if op in ("all-gather", "reduce-scatter"):
+        return (n - 1) / n
+    raise ValueError(f"unknown collective {op!r}")
+
+
+def bytes_per_rank(c: Comm, n: int) -> float:
+    return send_factor(c.op, n) * c.size
+
+
+def _buckets(elements: float, bucket: int = REDUCE_BUCKET) -> int:
+    """Calls of a collective that DeepSpeed issues bucket by bucket (latency only)."""
+    return max(1, math.ceil(elements / bucket))
+
+
+def step_comms(m: ModelCounts, setup: Setup, n: int, batch: float,
+               persistence_threshold: int = PERSISTENCE_THRESHOLD) -> list[Comm]:
+    """The collectives of one step of model ``m`` on ``n`` ranks with ``batch`` images per rank
+    (ZeRO 3: the engine's ``stage3_param_persistence_threshold``)."""
+    stage, trained, big = setup.stage, m.engine.trained, persistence_threshold
+    bn_engine = sum(2 * c + 1 for c in m.engine_bn)  # elements of one call's two all-reduces
+    bn_momentum = sum(2 * c + 1 for c in m.momentum_bn)
+    comms = [
+        Comm("BatchNorm syncs", "all-reduce", "fp32",
+             FP32 * VIEWS * (2 * bn_engine + bn_momentum),
+             VIEWS * 2 * (2 * len(m.engine_bn) + len(m.momentum_bn))),
+        Comm("contrastive key all-gather", "all-gather", "fp32",
+             FP32 * VIEWS * n * batch * m.key_dim, VIEWS),
+    ]
+    if stage < 3:
+        after_backward = stage == 0 or (stage == 1 and m.fp32_grads)  # (BF16_Optimizer)
+        comms.append(Comm("gradient all-reduce", "all-reduce", "bf16", BF16 * trained,
+                          _buckets(trained), None if after_backward else BACKWARD))
+    else:
+        comms.append(Comm("gradient reduce-scatter", "reduce-scatter", "bf16", BF16 * trained,
+                          _buckets(trained), BACKWARD))
+    if stage in (1, 2):
+        comms.append(Comm("parameter all-gather after the step", "all-gather", "bf16",
+                          BF16 * trained, _buckets(trained)))
+        if setup.sharded_ema:
+            comms.append(Comm("momentum update", "all-gather", "bf16", BF16 * m.momentum.trained,
+                              _buckets(m.momentum.trained)))
+        else:
+            comms.append(Comm("momentum update", "all-reduce", "fp32", FP32 * m.momentum.total, 1))
+    if stage == 3:
+        passes = 1 + int(m.grad_ckpt)  # backward, and the recomputed forward
+        backward = m.engine.over(big, trained_only=True)
+        # DeepSpeed gathers one prefetch bucket of tensors at a time
+        calls = VIEWS * (_buckets(m.engine.over(big), PREFETCH_BUCKET)
+                         + passes * _buckets(backward, PREFETCH_BUCKET))
+        comms += [
+            Comm("parameter all-gathers in forward and backward", "all-gather", "bf16",
+                 BF16 * VIEWS * (m.engine.over(big) + passes * backward), calls, ENGINE),
+            Comm("persistent parameter all-gather after the step", "all-gather", "bf16",
+                 BF16 * (m.engine.total - m.engine.over(big)), 1),
+            Comm("momentum encoder all-gathers in its forward", "all-gather", "fp32",
+                 FP32 * VIEWS * m.momentum.total,
+                 VIEWS * _buckets(m.momentum.total, PREFETCH_BUCKET), MOMENTUM),
+        ]
+    if stage > 0 and m.anchored_tensors:
+        comms.append(Comm("MIM anchor partial norms", "all-reduce", "fp64",
+                          FP64 * m.anchored_tensors, 1))
+    return comms
