@@ -94,10 +94,12 @@ def test_bad_input_exits_with_the_reason(tmp_path):
 
 
 def test_missing_held_out_shards_stop_fine_tuning_before_it_trains(tmp_path):
-    # found when the trainer is built, not at the first evaluation after steps were spent
+    # found when the trainer is built, not at the first evaluation after steps were spent (the
+    # recipe's init=runs/digits_graft left out: no such run in a fresh checkout)
     proc = subprocess.run(
         [sys.executable, "launch/finetune.py", "--deepspeed_config", "ds_configs/cpu_demo.json",
-         "--output_dir", str(tmp_path / "run"), "val_data=/no/val-{0..1}.tar"], cwd=ROOT,
+         "--output_dir", str(tmp_path / "run"), "val_data=/no/val-{0..1}.tar", "init=null"],
+        cwd=ROOT,
         capture_output=True, text=True, timeout=300,
         env=dict(os.environ, MASTER_PORT=str(free_port()), LGP_DS_CACHE=str(tmp_path / "c")))
     assert proc.returncode == 2, proc.stderr[-2000:]
@@ -110,7 +112,7 @@ def test_missing_held_out_shards_stop_fine_tuning_before_it_trains(tmp_path):
     proc = subprocess.run(
         [sys.executable, "launch/finetune.py", "--deepspeed_config", "ds_configs/cpu_demo.json",
          "--output_dir", str(tmp_path / "run"), f"val_data={tmp_path / 'val.tar'}",
-         "max_steps=2", "save_every=2", "eval_every=2"], cwd=ROOT,
+         "max_steps=2", "save_every=2", "eval_every=2", "init=null"], cwd=ROOT,
         capture_output=True, text=True, timeout=300,
         env=dict(os.environ, MASTER_PORT=str(free_port()), LGP_DS_CACHE=str(tmp_path / "c")))
     assert proc.returncode == 1, proc.stderr[-2000:]
