@@ -79,6 +79,14 @@ class ModelCounts:
         return 2 * (3 * self.forward_flops + self.momentum_flops)
 
     @property
+    def executed_flops(self) -> float:
+        """FLOPs the GPU runs for one image (two views) per step: :attr:`train_flops` plus the
+        forward that activation checkpointing computes again in the backward. The step time
+        scales with these: a rate measured on a checkpointed model (ViT-L's recipe) applied to
+        model FLOPs would make a model without checkpointing (ViT-B's) look a quarter slower."""
+        return 2 * ((3 + self.grad_ckpt) * self.forward_flops + self.momentum_flops)
+
+    @property
     def fp32_grads(self) -> bool:
         """With the MIM anchor lgp_ds accumulates gradients in fp32 under bf16 (its gradient
         rounds away in bf16: ``config._anchor_precision``), which refuses ZeRO 0 and makes

@@ -78,14 +78,14 @@ class Compute:
     def measured(cls, m: ModelCounts, img_per_s: float, batch: int, hbm_gbs: float) -> "Compute":
         """From ``img_per_s`` measured for model ``m`` with ``batch`` images per step."""
         optimizer = cls(1.0, hbm_gbs).optimizer_step(m)
-        return cls(m.train_flops * batch / (batch / img_per_s - optimizer), hbm_gbs)
+        return cls(m.executed_flops * batch / (batch / img_per_s - optimizer), hbm_gbs)
 
     def optimizer_step(self, m: ModelCounts) -> float:
         return OPTIMIZER_STEP_BYTES * m.engine.trained / (self.hbm_gbs * 1e9)
 
     def step(self, m: ModelCounts, batch: float, optimizer_share: float = 1.0) -> float:
         """Seconds of a step of ``batch`` images, ``optimizer_share`` of the optimizer step."""
-        return batch * m.train_flops / self.flop_rate + optimizer_share * self.optimizer_step(m)
+        return batch * m.executed_flops / self.flop_rate + optimizer_share * self.optimizer_step(m)
 
 
 @dataclass(frozen=True)
