@@ -110,6 +110,7 @@ class DaliTrainData:
     def __init__(self, cfg, batch_per_rank: int, crops: list[Crop],
                  device: torch.device | None = None):
         self.urls = shards_or_embedded(cfg.data, cfg.img_size, "train", num_workers=0)
+        self.shard_set = shard_set(self.urls)  # once: it stats every shard
         remote = [u for u in self.urls if u.startswith(_REMOTE)]
         if remote:
             raise ValueError(f"input_backend=dali reads local shard files; data= names remote "
@@ -187,7 +188,7 @@ class DaliTrainData:
     def state_dict(self) -> dict:
         """Where this rank's stream is, for a checkpoint: DALI's pipeline state (the epoch and
         batch are the trainer's), and the shards it reads."""
-        return {"dali": self._state(), "shards": shard_set(self.urls)}
+        return {"dali": self._state(), "shards": self.shard_set}
 
     def resume(self, state: dict | None, epoch: int, batches: int) -> None:
         """Continue at batch ``batches`` of ``epoch`` from ``state`` (:meth:`state_dict` of the
@@ -199,8 +200,8 @@ class DaliTrainData:
             return
         if state is None or state.get("dali") is None:
             why = "the checkpoint records no DALI pipeline state"
-        elif state["shards"] != shard_set(self.urls):
-            why = other_shards(self.urls, state["shards"])
+        elif state["shards"] != self.shard_set:
+            why = other_shards(self.shard_set, state["shards"])
         else:
             self.restore = state["dali"]
             return

@@ -62,6 +62,7 @@ class TrainData:
 
     def __init__(self, cfg, batch_per_rank: int, transform):
         self.urls = shards_or_embedded(cfg.data, cfg.img_size, "train", cfg.num_workers)
+        self.shard_set = shard_set(self.urls)  # once: it stats every shard
         # Checked here, as the trainer builds the data before the engine, not when reading starts.
         check_readers(self.urls, dist.get_world_size(), cfg.num_workers, cfg.resampled_shards)
         self.cfg, self.batch_per_rank = cfg, batch_per_rank
@@ -92,7 +93,7 @@ class TrainData:
     def state_dict(self) -> dict:
         """Where this rank's stream is, for a checkpoint: the raw samples each reader gave in the
         epoch so far (the epoch and batch are the trainer's), and the shards they read."""
-        return {"samples": list(self.position.samples), "shards": shard_set(self.urls)}
+        return {"samples": list(self.position.samples), "shards": self.shard_set}
 
     def resume(self, state: dict | None, epoch: int, batches: int) -> None:
         """Continue at batch ``batches`` of ``epoch`` from ``state`` (:meth:`state_dict` of the
@@ -112,17 +113,18 @@ class TrainData:
         elif len(state["samples"]) != self.readers:
             why = (f"num_workers gives {self.readers} reader(s) per rank, the run that saved it "
                    f"had {len(state['samples'])}")
-        elif state["shards"] != shard_set(self.urls):
-            why = other_shards(self.urls, state["shards"])
+        elif state["shards"] != self.shard_set:
+            why = other_shards(self.shard_set, state["shards"])
         else:
             self.position.samples = list(state["samples"])
             return
         restart_note(epoch, why)
 
 
-def other_shards(urls: list[str], saved) -> str:
-    """Why a position saved over the shards ``saved`` (:func:`shard_set`) does not fit ``urls``."""
-    return (f"data names {shard_set(urls)}, the run that saved it read {saved} (other shards, "
+def other_shards(now: str, saved) -> str:
+    """Why a position saved over the shards ``saved`` does not fit those read ``now`` (both
+    :func:`shard_set`)."""
+    return (f"data names {now}, the run that saved it read {saved} (other shards, "
             f"or the same in another order or rewritten)")
 
 

@@ -133,9 +133,11 @@ class Trainer:
         # Periodic evaluations besides the method's own (the kNN monitor): each has ``every``
         # (steps) and is called with this trainer; built by lgp_ds.launch.build_trainer.
         self.evaluators = list(evaluators)
-        self.steps_per_epoch = samples_per_epoch(cfg) // cfg.batch_size
+        # read once: with data= it comes from the shards' index (every shard's size checked)
+        epoch_samples = samples_per_epoch(cfg)
+        self.steps_per_epoch = epoch_samples // cfg.batch_size
         if self.steps_per_epoch == 0:
-            raise ValueError(f"samples_per_epoch={samples_per_epoch(cfg)} is smaller than "
+            raise ValueError(f"samples_per_epoch={epoch_samples} is smaller than "
                              f"batch_size={cfg.batch_size}")
         self.total_steps = cfg.epochs * self.steps_per_epoch
         warmup_steps = cfg.warmup_epochs * self.steps_per_epoch
@@ -176,7 +178,7 @@ class Trainer:
             self.anchor = MIMAnchor(mim_state, self.slices, cfg.anchor_weight, cfg.anchor_norm,
                                     anchor_blocks, sharded=zero_stage > 0, prefix=prefix)
         # What a resume must match; the init= weights by content (the file may move)
-        self.run = run_identity(cfg, ds_config, init_digest, samples_per_epoch(cfg))
+        self.run = run_identity(cfg, ds_config, init_digest, epoch_samples)
         del mim_state
 
         self.step = 0  # optimizer steps applied or skipped (engine.global_steps)
