@@ -108,7 +108,7 @@ def _read_lgp_ds(path: str) -> Weights:
     cfg = states["config"]
     heads = cfg.get("num_heads") or _timm_defaults(cfg["arch"])["num_heads"]
     return Weights(base, states.get("momentum"), _strip(model, "predictor.") or None, cfg["arch"],
-                   heads, notes, decoder)
+                   heads, notes, decoder, dict(cfg))
 
 
 def _fp32_masters(folder: str, states: dict) -> tuple[dict, list[str]]:

@@ -21,6 +21,7 @@ class Weights:
     num_heads: int | None = None
     notes: list[str] = field(default_factory=list)
     decoder: dict[str, torch.Tensor] | None = None
+    config: dict | None = None  # an lgp_ds checkpoint's experiment config (heads, masking, tau)
 
     def encoder(self, which: str = "base") -> dict[str, torch.Tensor]:
         """The ViT without its projector: ``which`` is ``base`` or ``momentum``."""
