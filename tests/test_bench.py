@@ -1,8 +1,12 @@
-"""tools/bench.py runs the real trainer and reports throughput (no speed is asserted here)."""
+"""tools/bench.py runs the real trainer and the official-style baseline and reports throughput
+(no speed is asserted here)."""
+import json
 import os
 import re
 import subprocess
 import sys
+
+import pytest
 
 from multirank import free_port
 
@@ -13,13 +17,27 @@ TINY = ["img_size=16", "patch_size=8", "embed_dim=32", "depth=3", "num_heads=2",
 
 def test_bench_reports_step_and_data_throughput(tmp_path):
     base = [sys.executable, "tools/bench.py", "--deepspeed_config", "ds_configs/cpu_demo.json",
-            "--steps", "2", "--warmup", "1", "--peak_tflops", "1"]
+            "--steps", "2", "--warmup", "1"]
     env = dict(os.environ, LGP_DS_CACHE=str(tmp_path), MASTER_PORT=str(free_port()))
-    step = subprocess.run(base + TINY, cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
+    out = tmp_path / "bench.json"
+    step = subprocess.run(base + TINY + ["--json", str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
     assert step.returncode == 0, step.stderr[-3000:]
-    assert re.search(r"batch 8/rank x 1 rank\(s\) on cpu: [\d.]+ img/s, [\d.]+ ms/step, "
-                     r"[\d.]+ TFLOP/s per device, MFU [\d.]+%", step.stdout), step.stdout
+    assert re.search(r"batch 8/rank x 1 rank\(s\) on cpu; bf16 matmul peak [\d.]+ TFLOP/s "
+                     r"\(measured\)", step.stdout), step.stdout
+    record = json.loads(out.read_text())
+    assert (record["device"], record["ranks"], record["batch_per_rank"]) == ("cpu", 1, 8)
+    ours, reference = record["rows"]
+    assert ours["name"].startswith("lgp_ds (ZeRO 2, fp32") and reference["name"].startswith(
+        "official style")
+    for r in (ours, reference):  # the printed table holds what the JSON holds
+        assert f"| {r['name']} | {r['img_per_s']:.1f} | {r['ms_per_step']:.1f} |" in step.stdout
+        assert r["img_per_s"] * r["ms_per_step"] == pytest.approx(8 * 1e3)
+        assert r["mfu_percent"] == pytest.approx(
+            100 * r["tflops_per_device"] / record["bf16_matmul_peak_tflops"])
+        assert r["tflops_per_device"] == pytest.approx(
+            record["flops_per_image"] * r["img_per_s"] / 1e12)
+        assert r["peak_memory_gib"] > 0
     data = subprocess.run(base + TINY + ["--data_only", "--images", "16"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     assert data.returncode == 0, data.stderr[-3000:]
@@ -34,8 +52,10 @@ def test_bench_reports_step_and_data_throughput(tmp_path):
 def test_bench_runs_the_vit_l_recipe_as_shipped(tmp_path):
     """The README's command: the ViT-L recipe has the MIM anchor and no init= (shrunk here)."""
     cmd = [sys.executable, "tools/bench.py", "--deepspeed_config", "ds_configs/zero1_bf16.json",
-           "--config", "vit_l_graft", "--steps", "2", "--warmup", "1"] + TINY + ["anchor_blocks=2"]
-    env = dict(os.environ, LGP_DS_CACHE=str(tmp_path), MASTER_PORT=str(free_port()), TMPDIR=str(tmp_path))
+           "--config", "vit_l_graft", "--steps", "2", "--warmup", "1", "--no_reference"
+           ] + TINY + ["anchor_blocks=2"]
+    env = dict(os.environ, LGP_DS_CACHE=str(tmp_path), MASTER_PORT=str(free_port()),
+               TMPDIR=str(tmp_path))
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "vit_large_patch16_224 16px batch 8/rank x 1 rank(s) on cpu" in proc.stdout, proc.stdout
@@ -56,5 +76,6 @@ def test_bench_runs_every_kind_of_method(tmp_path):
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         method = recipe.removeprefix("vit_b_")
-        assert re.search(rf"{method} vit_base_patch16_224 16px batch 8/rank x 1 rank\(s\) on cpu: "
-                         r"[\d.]+ img/s, [\d.]+ ms/step, [\d.]+ TFLOP/s", proc.stdout), proc.stdout
+        assert f"{method} vit_base_patch16_224 16px batch 8/rank x 1 rank(s) on cpu" in proc.stdout
+        assert re.search(r"\| official style \(.*\) \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+% \| "
+                         r"[\d.]+ GiB \| 1.00x \|", proc.stdout), proc.stdout
