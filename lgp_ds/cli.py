@@ -5,7 +5,8 @@ ValueError or FileNotFoundError raised on every rank alike before training: it b
 ``error: ...`` (``error on rank R: ...`` once ranks exist) and exit status 2, not a traceback per
 rank. Data that turns out hopeless while training (:class:`DataError`, raised in a DataLoader
 worker and wrapped in its traceback) becomes one such line and status 1; the launcher then ends
-the other ranks. Other exceptions keep their traceback: they are bugs, not input.
+the other ranks. So do the other failures a run ends with on purpose (non-finite steps, a failed
+collective: lgp_ds.engine.faults). Other exceptions keep their traceback: they are bugs, not input.
 """
 import contextlib
 import os
@@ -32,7 +33,7 @@ def errors_as_one_line(kinds: tuple = BAD_INPUT, ranks_started: bool = True):
         if ranks_started or rank == 0:
             print(f"error{f' on rank {rank}' if ranks_started else ''}: {message}",
                   file=sys.stderr)
-        sys.exit(1 if isinstance(e, DataError) else 2)
+        sys.exit(2 if isinstance(e, BAD_INPUT) else 1)
 
 
 def add_eval_arguments(parser) -> None:

@@ -109,8 +109,9 @@ def plan(output_dir: str, ds_config_path: str, recipes: str = "digits", override
     return Plan(output_dir, recipes, configs, settings, train_data, val_data)
 
 
-def pretrain(configs, progress: Progress) -> None:
-    """Collective: train every run in turn (finished ones only load their last checkpoint)."""
+def pretrain(configs, progress: Progress) -> bool:
+    """Collective: train every run in turn (finished ones only load their last checkpoint);
+    False where a run stopped on request (SIGTERM): the next runs would start from it."""
     for i, (run, (cfg, ds_config)) in enumerate(zip(RUNS, configs)):
         began = time.time()
         progress.begin(i, run)
@@ -119,8 +120,13 @@ def pretrain(configs, progress: Progress) -> None:
         trainer = build_trainer(cfg, ds_config)
         first = trainer.step
         trainer.fit()
+        if trainer.stopped:
+            dist.print_main(f"the comparison stopped during {run.name}: run the same command "
+                            f"again to continue")
+            return False
         progress.end(i, time.time() - began, trainer.step - first)
         del trainer
+    return True
 
 
 def _set_aside_if_grafted_from_other_weights(cfg) -> None:
@@ -175,13 +181,15 @@ def _random_encoder(cfg) -> feats.FrozenEncoder:
 
 
 def run(p: Plan) -> dict:
-    """Collective: pre-train every run, evaluate every encoder, write the table; the results."""
+    """Collective: pre-train every run, evaluate every encoder, write the table; the results
+    ({} where a stop request (SIGTERM) ended the pre-training early)."""
     cfg = p.configs[0][0]
     settings = replace(p.settings, img_size=cfg.img_size)
     train_urls, val_urls = _eval_urls(p)
     steps = [min(c.epochs * (samples_per_epoch(c) // c.batch_size), c.max_steps or math.inf)
              for c, _ in p.configs]
-    pretrain(p.configs, Progress(steps))
+    if not pretrain(p.configs, Progress(steps)):
+        return {}
 
     encoders = {RANDOM: _random_encoder(cfg)}
     for name in ROW_ORDER:

@@ -17,6 +17,8 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, model_validator
 
+from lgp_ds.dist import launched_world_size
+
 RECIPES_DIR = os.path.join(os.path.dirname(__file__), "recipes")
 
 # The pre-training methods (lgp_ds.methods); each recipe names one.
@@ -47,6 +49,10 @@ class Config(BaseModel):
     drop_path: Rate = 0.0
     fused_attn: StrictBool = True
     grad_ckpt: StrictBool = False
+    # regional torch.compile of the transformer blocks (models.vit.compile_blocks) with this
+    # backend; aot_eager traces the blocks without generating code (debugging, CPU tests)
+    compile_blocks: StrictBool = False
+    compile_backend: Literal["inductor", "aot_eager"] = "inductor"
     sincos_pos_embed: StrictBool = True
     frozen_patch_embed: StrictBool = True
     proj_dim: Positive = 256  # MoCo projector/predictor output; VICReg expander output
@@ -135,6 +141,14 @@ class Config(BaseModel):
     log_every: Positive = 10
     save_every: Positive = 1000
     resume: str | None = None  # "auto": newest complete checkpoint in output_dir; or a folder
+    # faults (lgp_ds.engine.faults)
+    keep_checkpoints: NonNegative = 0  # keep the newest k complete checkpoints; 0: keep all
+    # optimizer steps in a row whose loss (or, bf16, gradient) is not finite: each is skipped,
+    # one more stops the run
+    max_nonfinite_steps: NonNegative = 10
+    # seconds a collective may wait for the slowest rank before the run stops with an error; it
+    # must cover the slowest checkpoint write and evaluation (rank 0 writes alone meanwhile)
+    collective_timeout_s: Annotated[float, Field(gt=0)] = 1800.0
 
     def to_dict(self) -> dict:
         return self.model_dump()
@@ -354,8 +368,14 @@ def load_config(recipe: str | None, overrides: list[str]) -> Config:
 # key defines the run: a resume that changes one is refused.
 MAY_CHANGE_ON_RESUME = frozenset({"output_dir", "max_steps", "log_every", "save_every",
                                   "init", "data", "num_workers", "max_corrupt_run", "grad_ckpt",
-                                  "fused_attn", "val_data", "eval_every", "knn_every", "knn_k",
-                                  "knn_t", "knn_train_data", "knn_val_data"})
+                                  "fused_attn", "compile_blocks", "compile_backend", "val_data",
+                                  "eval_every", "knn_every", "knn_k", "knn_t", "knn_train_data", "knn_val_data",
+                                  "keep_checkpoints", "max_nonfinite_steps",
+                                  "collective_timeout_s"})
+# run_identity keys a resume on another world size may change besides: the accumulation (where
+# the DeepSpeed config states another, so that world size x accumulation divides the global
+# batch, which stays). The world size and micro-batch are no part of a run's identity.
+MAY_CHANGE_WITH_WORLD_SIZE = frozenset({"deepspeed.gradient_accumulation_steps"})
 
 
 # DeepSpeed keys that the recipe owns: stating them in the DeepSpeed config is refused.
@@ -445,13 +465,20 @@ def resolve_ds_config(ds: dict, cfg: Config, world_size: int) -> dict:
     if total is not None and total != cfg.batch_size:
         raise ValueError(f"batch_size={cfg.batch_size} disagrees with the DeepSpeed config's "
                          f"train_batch_size={total}; set it in one place only")
+    # The global batch wins on every world size (a resume on another included): the
+    # micro-batch follows from it, and a stated one that no longer fits is refused.
     if cfg.batch_size % (world_size * gas):
         raise ValueError(f"batch_size={cfg.batch_size} is not divisible by world size {world_size} "
-                         f"x gradient_accumulation_steps {gas}")
+                         f"x gradient_accumulation_steps {gas}; the global batch is kept on every "
+                         f"world size: use one that divides it, or set gradient_accumulation_steps "
+                         f"in the DeepSpeed config so that world size x accumulation does")
     if micro is not None and micro * world_size * gas != cfg.batch_size:
         raise ValueError(f"batch_size={cfg.batch_size} disagrees with the DeepSpeed config's "
                          f"train_micro_batch_size_per_gpu={micro} x world size {world_size} x "
-                         f"gradient_accumulation_steps {gas}")
+                         f"gradient_accumulation_steps {gas}; the global batch wins: remove "
+                         f"train_micro_batch_size_per_gpu (it follows: "
+                         f"{cfg.batch_size // (world_size * gas)} here), or set "
+                         f"gradient_accumulation_steps so that they agree")
     per_rank = cfg.batch_size // (world_size * gas)
     if cfg.method == "finetune" and (cfg.mixup > 0 or cfg.cutmix > 0) and per_rank % 2:
         raise ValueError(f"mixup={cfg.mixup} / cutmix={cfg.cutmix}: timm's Mixup mixes each image "
@@ -477,4 +504,4 @@ def load_run_config(recipe: str | None, overrides: list[str], ds_config_path: st
             ds = json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"--deepspeed_config {ds_config_path}: not valid JSON: {e}") from e
-    return cfg, resolve_ds_config(ds, cfg, int(os.environ.get("WORLD_SIZE", 1)))
+    return cfg, resolve_ds_config(ds, cfg, launched_world_size())

@@ -4,6 +4,7 @@ Everything here works with and without an initialised process group (world size 
 gloo as well as NCCL: the multi-rank tests run on CPUs.
 """
 import contextlib
+import importlib.util
 import os
 
 import torch
@@ -206,20 +207,64 @@ def print_main(*args) -> None:
         print(*args, flush=True)
 
 
-def init_process_group() -> None:
+def init_process_group(timeout_s: float | None = None) -> None:
     """Join the world the launcher describes in the environment (gloo on CPUs, else NCCL).
 
     Without a launcher (``python launch/graft.py``) the world is this one process.
+    ``timeout_s``: how long any collective waits for the other ranks before it fails (None:
+    DeepSpeed's default, 10 minutes or ``$DEEPSPEED_TIMEOUT`` minutes). gloo raises an error on
+    the waiting ranks; NCCL's watchdog aborts the process (``TORCH_NCCL_ASYNC_ERROR_HANDLING``,
+    default 3: log the timed-out collective and end the process), so on GPUs too every survivor
+    ends, and the launcher then ends the rest.
     """
+    from datetime import timedelta
+
     import deepspeed
     from deepspeed.accelerator import get_accelerator
-    if "RANK" not in os.environ:
+    if "RANK" not in os.environ and not _started_by_mpi():
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
     cpu = get_accelerator().device_name() == "cpu"
-    deepspeed.init_distributed(dist_backend="gloo" if cpu else None)
+    timeout = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}
+    deepspeed.init_distributed(dist_backend="gloo" if cpu else None, **timeout)
     if cpu:
         _unlink_shm_buffer()
+
+
+# Set where the launcher starts every rank itself and sets no RANK or WORLD_SIZE (deepspeed
+# --launcher openmpi / mvapich / mpich / impi through MPI, slurm through srun): DeepSpeed then
+# finds the world through mpi4py (its mpi_discovery).
+MPI_WORLD_SIZE = ("OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "PMI_SIZE",
+                  "SLURM_STEP_NUM_TASKS")
+
+
+def _mpi_world_size_variable() -> str | None:
+    """The variable of :data:`MPI_WORLD_SIZE` an MPI (or srun) start of several processes set,
+    where no RANK is set (one task, as ``srun python ...`` gives, is a one-process run)."""
+    if "RANK" in os.environ:
+        return None
+    return next((n for n in MPI_WORLD_SIZE if int(os.environ.get(n, "1")) > 1), None)
+
+
+def launched_world_size() -> int:
+    """The world size the launcher describes, known before the process group exists (the batch
+    split is resolved from it): ``WORLD_SIZE`` (deepspeed's and torchrun's launchers), else the
+    MPI launcher's, else 1."""
+    name = "WORLD_SIZE" if "WORLD_SIZE" in os.environ else _mpi_world_size_variable()
+    return int(os.environ[name]) if name else 1
+
+
+def _started_by_mpi() -> bool:
+    """Whether an MPI launcher (or srun) started this process: then it has no RANK, and DeepSpeed
+    finds the world through mpi4py rather than this being a one-process run."""
+    name = _mpi_world_size_variable()
+    if name is None:
+        return False
+    if importlib.util.find_spec("mpi4py") is None:
+        raise RuntimeError(f"started by an MPI launcher ({name}={os.environ[name]}), which sets no "
+                           f"RANK: DeepSpeed finds the ranks through mpi4py, which is not "
+                           f"installed: pip install mpi4py")
+    return True
 
 
 def _unlink_shm_buffer() -> None:

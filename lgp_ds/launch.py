@@ -14,6 +14,7 @@ from lgp_ds.cli import errors_as_one_line
 from lgp_ds.config import load_run_config
 from lgp_ds.data.shards import DataError
 from lgp_ds.dist import init_process_group
+from lgp_ds.engine.faults import CollectiveError, NonFiniteError, collective_errors
 from lgp_ds.engine.trainer import Trainer
 from lgp_ds.eval.monitor import KNNMonitor
 from lgp_ds.methods import build_method
@@ -46,8 +47,10 @@ def main(argv=None, description: str = __doc__) -> None:
     with errors_as_one_line(ranks_started=False):
         overrides = args.overrides + ([f"output_dir={args.output_dir}"] if args.output_dir else [])
         cfg, ds_config = load_run_config(args.config, overrides, args.deepspeed_config)
-    init_process_group()
+    init_process_group(cfg.collective_timeout_s)
     with errors_as_one_line():  # data, init weights and the resume checkpoint are checked here
         trainer = build_trainer(cfg, ds_config)
-    with errors_as_one_line((DataError,)):  # shards that turn out hopeless while training
+    # shards that turn out hopeless while training, a diverged run, a dead or hung rank
+    with errors_as_one_line((DataError, NonFiniteError, CollectiveError)), \
+            collective_errors(cfg.collective_timeout_s):
         trainer.fit()

@@ -32,7 +32,9 @@ def tiny_config(**overrides):
 OPTIONS = {"": ({}, {}),
            "fp32reduce": ({}, {"communication_data_type": "fp32"}),
            "fp32accum": ({}, {"data_types": {"grad_accum_dtype": "fp32"}}),
-           "fused_adam": ({"optimizer": "fused_adam"}, {})}
+           "fused_adam": ({"optimizer": "fused_adam"}, {}),
+           # regional compile, traced without code generation (inductor needs minutes on a CPU)
+           "compiled": ({"compile_blocks": True, "compile_backend": "aot_eager"}, {})}
 
 
 def ds_config(cfg, stage: int, bf16: bool, option: str = "") -> dict:
@@ -97,6 +99,8 @@ def train_job(configs, batches, out_dir):
             "momentum": trainer.momentum.state_dict(),
             "momentum_numel": momentum_partition_numel(trainer),
             "lrs": lrs, "losses": losses,
+            "block_class": type(trainer.engine.module.base_encoder.blocks[0]).__name__,
+            "graphs_compiled": torch._dynamo.utils.counters["stats"]["unique_graphs"],
         }
     return results
 
@@ -321,7 +325,17 @@ def resave_crash_job(out_dir):
         trainer.save()
     except RuntimeError:
         pass
-    return checkpoint.find_checkpoint("auto", ckpts)
+    found = checkpoint.find_checkpoint("auto", ckpts)
+    # What a crash of a larger world leaves: an incomplete step 4 with a shard of a rank this
+    # world lacks. Saving step 4 for real must not keep it (it would break a later conversion).
+    stale = os.path.join(ckpts, "step00000004", "zero_pp_rank_7_mp_rank_00_optim_states.pt")
+    if dist.is_main():
+        os.makedirs(os.path.dirname(stale), exist_ok=True)
+        open(stale, "w").close()
+    dist.barrier()
+    del trainer.engine.save_checkpoint  # DeepSpeed's own again
+    trainer.save()
+    return found, os.path.exists(stale), checkpoint.is_complete(ckpts, "step00000004")
 
 
 class _Evaluation:

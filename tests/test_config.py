@@ -3,8 +3,8 @@ import os
 
 import pytest
 
-from lgp_ds.config import (RECIPES_DIR, build_config, load_config, parse_overrides,
-                           resolve_ds_config)
+from lgp_ds.config import (RECIPES_DIR, build_config, load_config, load_run_config,
+                           parse_overrides, resolve_ds_config)
 
 
 RECIPES = sorted(f[:-5] for f in os.listdir(RECIPES_DIR) if f.endswith(".yaml"))
@@ -116,3 +116,22 @@ def test_batch_size_has_one_source_of_truth():
 def test_deepspeed_config_conflicts(ds, world, message):
     with pytest.raises(ValueError, match=message):
         resolve_ds_config(ds, build_config({"batch_size": 256}), world)
+
+
+@pytest.mark.parametrize("env,micro", [({}, 16), ({"WORLD_SIZE": "2"}, 8),
+                                       ({"OMPI_COMM_WORLD_SIZE": "4"}, 4),
+                                       ({"SLURM_STEP_NUM_TASKS": "2"}, 8),
+                                       ({"SLURM_STEP_NUM_TASKS": "1"}, 16)])
+def test_the_batch_splits_over_the_world_the_launcher_describes(monkeypatch, env, micro):
+    """deepspeed's launcher sets WORLD_SIZE; its MPI and slurm launchers start every rank
+    themselves and set only their own variables (DeepSpeed finds the ranks through mpi4py
+    later), yet the batch must split over all of them from the start."""
+    for name in ("RANK", "WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "PMI_SIZE",
+                 "SLURM_STEP_NUM_TASKS"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    _, ds = load_run_config(None, ["batch_size=16"], os.path.join(root, "ds_configs",
+                                                                  "cpu_demo.json"))
+    assert ds["train_micro_batch_size_per_gpu"] == micro

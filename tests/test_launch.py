@@ -55,7 +55,6 @@ def test_deepspeed_launcher_runs_the_embedded_default(tmp_path):
     for extra, message in (
             ([], f"output_dir={out} already holds a run (metrics.jsonl, checkpoints/): continue "
                  f"it with resume=auto, or give a new output_dir"),
-            (["resume=auto"], "was written by 2 ranks and this run has 1"),
             ([f"resume={ckpts / 'step00000009'}"], "incomplete checkpoint"),
             ([f"resume={tmp_path / 'other' / 'checkpoints'}"],
              "is another run's checkpoint: continuing it here would mix the two runs' records")):
@@ -133,21 +132,3 @@ def test_data_without_images_stops_with_one_error_line(tmp_path):
     assert last.startswith("error on rank 0: 5 samples in a row could not be used"), last
     assert "has no image (keys found: ['cls', 'txt']" in last and "t-0.tar" in last, last
 
-
-def test_two_nodes_with_a_hostfile(tmp_path):
-    """A 2-node world on one machine: one launcher per node, as on a cluster without ssh."""
-    hostfile = tmp_path / "hostfile"
-    hostfile.write_text("nodeA slots=1\nnodeB slots=1\n")
-    out, port = tmp_path / "run", free_port()
-    env = dict(os.environ, LGP_DS_CACHE=str(tmp_path / "cache"))
-    procs = [subprocess.Popen(
-        ["deepspeed", "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node),
-         "--master_addr", "127.0.0.1", "--master_port", str(port), "launch/graft.py",
-         "--deepspeed_config", "ds_configs/cpu_demo.json", "--output_dir", str(out)] + TINY,
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for node in (1, 0)]
-    logs = [p.communicate(timeout=600)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), logs[1][-3000:] + logs[0][-3000:]
-    ds_config = json.loads((out / "ds_config.json").read_text())
-    assert ds_config["train_micro_batch_size_per_gpu"] == 8  # 16 over a world of 2
-    assert (out / "checkpoints" / "step00000004" / "lgp_ds_complete").exists()

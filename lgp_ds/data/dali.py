@@ -190,15 +190,19 @@ class DaliTrainData:
         batch are the trainer's), and the shards it reads."""
         return {"dali": self._state(), "shards": self.shard_set}
 
-    def resume(self, state: dict | None, epoch: int, batches: int) -> None:
+    def resume(self, state: dict | None, epoch: int, batches: int,
+               lost: str | None = None) -> None:
         """Continue at batch ``batches`` of ``epoch`` from ``state`` (:meth:`state_dict` of the
-        run that saved the checkpoint at that batch; None where it recorded none). With
+        run that saved the checkpoint at that batch; None where it recorded none, or where
+        ``lost`` says why it does not apply: another world size). With
         other shards the rest of the epoch comes from the head of its stream, with a
         note, as :meth:`TrainData.resume <lgp_ds.data.pipeline.TrainData.resume>` does."""
         self.epoch, self.taken, self.pipe, self.restore = epoch, batches, None, None
         if batches == 0:  # at an epoch's start, whatever the layout
             return
-        if state is None or state.get("dali") is None:
+        if lost is not None:
+            why = lost
+        elif state is None or state.get("dali") is None:
             why = "the checkpoint records no DALI pipeline state"
         elif state["shards"] != self.shard_set:
             why = other_shards(self.shard_set, state["shards"])

@@ -13,7 +13,7 @@ from functools import partial
 import torch
 import webdataset as wds
 
-from .shards import DataError, _describe, _image_and_label
+from .shards import DataError, _describe, _image_and_label, ignore_stop_signal
 
 SHARD_STRIDE = 2 ** 32
 
@@ -60,7 +60,7 @@ def ordered_batches(urls: list[str], transform, batch_size: int, rank: int, worl
         wds.batched(batch_size, partial=True),
     )
     loader = wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers,
-                           persistent_workers=False)
+                           persistent_workers=False, worker_init_fn=ignore_stop_signal)
     for index, images, labels, keys in loader:
         batch = torch.as_tensor(index, dtype=torch.int64), images, torch.as_tensor(labels)
         yield (*batch, list(keys)) if with_keys else batch

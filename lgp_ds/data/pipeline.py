@@ -95,9 +95,11 @@ class TrainData:
         epoch so far (the epoch and batch are the trainer's), and the shards they read."""
         return {"samples": list(self.position.samples), "shards": self.shard_set}
 
-    def resume(self, state: dict | None, epoch: int, batches: int) -> None:
+    def resume(self, state: dict | None, epoch: int, batches: int,
+               lost: str | None = None) -> None:
         """Continue at batch ``batches`` of ``epoch`` from ``state`` (:meth:`state_dict` of the
-        run that saved the checkpoint at that batch; None where it recorded none).
+        run that saved the checkpoint at that batch; None where it recorded none, or where
+        ``lost`` says why it does not apply: another world size).
 
         Readers of another layout cannot continue it (another ``num_workers`` deals the shards
         to other readers; other shards, or the same in another order or rewritten): the rest of the epoch then comes
@@ -108,7 +110,9 @@ class TrainData:
         self.epoch, self.position = epoch, StreamPosition.head(self.readers, batches)
         if batches == 0:  # at an epoch's start, whatever the layout
             return
-        if state is None:
+        if lost is not None:
+            why = lost
+        elif state is None:
             why = "the checkpoint records no data position"
         elif len(state["samples"]) != self.readers:
             why = (f"num_workers gives {self.readers} reader(s) per rank, the run that saved it "

@@ -27,6 +27,8 @@ import itertools
 import logging
 import os
 import random
+import signal
+import threading
 from dataclasses import dataclass
 from functools import partial
 
@@ -354,9 +356,27 @@ def train_batches(urls: list[str], transform, batch_per_rank: int, steps: int, r
     # than from this process's global RNG (the views are seeded per sample, not from that seed).
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=num_workers,
                                          generator=torch.Generator(),
+                                         worker_init_fn=ignore_stop_signal,
                                          prefetch_factor=4 if num_workers else None)
     return _advancing(itertools.islice(loader, steps - position.batches), position,
                       batch_per_rank)
+
+
+def ignore_stop_signal(worker_id: int) -> None:
+    """DataLoader workers outlive a SIGTERM from outside: the launchers (DeepSpeed's, SLURM's)
+    signal the whole process tree, and a worker that died of it would crash its rank before the
+    rank's handler (:mod:`lgp_ds.engine.faults`) stops the run with a checkpoint. A SIGTERM from
+    the worker's own rank (multiprocessing ending its workers, at exit too) still ends it, as
+    before: the signal is blocked and a thread takes it, looking at who sent it."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    threading.Thread(target=_end_on_sigterm_from, args=(os.getppid(),), daemon=True).start()
+
+
+def _end_on_sigterm_from(parent: int) -> None:
+    while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
+        pass
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # default action: the process ends
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _advancing(batches, position: StreamPosition, batch_per_rank: int):

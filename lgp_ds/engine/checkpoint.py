@@ -6,15 +6,22 @@ rank writes, all ranks meet at a barrier, and only then does rank 0 put a comple
 the tag folder and atomically replace ``latest``. Resuming accepts marked checkpoints only.
 
 The marker records the world size and what defines the run (:func:`lgp_ds.config.run_identity`),
-so a resume that cannot continue the same run (another world size, batch size, schedule,
-accumulation or MIM weights) is refused, with the reason, before DeepSpeed reads anything.
+so a resume that cannot continue the same run (another batch size, schedule, accumulation or MIM
+weights) is refused, with the reason, before DeepSpeed reads anything. A resume on another world
+size keeps the global batch (the micro-batch, or the accumulation the DeepSpeed config states,
+changes) and loads the ZeRO shards through a universal checkpoint (:mod:`.universal`), converted
+once by rank 0.
 """
+import glob
 import json
 import os
 import re
+import shutil
 
 from lgp_ds import dist
-from lgp_ds.config import MAY_CHANGE_ON_RESUME
+from lgp_ds.config import MAY_CHANGE_ON_RESUME, MAY_CHANGE_WITH_WORLD_SIZE
+
+from . import universal
 
 COMPLETE_MARKER = "lgp_ds_complete"
 LATEST = "latest"
@@ -31,17 +38,20 @@ def write_atomic(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save(engine, save_dir: str, step: int, client_state: dict, run: dict) -> str:
+def save(engine, save_dir: str, step: int, client_state: dict, run: dict, keep: int = 0) -> str:
     """Collective: save ``engine`` and ``client_state`` as tag ``step{step:08d}``; return the tag.
 
-    ``run`` (:func:`lgp_ds.config.run_identity`) goes into the completion marker.
+    ``run`` (:func:`lgp_ds.config.run_identity`) goes into the completion marker. ``keep`` > 0:
+    then only the newest ``keep`` complete checkpoints stay (:func:`prune`).
     """
     tag = f"step{step:08d}"
     marker = os.path.join(save_dir, tag, COMPLETE_MARKER)
-    if dist.is_main() and os.path.exists(marker):
-        # The tag exists from before a resume to an earlier step: it is being overwritten, and a
-        # crash halfway must not leave old and new shards under the old marker.
-        os.remove(marker)
+    if dist.is_main() and os.path.isdir(os.path.join(save_dir, tag)):
+        # The tag exists from before a resume to an earlier step (complete, or cut short by a
+        # crash): it is being overwritten. A crash halfway must not leave old and new shards
+        # under the old marker, and none of its files may outlive the save: shards of ranks this
+        # world size lacks would make its next conversion for another world size fail.
+        _remove(save_dir, tag)
     dist.barrier()
     engine.save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=False)
     dist.barrier()  # every rank's shards are on disk
@@ -49,8 +59,41 @@ def save(engine, save_dir: str, step: int, client_state: dict, run: dict) -> str
         record = {"step": step, "world_size": dist.get_world_size(), "run": run}
         write_atomic(marker, json.dumps(record) + "\n")
         write_atomic(os.path.join(save_dir, LATEST), tag)
+        if keep:
+            prune(save_dir, tag, keep)
     dist.barrier()
     return tag
+
+
+def prune(save_dir: str, newest: str, keep: int) -> list[str]:
+    """Delete the checkpoints older than the complete one ``newest`` beyond the ``keep`` newest
+    complete ones (``newest`` included), and every incomplete one older than ``newest``; return
+    the deleted tags. Tags of later steps (left by a resume from an earlier checkpoint) stay.
+
+    A checkpoint loses its completion marker before its files (:func:`_remove`): a delete cut
+    short leaves an incomplete folder, which no resume takes and the next prune removes.
+    """
+    if keep < 1 or not is_complete(save_dir, newest):
+        raise ValueError(f"prune: keep={keep} must be >= 1 and {newest} complete")
+    limit = int(_TAG.match(newest).group(1))
+    older = sorted(((int(m.group(1)), t) for t in os.listdir(save_dir)
+                    if (m := _TAG.match(t)) and int(m.group(1)) < limit), reverse=True)
+    kept_complete = [t for _, t in older if is_complete(save_dir, t)][:keep - 1]
+    doomed = [t for _, t in older if t not in kept_complete]
+    for tag in doomed:
+        _remove(save_dir, tag)
+    return doomed
+
+
+def _remove(save_dir: str, tag: str) -> None:
+    """Delete checkpoint ``tag``, its completion marker first (a delete cut short leaves an
+    incomplete folder), and what a conversion of it that died left beside it."""
+    marker = os.path.join(save_dir, tag, COMPLETE_MARKER)
+    if os.path.exists(marker):
+        os.remove(marker)
+    shutil.rmtree(os.path.join(save_dir, tag), ignore_errors=True)
+    for stale in universal.leftovers(save_dir, tag):
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def is_complete(save_dir: str, tag: str) -> bool:
@@ -110,35 +153,52 @@ def read_marker(save_dir: str, tag: str) -> dict:
                      f"and run)")
 
 
+_ACCUMULATION = "deepspeed.gradient_accumulation_steps"
+
+
 def check_resumable(save_dir: str, tag: str, run: dict) -> list[str]:
     """Refuse (ValueError) a checkpoint this run cannot continue; return the allowed changes.
 
-    The world size must be the one that wrote it (ZeRO shards load only there), and every key of
-    ``run`` (:func:`lgp_ds.config.run_identity`) outside ``MAY_CHANGE_ON_RESUME`` must be
-    unchanged: another batch size, schedule, accumulation or model would continue with a wrong
-    LR and data position without a word. Returns the changed keys that are allowed, as
+    Every key of ``run`` (:func:`lgp_ds.config.run_identity`) outside ``MAY_CHANGE_ON_RESUME``
+    must be unchanged: another batch size, schedule, accumulation or model would continue with a
+    wrong LR and data position without a word. On another world size the global batch is kept
+    and the accumulation may change (:data:`MAY_CHANGE_WITH_WORLD_SIZE`); the first line
+    returned then says how the batch is split. Returns the changed keys that are allowed, as
     ``"key: old -> new"`` lines.
     """
     where = os.path.join(save_dir, tag)
     marker = read_marker(save_dir, tag)
-    if marker["world_size"] != dist.get_world_size():
-        raise ValueError(f"{where} was written by {marker['world_size']} ranks and this run has "
-                         f"{dist.get_world_size()}: ZeRO shards only load on the world size that "
-                         f"wrote them. Resume with {marker['world_size']} ranks, or convert the "
-                         f"weights (tools/convert_ckpt.py) and start from them with init=")
     saved = marker["run"]
     changed = {k: (saved[k], v) for k, v in run.items() if k in saved and saved[k] != v}
+    world = (marker["world_size"], dist.get_world_size())
+    allowed = set(MAY_CHANGE_ON_RESUME)
     # Runs saved before the init= weights' digest defined every run recorded it only with the
     # MIM anchor on (None otherwise): nothing to compare, so such a run continues.
-    unrecorded = {"init_digest"} if saved.get("init_digest") is None else set()
-    refused = [f"{k}={old!r} -> {new!r}" for k, (old, new) in changed.items()
-               if k not in MAY_CHANGE_ON_RESUME | unrecorded]
+    if saved.get("init_digest") is None:
+        allowed.add("init_digest")
+    lines = []
+    if world[0] != world[1]:
+        allowed |= MAY_CHANGE_WITH_WORLD_SIZE
+        batch, gas = run["batch_size"], (saved.get(_ACCUMULATION, 1), run[_ACCUMULATION])
+        lines.append(f"world size {world[0]} -> {world[1]}: global batch {batch} kept, "
+                     f"micro-batch {batch // (world[0] * gas[0])} -> {batch // (world[1] * gas[1])}"
+                     f", accumulation {gas[0]}" + (f" -> {gas[1]}" if gas[0] != gas[1] else ""))
+        changed.pop(_ACCUMULATION, None)
+    refused = [f"{k}={old!r} -> {new!r}" for k, (old, new) in changed.items() if k not in allowed]
     if refused:
         raise ValueError(f"{where} belongs to a run with other settings ({', '.join(refused)}): "
                          f"continuing it would silently change its LR schedule, data position or "
                          f"model. Resume with the checkpoint's values, or start a fresh run in a "
                          f"new output_dir (from converted weights with init=)")
-    return [f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items()]
+    return lines + [f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items()]
+
+
+def needs_universal(save_dir: str, tag: str) -> bool:
+    """Whether checkpoint ``tag`` cannot load on this world size as it is: written by another
+    and holding per-rank optimizer partitions (ZeRO 1-3, or the BF16 optimizer of ZeRO 0; a
+    plain ZeRO-0 optimizer saves its whole state with the model, which loads anywhere)."""
+    return (read_marker(save_dir, tag)["world_size"] != dist.get_world_size()
+            and bool(glob.glob(os.path.join(save_dir, tag, "*optim_states.pt"))))
 
 
 def _local_problem(save_dir: str, tag: str, zero_stage: int) -> str | None:
@@ -146,7 +206,10 @@ def _local_problem(save_dir: str, tag: str, zero_stage: int) -> str | None:
     folder = os.path.join(save_dir, tag)
     if not is_complete(save_dir, tag):
         return f"{folder} is missing or incomplete here"
-    if zero_stage > 0:
+    if needs_universal(save_dir, tag):
+        if not universal.is_converted(save_dir, tag):
+            return f"{universal.folder(save_dir, tag)} (converted by rank 0) is missing here"
+    elif zero_stage > 0:
         mine = f"zero_pp_rank_{dist.get_rank()}_"
         if not any(mine in f for f in os.listdir(folder)):
             return f"{folder} holds no ZeRO shard of rank {dist.get_rank()} ({mine}*)"
@@ -157,7 +220,8 @@ def choose(resume: str, save_dir: str, zero_stage: int,
            run: dict) -> tuple[tuple[str, str], list[str]] | None:
     """Collective: ((save_dir, tag), allowed config changes) every rank resumes from, or None.
 
-    Rank 0 decides (:func:`find_checkpoint`, :func:`check_resumable`): ranks that picked on
+    Rank 0 decides (:func:`find_checkpoint`, :func:`check_resumable`) and converts a checkpoint
+    of another world size (:func:`universal.convert`, once): ranks that picked on
     their own could choose different tags (node-local storage, a stale NFS cache) and then hang
     or diverge. Every rank checks that it can read rank 0's choice. Whatever is wrong raises
     ValueError on every rank alike, naming the ranks and the reason, instead of some hanging.
@@ -169,6 +233,13 @@ def choose(resume: str, save_dir: str, zero_stage: int,
             choice = ("ok", found and (found, check_resumable(*found, run)))
         except ValueError as e:
             choice = ("error", str(e))
+        if choice[0] == "ok" and choice[1] and needs_universal(*found):
+            try:
+                universal.convert(*found, read_marker(*found)["world_size"])
+            except Exception as e:  # DeepSpeed's converter fails with errors of any type
+                choice = ("error", f"{os.path.join(*found)}: converting it to a universal "
+                                   f"checkpoint for another world size failed: "
+                                   f"{type(e).__name__}: {e}")
     status, chosen = dist.broadcast_object(choice)
     if status == "error":
         raise ValueError(chosen)
@@ -183,7 +254,11 @@ def choose(resume: str, save_dir: str, zero_stage: int,
 
 
 def load(engine, save_dir: str, tag: str) -> dict:
-    """Collective: restore ``engine`` (weights, optimizer, LR schedule); return the client state."""
+    """Collective: restore ``engine`` (weights, optimizer, LR schedule); return the client state.
+
+    A checkpoint of another world size loads from its universal form (:func:`choose` made it)."""
+    if needs_universal(save_dir, tag):
+        return universal.load(engine, save_dir, tag)
     path, client_state = engine.load_checkpoint(save_dir, tag=tag, load_optimizer_states=True,
                                                 load_lr_scheduler_states=True)
     if path is None:

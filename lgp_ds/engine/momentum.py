@@ -4,8 +4,13 @@ It lives outside the training engine because DeepSpeed casts every parameter of 
 bf16/fp16, where an EMA with m >= 0.99 rounds its updates away. The EMA reads the base encoder's
 fp32 master weights (:mod:`lgp_ds.engine.master`) after each step that DeepSpeed applied:
 
-- ZeRO 0-2: the momentum encoder is whole on every rank. Each rank updates the slices whose
-  master it owns; one all-reduce of the (disjoint) updates brings every rank the same result.
+- ZeRO 0 with whole masters: the momentum encoder is whole on every rank; each rank updates it
+  from its own masters, identically.
+- ZeRO 1/2 (ZeRO 1 in bf16 with fp32 gradients runs DeepSpeed's BF16 optimizer): the momentum
+  encoder is whole on every rank, its fp32 weights laid out like the optimizer's flat param
+  groups (:meth:`bind`). Each rank updates its partition of each group from its fp32 master
+  partition (two foreach ops for the whole model) and one fp32 all-gather per group brings
+  every rank the rest: exact, and half the traffic of all-reducing an update of the encoder.
 - ZeRO 3: the momentum encoder is partitioned like the base encoder (a ZeRO-3 engine without an
   optimizer, same shapes hence the same sharding). Each rank updates its own partition from its
   own master partition: no communication, no gathering of the whole model.
@@ -14,6 +19,7 @@ import contextlib
 import copy
 
 import deepspeed
+import deepspeed.comm as ds_comm
 import torch
 import torch.nn as nn
 from deepspeed.accelerator import get_accelerator
@@ -44,10 +50,7 @@ class MomentumEncoder:
             self.module = module.to(get_accelerator().current_device_name())
             self._forward = self.module
         self.params = dict(self.module.named_parameters())
-        self._offsets, self._numel = {}, 0  # each parameter's place in the flat update buffer
-        for name, p in self.params.items():
-            self._offsets[name], self._numel = self._numel, self._numel + p.numel()
-        self._delta = None  # allocated on the first sharded update
+        self._optimizer, self._flats = None, []  # ZeRO 1/2: set by bind()
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -70,17 +73,42 @@ class MomentumEncoder:
             for s in slices:
                 self.params[s.name[len(self.prefix):]].view(-1).mul_(m).add_(s.weight, alpha=1 - m)
             return
-        if self._delta is None:
-            self._delta = torch.zeros(self._numel, device=next(iter(self.params.values())).device)
-        offsets, delta = self._offsets, self._delta.zero_()
-        for s in slices:
-            name = s.name[len(self.prefix):]
-            k = self.params[name].view(-1).narrow(0, s.start, s.numel)
-            start = offsets[name] + s.start
-            delta[start:start + s.numel] = (s.weight - k) * (1 - m)
-        dist.all_reduce_sum(delta)  # each element has exactly one owner: the sum is exact
-        for name, p in self.params.items():
-            p.view(-1).add_(delta[offsets[name]:offsets[name] + p.numel()])
+        if self._optimizer is None:
+            raise RuntimeError("MomentumEncoder.bind(optimizer, named_params) was not called")
+        masters = _master_partitions(self._optimizer)
+        parts = [_own_partition(flat) for _, flat in self._flats]
+        torch._foreach_mul_(parts, m)
+        torch._foreach_add_(parts, [masters[g] for g, _ in self._flats], alpha=1 - m)
+        if dist.get_world_size() > 1:
+            for (_, flat), part in zip(self._flats, parts):
+                ds_comm.all_gather_into_tensor(flat, part)  # in place: part is a view of flat
+
+    def bind(self, optimizer, named_params) -> None:
+        """ZeRO 1/2: lay the momentum weights out like ``optimizer``'s flat param groups (a
+        DeepSpeed ZeRO 1/2 or BF16 optimizer; ``named_params`` the engine module's), so that each
+        rank's part of a group lines up with its fp32 master partition. A group's parameters
+        outside the base encoder (the predictor) get an EMA nobody reads; frozen parameters are
+        in no group and keep their values. Nothing to do for other stages."""
+        if not self.sharded_master:
+            return
+        self._optimizer = optimizer
+        name_of = {id(p): n for n, p in named_params}
+        lp_flats = getattr(optimizer, "bit16_groups_flat", None) or optimizer.bf16_groups_flat
+        lp_groups = getattr(optimizer, "bit16_groups", None) or optimizer.bf16_groups
+        self._flats = []
+        for g, (lp_flat, lp_params) in enumerate(zip(lp_flats, lp_groups)):
+            mine = [(p, name_of[id(p)][len(self.prefix):]) for p in lp_params
+                    if name_of[id(p)].startswith(self.prefix)]
+            if not mine:
+                continue
+            flat = torch.zeros(lp_flat.numel(), dtype=torch.float32, device=lp_flat.device)
+            for p, name in mine:
+                k = self.params[name]
+                offset = (p.data_ptr() - lp_flat.data_ptr()) // p.element_size()
+                view = flat.narrow(0, offset, p.numel())
+                view.copy_(k.detach().reshape(-1))
+                k.data = view.view_as(k)
+            self._flats.append((g, flat))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Full fp32 state on CPU (a collective under ZeRO 3: call it on every rank)."""
@@ -106,3 +134,15 @@ class MomentumEncoder:
         with torch.no_grad():
             for name, b in self.module.named_buffers():
                 b.copy_(state[name])
+
+
+def _master_partitions(optimizer) -> list[torch.Tensor]:
+    """This rank's fp32 master partition [partition numel] of each flat param group."""
+    found = getattr(optimizer, "single_partition_of_fp32_groups", None)  # ZeRO 1/2
+    return found if found is not None else optimizer.fp32_groups_flat_partition  # BF16 optimizer
+
+
+def _own_partition(flat: torch.Tensor) -> torch.Tensor:
+    """This rank's equal share of a flat group (DeepSpeed pads the group to divide evenly)."""
+    size = flat.numel() // dist.get_world_size()
+    return flat.narrow(0, dist.get_rank() * size, size)

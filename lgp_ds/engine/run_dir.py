@@ -13,6 +13,7 @@ import yaml
 from lgp_ds import dist
 
 from .checkpoint import write_atomic
+from .monitoring import monitor_events
 
 METRICS = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
@@ -76,15 +77,23 @@ def write_configs(cfg, ds_config: dict) -> None:
 
 
 class MetricsLog:
-    """``metrics.jsonl``: one JSON object per logged step, written by rank 0."""
+    """``metrics.jsonl``: one JSON object per logged step, written by rank 0; and the same
+    values to DeepSpeed's ``monitor`` (the engine's MonitorMaster: TensorBoard, W&B, CSV, Comet
+    as the DeepSpeed config enables them), where there is one."""
 
-    def __init__(self, output_dir: str):
+    def __init__(self, output_dir: str, monitor=None):
         self.path = os.path.join(output_dir, METRICS)
+        self.monitor = monitor
 
-    def append(self, record: dict) -> None:
-        if dist.is_main():
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+    def append(self, record: dict, samples: int, evaluated=()) -> None:
+        """Log ``record``, made after ``samples`` samples of training; its keys named in
+        ``evaluated`` go to the monitor as evaluations."""
+        if not dist.is_main():
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.monitor is not None and self.monitor.enabled:
+            self.monitor.write_events(monitor_events(record, samples, evaluated))
 
     def has(self, step: int) -> bool:
         """Collective: whether a record of ``step`` was logged (rank 0 reads the file)."""

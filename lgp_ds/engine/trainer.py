@@ -26,11 +26,14 @@ from lgp_ds import convert, dist
 from lgp_ds.checkpoint_file import tensor_digest
 from lgp_ds.config import Config, precision, run_identity
 from lgp_ds.data.pipeline import build_train_data, samples_per_epoch
+from lgp_ds.models.vit import compile_blocks
 
 from . import checkpoint, run_dir
 from .anchor import MIMAnchor
+from .faults import FaultGuard
 from .master import master_slices
 from .momentum import MomentumEncoder
+from .monitoring import Progress, check_monitor_packages, peak_memory_gib
 from .param_groups import freeze_lower_stages
 from .run_dir import MetricsLog
 from .schedules import lr_factor, momentum_at
@@ -97,12 +100,15 @@ class Trainer:
         if cfg.anchor_weight > 0 and cfg.init is None:
             raise ValueError(f"config key anchor_weight={cfg.anchor_weight} needs init= (the MIM "
                              f"weights to stay close to)")
+        check_monitor_packages(ds_config)
         self.cfg, self.method = cfg, method
         self.device = get_accelerator().current_device_name()
         run_dir.prepare(cfg)
         self.metrics = MetricsLog(cfg.output_dir)
         torch.manual_seed(cfg.seed)  # same initial weights on every rank
         model = method.build_model()
+        if cfg.compile_blocks:  # before the momentum encoder copies it: the copy runs compiled too
+            compile_blocks(model, cfg.compile_backend)
         prefix = method.encoder_prefix
         self.depth = len(method.encoder(model).blocks)
         anchor_blocks = cfg.anchor_blocks if cfg.anchor_blocks is not None else self.depth // 2
@@ -164,9 +170,12 @@ class Trainer:
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=build_optimizer(cfg, groups), config=ds_config,
             lr_scheduler=lambda opt: LambdaLR(opt, schedule))
+        self.metrics.monitor = self.engine.monitor  # the DeepSpeed config's monitors get each record
         # This rank's fp32 master slices: live views into DeepSpeed's buffers, found once (and
         # again after a checkpoint load) rather than on every step.
         self.slices = self._find_slices()
+        if self.momentum is not None:  # ZeRO 1/2: its layout follows the optimizer's groups
+            self.momentum.bind(self.engine.optimizer, self.engine.module.named_parameters())
         # Under bf16/fp16 DeepSpeed builds the masters from the rounded module; without this the
         # base encoder would start off the MIM weights (and off the momentum encoder).
         for s in self.slices if exact else ():
@@ -182,6 +191,7 @@ class Trainer:
         del mim_state
 
         self.step = 0  # optimizer steps applied or skipped (engine.global_steps)
+        self.stopped = False  # fit() ended early on a stop request (SIGTERM), with a checkpoint
         self.step_logged = True  # False: resumed at a step whose record was never logged
         self.fit_began = (time.perf_counter(), 0)  # (time, step) where fit() began
         self.epoch, self.batch_in_epoch = 0, 0
@@ -189,6 +199,9 @@ class Trainer:
         # and this rank's own count since; ranks are summed only when logging or saving.
         self.corrupt_before, self.corrupt_local = 0, 0
         self.ckpt_dir = os.path.join(cfg.output_dir, run_dir.CHECKPOINTS)
+        # A stop request may take a step and a checkpoint write, each bounded by the timeout.
+        self.faults = FaultGuard(cfg.max_nonfinite_steps, 2 * cfg.collective_timeout_s,
+                                 self.device)
         if cfg.resume is not None:
             self._resume(zero_stage)
         run_dir.write_configs(cfg, ds_config)
@@ -211,10 +224,12 @@ class Trainer:
         state = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                  "data": dist.all_gather_object(position),
                  "corrupt_samples": self.corrupt_samples(), "config": self.cfg.to_dict(),
-                 "group_params": self.group_params, "frozen": self.frozen}
+                 "group_params": self.group_params, "frozen": self.frozen,
+                 "faults": self.faults.state_dict()}
         if self.momentum is not None:
             state["momentum"] = self.momentum.state_dict()
-        return checkpoint.save(self.engine, self.ckpt_dir, self.step, state, self.run)
+        return checkpoint.save(self.engine, self.ckpt_dir, self.step, state, self.run,
+                               keep=self.cfg.keep_checkpoints)
 
     def _resume(self, zero_stage: int) -> None:
         """Collective: continue from the checkpoint that ``cfg.resume`` names (rank 0 decides)."""
@@ -231,11 +246,22 @@ class Trainer:
         if self.momentum is not None:
             self.momentum.load_state_dict(state["momentum"])
         self.step, self.epoch = state["step"], state["epoch"]
-        self.batch_in_epoch = state["batch_in_epoch"]
+        # Micro-batches of the epoch done, at this run's accumulation: saved at a step's end, so
+        # the steps done in the epoch are whole on any accumulation.
+        marker = checkpoint.read_marker(*found)
+        saved_gas = marker["run"].get("deepspeed.gradient_accumulation_steps", 1)
+        self.batch_in_epoch = (state["batch_in_epoch"] // saved_gas
+                               * self.engine.gradient_accumulation_steps())
         self.corrupt_before = state["corrupt_samples"]
+        self.faults.load_state_dict(state.get("faults"))
         if self.data is not None:  # checkpoints written before positions were recorded lack them
-            positions = state.get("data") or [None] * dist.get_world_size()
-            self.data.resume(positions[dist.get_rank()], self.epoch, self.batch_in_epoch)
+            positions = state.get("data") or [None] * marker["world_size"]
+            if marker["world_size"] == dist.get_world_size():
+                self.data.resume(positions[dist.get_rank()], self.epoch, self.batch_in_epoch)
+            else:  # each rank's shards are dealt from (seed, epoch, rank, world size)
+                self.data.resume(None, self.epoch, self.batch_in_epoch, lost=(
+                    f"it was written by {marker['world_size']} ranks, whose shares of the "
+                    f"epoch's shards differ from those of {dist.get_world_size()}"))
         self.metrics.truncate(self.step)
         self.step_logged = self.metrics.has(self.step)
         dist.print_main(f"resumed from {os.path.join(*found)} at step {self.step}, "
@@ -255,19 +281,25 @@ class Trainer:
             views = self.method.device_views(views)
             loss, terms = self.method.loss(self.engine, views, self.momentum, labels)
         self.engine.backward(loss)
+        self.faults.watch(loss)
         anchor = 0.0
         boundary = self.engine.is_gradient_accumulation_boundary()
+        bad, stop = self.faults.flags() if boundary else (False, False)
         if boundary and self.anchor is not None:
             anchor = self.anchor.add_gradient(self.slices,
                                               getattr(self.engine.optimizer, "loss_scale", 1.0))
-        self.engine.step()
+        with self.faults.skip_if(bad, self.engine):
+            self.engine.step()
+        if boundary:  # fp16 loss-scale overflows are DeepSpeed's own, not counted as non-finite
+            overflow = not self.engine.was_step_applied() and self.dtype != torch.float16
+            self.faults.count(bad, overflow, self.engine.global_steps)
         m = None
         if boundary and self.momentum is not None:
             m = momentum_at(self.applied_steps(), self.total_steps, self.cfg.momentum)
             if self.engine.was_step_applied():
                 self.momentum.update(self.slices, m)
         return {"loss": loss.detach(), "terms": terms, "anchor": anchor, "momentum": m,
-                "boundary": boundary}
+                "boundary": boundary, "stop": stop}
 
     @contextlib.contextmanager
     def _forward_rng(self):
@@ -287,7 +319,15 @@ class Trainer:
             yield
 
     def fit(self) -> list[dict]:
-        """Train until ``epochs`` or ``max_steps``; return the logged records."""
+        """Train until ``epochs`` or ``max_steps``, or until SIGTERM (then with a checkpoint of
+        the step every rank stops at); return the logged records."""
+        self.faults.install()
+        try:
+            return self._fit()
+        finally:
+            self.faults.uninstall()
+
+    def _fit(self) -> list[dict]:
         cfg = self.cfg
         last_step = min(self.total_steps, cfg.max_steps or self.total_steps)
         gas = self.engine.gradient_accumulation_steps()
@@ -300,7 +340,9 @@ class Trainer:
                 records.append(self.log_evaluations(evaluations))
             self.step_logged = True
         self.fit_began = (time.perf_counter(), self.step)
-        while self.step < last_step:
+        self.progress = Progress(self.step, last_step)
+        stopped = False
+        while self.step < last_step and not stopped:
             epoch = self.epoch
             batches = self.data.batches(epoch, self.steps_per_epoch * gas, skip=self.batch_in_epoch)
             for *views, labels, skipped in batches:
@@ -311,19 +353,32 @@ class Trainer:
                 if not out["boundary"]:
                     continue
                 self.step = self.engine.global_steps
+                self.progress.update(self.step)
                 if self.batch_in_epoch == self.steps_per_epoch * gas:
                     self.epoch, self.batch_in_epoch = self.epoch + 1, 0
                 # Saved before evaluating: an evaluation that fails loses no training.
-                if self.step % cfg.save_every == 0 or self.step == last_step:
+                stopped = out["stop"]
+                # Not from inside a run of non-finite steps: resume=auto would take the newest
+                # checkpoint, that of a run that is diverging.
+                if (self.step % cfg.save_every == 0 or self.step == last_step
+                        or stopped) and self.faults.nonfinite_in_a_row == 0:
                     self.save()
                 evaluations = self.evaluate(last_step, meter)
                 if self.step % cfg.log_every == 0 or self.step == last_step or evaluations:
                     records.append(self.log(meter.pop(), out, evaluations))
-                if self.step >= last_step:
+                if self.step >= last_step or stopped:
                     break
-            if self.step < last_step and self.epoch == epoch:  # would spin on an empty epoch
+            # would spin on an empty epoch
+            if self.step < last_step and self.epoch == epoch and not stopped:
                 raise RuntimeError(f"epoch {epoch} ended at micro-batch {self.batch_in_epoch} of "
                                    f"{self.steps_per_epoch * gas} without reaching its last step")
+        self.progress.close()
+        self.stopped = stopped
+        if stopped:
+            saved = ("checkpoint saved" if self.faults.nonfinite_in_a_row == 0 else
+                     "no checkpoint of this step (its loss was not finite)")
+            dist.print_main(f"stopped at step {self.step} on request (SIGTERM), {saved} in "
+                            f"{self.ckpt_dir}: continue with resume=auto")
         return records
 
     def evaluate(self, last_step: int, meter=None) -> dict:
@@ -334,12 +389,13 @@ class Trainer:
         def due(every: int) -> bool:
             return self.step == last_step or bool(every and self.step % every == 0)
 
+        began = time.perf_counter()
         results = self.method.evaluate(self) if due(self.cfg.eval_every) else {}
         for evaluator in self.evaluators:
             if due(evaluator.every):
                 results.update(evaluator(self))
-        if meter is not None and results:
-            meter.start = time.perf_counter()
+        if meter is not None:  # the window goes on after the evaluation, as if it took no time
+            meter.start += time.perf_counter() - began
         return results
 
     def _time_left(self, last_step: int) -> str:
@@ -354,7 +410,7 @@ class Trainer:
         """The record of this step's ``evaluations`` alone (the training metrics of the step are
         lost with the process that trained it), logged by rank 0."""
         record = {"step": self.step, "epoch": self.epoch, **evaluations}
-        self.metrics.append(record)
+        self.metrics.append(record, self.engine.global_samples, evaluated=evaluations)
         dist.print_main(f"step {self.step} (evaluated after resuming) " + " ".join(
             f"{k} {v:.4g}" for k, v in evaluations.items()))
         return record
@@ -372,12 +428,14 @@ class Trainer:
         if self.momentum is not None:
             record["momentum"] = out["momentum"]
         record.update(anchor=float(out["anchor"]), skipped_steps=self.engine.skipped_steps,
+                      nonfinite_steps=self.faults.nonfinite_steps,
                       img_per_s=window["images"] * dist.get_world_size() / window["seconds"],
                       corrupt_samples=self.corrupt_samples())
         if self.dtype == torch.float16:
             record["loss_scale"] = float(self.engine.optimizer.loss_scale)
+        record["peak_mem_gib"] = peak_memory_gib(self.device)
         record.update(evaluations or {})
-        self.metrics.append(record)
+        self.metrics.append(record, self.engine.global_samples, evaluated=evaluations or {})
         if dist.is_main():
             top = self.group_names[-1].removesuffix("_no_wd")
             terms = "".join(f" {n} {record[n]:.4f}" for n in names[1:])
@@ -385,12 +443,13 @@ class Trainer:
             anchor = f" anchor {record['anchor']:.4g}" if self.anchor is not None else ""
             last_step = min(self.total_steps, self.cfg.max_steps or self.total_steps)
             eta = self._time_left(last_step)
-            print(f"step {self.step}/{last_step} "
-                  f"epoch {self.epoch} loss {record['loss']:.4f}{terms}{anchor} "
-                  f"lr[{top}] {record['lr'][self.group_names[-1]]:.3g}{m} "
-                  f"{record['img_per_s']:.1f} img/s skipped {record['skipped_steps']}"
-                  + "".join(f" {k} {v:.4g}" for k, v in (evaluations or {}).items()) + eta,
-                  flush=True)
+            self.progress.line(
+                f"step {self.step}/{last_step} "
+                f"epoch {self.epoch} loss {record['loss']:.4f}{terms}{anchor} "
+                f"lr[{top}] {record['lr'][self.group_names[-1]]:.3g}{m} "
+                f"{record['img_per_s']:.1f} img/s skipped {record['skipped_steps']} "
+                f"mem {record['peak_mem_gib']:.2f} GiB"
+                + "".join(f" {k} {v:.4g}" for k, v in (evaluations or {}).items()) + eta)
         return record
 
 

@@ -7,8 +7,9 @@ import re
 
 import timm
 import torch
+import torch.nn as nn
 from timm.layers import build_sincos2d_pos_embed
-from timm.models.vision_transformer import Attention, VisionTransformer
+from timm.models.vision_transformer import Attention, Block, VisionTransformer
 
 
 def create_vit(arch: str, img_size: int = 224, patch_size: int | None = None,
@@ -45,6 +46,36 @@ def vit_from_config(cfg, **overrides) -> VisionTransformer:
                   fused_attn=cfg.fused_attn, grad_ckpt=cfg.grad_ckpt,
                   sincos_pos_embed=cfg.sincos_pos_embed, frozen_patch_embed=cfg.frozen_patch_embed)
     return create_vit(cfg.arch, **{**kwargs, **overrides})
+
+
+_COMPILED_CLASSES: dict[tuple[type, str], type] = {}
+
+
+def compile_blocks(model: nn.Module, backend: str = "inductor") -> int:
+    """Regional compilation: every timm transformer ``Block`` of ``model`` (encoders and decoders)
+    runs a ``torch.compile``d forward; returns how many blocks.
+
+    The blocks repeat, so compiling one block's forward, reused by all, takes a fraction of the
+    time a whole-model (or whole-engine) compile takes at ViT-L/g size. The compiled forward is
+    a class attribute of a subclass each block is switched to: module hooks (ZeRO-3's parameter
+    gathers, activation checkpointing's recompute) stay outside the compiled region, copies of
+    the model (the momentum encoder is a deep copy) compile their own calls, and the state dict
+    is unchanged. Blocks that differ in a constant (their drop-path rate, with ``drop_path`` > 0)
+    compile once each, so dynamo's cache limit is raised to fit them all.
+    """
+    blocks = [m for m in model.modules() if isinstance(m, Block)]
+    for block in blocks:
+        cls = type(block)
+        if cls in _COMPILED_CLASSES.values():  # compiled already
+            continue
+        key = (cls, backend)
+        if key not in _COMPILED_CLASSES:
+            _COMPILED_CLASSES[key] = type(f"Compiled{cls.__name__}", (cls,), {
+                "forward": torch.compile(cls.forward, backend=backend)})
+        block.__class__ = _COMPILED_CLASSES[key]
+    limit = torch._dynamo.config.cache_size_limit  # a graph per block: training, no-grad, eval
+    torch._dynamo.config.cache_size_limit = max(limit, 3 * len(blocks))
+    return len(blocks)
 
 
 # Keys of an MAE pre-training model that are not part of its encoder.

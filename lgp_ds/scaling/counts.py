@@ -14,16 +14,10 @@ from lgp_ds.engine.anchor import is_anchored
 from lgp_ds.methods import build_method
 from lgp_ds.models.heads import CrossRankBatchNorm1d
 
-# The sizes the report covers: (recipe, arch that replaces the recipe's; None: its own). ViT-H and
-# ViT-g have no recipe and take ViT-L's (activation checkpointing, the MIM anchor on the
-# embeddings and blocks 0-11) with their own architecture.
-ARCHS = {"ViT-B/16": ("vit_b_graft", None),
-         "ViT-L/16": ("vit_l_graft", None),
-         "ViT-H/14": ("vit_l_graft", "vit_huge_patch14_224"),
-         "ViT-g/14": ("vit_l_graft", "vit_giant_patch14_224")}
-# The global batch of the sizes without a recipe of their own (MoCo v3 trained its large ViTs
-# with 4096), for the fixed-global-batch table.
-DEFAULT_GLOBAL_BATCH = 4096
+# The sizes the report covers, each by its grafting recipe (ViT-H and ViT-g: ViT-L's carried
+# over, stages of 8 blocks, the anchor on the lower half, batch 4096).
+ARCHS = {"ViT-B/16": "vit_b_graft", "ViT-L/16": "vit_l_graft", "ViT-H/14": "vit_h_graft",
+         "ViT-g/14": "vit_g_graft"}
 
 
 @dataclass(frozen=True)
@@ -109,9 +103,8 @@ def _forward_flops(encoder: nn.Module, tokens: int, patches: int) -> float:
 
 def count_model(name: str) -> ModelCounts:
     """Count the grafting model ``name`` (a key of :data:`ARCHS`) as its recipe builds it."""
-    recipe, arch = ARCHS[name]
-    cfg = load_config(recipe, [f"arch={arch}"] if arch else [])
-    return count_config(cfg, name, recipe, DEFAULT_GLOBAL_BATCH if arch else cfg.batch_size)
+    cfg = load_config(ARCHS[name], [])
+    return count_config(cfg, name, ARCHS[name])
 
 
 def count_config(cfg, name: str = "", recipe: str = "",

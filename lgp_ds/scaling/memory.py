@@ -9,9 +9,10 @@
   BF16_Optimizer) holds the bf16 gradients and a whole fp32 copy.
 - optimizer: fp32 masters and Adam's two moments, plus the fp32 gradient made for the step from
   bf16 ones, whole (ZeRO 0) or partitioned.
-- momentum encoder (:mod:`lgp_ds.engine.momentum`): a whole fp32 copy (ZeRO 0); today's ZeRO 1/2
-  adds an fp32 update buffer of the whole encoder; the sharded EMA keeps fp32 slices and a bf16
-  compute copy; ZeRO 3 a 1/n fp32 partition plus one gathered fp32 prefetch bucket.
+- momentum encoder (:mod:`lgp_ds.engine.momentum`): a whole fp32 copy (ZeRO 0); ZeRO 1/2 lay
+  its trained tensors out in fp32 copies of the optimizer's flat groups, which also hold the
+  predictor; the sharded EMA keeps fp32 slices and a bf16 compute copy; ZeRO 3 a 1/n fp32
+  partition plus one gathered fp32 prefetch bucket.
 - activations, rough: 34 bytes per token and width per block and view (bf16, attention in
   fused kernels that keep no token-by-token matrix: Korthikanti et al. 2022 without their
   attention-score term); with activation checkpointing each block's input (2 bytes) plus one
@@ -57,7 +58,8 @@ def memory(m: ModelCounts, setup: Setup, n: int, batch: float) -> dict[str, floa
         elif setup.sharded_ema:
             momentum = FP32 * mom / n + BF16 * mom
         else:
-            momentum = 2 * FP32 * mom  # the whole encoder and its update buffer
+            # the frozen tensors, and the flat groups (every trained tensor of the engine)
+            momentum = FP32 * (mom - m.momentum.trained + trained)
     optimizer = (OPTIMIZER_BYTES + (0 if fp32_grads else FP32)) * trained / shards
     return {"params": params, "grads": grads, "optimizer": optimizer, "momentum": momentum,
             "activations": activation_bytes(m, batch)}

@@ -27,10 +27,11 @@ One step on each rank (micro-batch ``batch``, two views, no gradient accumulatio
   that it prefetched for that use, down to one gather per step (a tiny model on 2 CPU ranks:
   one forward pass), at the price of holding the gathered tensors.
 - the momentum encoder (:mod:`lgp_ds.engine.momentum`): ZeRO 0 holds whole masters, no traffic.
-  ZeRO 1/2 today: each rank writes the EMA update of the master slices it owns into a zero
-  buffer of the whole encoder, and one fp32 all-reduce of it updates every rank's full fp32
-  copy. Sharded (the alternative being built): each rank keeps the fp32 EMA of its own slices
-  and all-gathers a bf16 compute copy of the trained tensors. ZeRO 3: the momentum encoder is a
+  ZeRO 1/2: each rank updates its partition of the optimizer's flat groups (the trained
+  tensors, predictor included) from its fp32 masters, and one fp32 all-gather per group brings
+  every rank the whole encoder. The sharded alternative (not built): each rank keeps the fp32
+  EMA of its own partition only and all-gathers a bf16 compute copy, half that traffic, at the
+  price of bf16 LayerNorm weights in the momentum encoder. ZeRO 3: the momentum encoder is a
   ZeRO-3 engine in fp32 with persistence threshold 0, so each of its two forwards (one per view)
   all-gathers all of it in fp32; its EMA needs no communication.
 - the MIM anchor (recipes with ``anchor_weight`` > 0) under ZeRO 1-3: one fp64 all-reduce of
@@ -55,6 +56,7 @@ PERSISTENCE_THRESHOLD = 100_000  # stage3_param_persistence_threshold
 PREFETCH_BUCKET = 50_000_000  # stage3_prefetch_bucket_size, also DeepSpeed's default (the
 # momentum encoder's engine)
 VIEWS = 2
+PARAM_GROUPS = 6  # a weight-decay and a no-decay group per stage, 3 stages (ZeRO 1/2 flat groups)
 
 # Compute that a collective may run under (a share of the step's compute; see timing.py)
 BACKWARD, ENGINE, MOMENTUM = "backward", "engine forward and backward", "momentum forward"
@@ -144,7 +146,8 @@ def step_comms(m: ModelCounts, setup: Setup, n: int, batch: float,
             comms.append(Comm("momentum update", "all-gather", "bf16", BF16 * m.momentum.trained,
                               _buckets(m.momentum.trained)))
         else:
-            comms.append(Comm("momentum update", "all-reduce", "fp32", FP32 * m.momentum.total, 1))
+            comms.append(Comm("momentum update", "all-gather", "fp32", FP32 * trained,
+                              PARAM_GROUPS))
     if stage == 3:
         passes = 1 + int(m.grad_ckpt)  # backward, and the recomputed forward
         backward = m.engine.over(big, trained_only=True)

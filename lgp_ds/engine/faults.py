@@ -1,0 +1,172 @@
+"""What ends a run on a cluster, and how lgp_ds makes each end cleanly.
+
+- A non-finite loss (any micro-batch, any rank) or, where DeepSpeed checks them itself (fp16;
+  bf16 with ZeRO 1-3 through ``bf16.check_grad_overflow``; ZeRO 1/2 in fp32 through the
+  gradient norm), non-finite gradients: the optimizer step is skipped on every rank alike (no
+  update, no LR step, no momentum EMA; ``skipped_steps`` as for DeepSpeed's own skips) and
+  counted (``nonfinite_steps``); no checkpoint is written while such steps run in a row (the
+  newest checkpoint, which ``resume=auto`` takes, stays one from before), and after more than
+  ``max_nonfinite_steps`` in a row the run stops with :class:`NonFiniteError`. The skipped
+  steps' forward passes still update BatchNorm running statistics (only eval mode reads them).
+  fp16 loss-scale overflows with a finite loss are DeepSpeed's own business, not counted here.
+- SIGTERM (SLURM pre-emption, ``scancel``, the deepspeed launcher ending its children): the
+  handler only sets a flag; every rank learns of it at the next optimizer step through the same
+  all-reduce, so all stop at the same step, save a checkpoint and exit with status 0.
+- A rank that dies or hangs: the others fail in their next collective (a closed connection at
+  once, a hang after ``collective_timeout_s``); :func:`collective_errors` turns that into
+  :class:`CollectiveError`, naming the collective and the timeout.
+
+Each optimizer step costs one all-reduce of two numbers and one wait for it on the host, at
+the accumulation boundary only (DeepSpeed's own step waits for the device there as well).
+"""
+import contextlib
+import os
+import signal
+import sys
+import threading
+import traceback
+
+import torch
+
+from lgp_ds import dist
+
+
+class NonFiniteError(RuntimeError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient."""
+
+
+class CollectiveError(RuntimeError):
+    """A collective failed: another rank died, hung past the timeout, or lost its connection."""
+
+
+@contextlib.contextmanager
+def collective_errors(timeout_s: float):
+    """Re-raise a lost peer or a timeout of a torch.distributed collective inside the block as
+    :class:`CollectiveError` naming the collective (gloo raises a bare RuntimeError from its
+    transport, NCCL a DistBackendError). Other errors (a bug) keep their traceback."""
+    try:
+        yield
+    except RuntimeError as e:
+        frames = [f for f in traceback.extract_tb(e.__traceback__)
+                  if f"torch{os.sep}distributed{os.sep}" in f.filename]
+        transport = isinstance(e, torch.distributed.DistError) or "gloo/transport" in str(e)
+        if not (frames and transport):
+            raise
+        where = next((f.name for f in reversed(frames) if f.name != "wrapper"), "collective")
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CollectiveError(
+            f"collective {where} failed on rank {dist.get_rank()}: another rank died, hung for "
+            f"more than collective_timeout_s={timeout_s:g} s or lost its connection (its log "
+            f"says which; continue with resume=auto): {message}") from e
+
+
+class FaultGuard:
+    """Per optimizer step: the non-finite check, the skip, and the stop request, for all ranks.
+
+    Use: :meth:`watch` each micro-batch's loss; at the accumulation boundary
+    ``bad, stop = guard.flags()`` (collective), ``with guard.skip_if(bad, engine):
+    engine.step()``, then :meth:`count`.
+    """
+
+    def __init__(self, max_nonfinite_steps: int, stop_grace_s: float, device):
+        self.max_nonfinite_steps = max_nonfinite_steps
+        self.stop_grace_s = stop_grace_s  # how long a process asked to stop may take to end
+        self.device = device
+        self.bad_loss = torch.zeros((), dtype=torch.bool, device=device)  # since the last step
+        self.nonfinite_steps = 0  # over the whole run
+        self.nonfinite_in_a_row = 0
+        self.stop_requested = False  # this process got SIGTERM
+        self._previous = None  # the SIGTERM handler before install()
+        self._deadline = None  # the timer that ends a process asked to stop that does not
+
+    # -- SIGTERM -------------------------------------------------------------------------------
+    def install(self) -> None:
+        """Catch SIGTERM until :meth:`uninstall` (Python lets the main thread only do so)."""
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+
+    def uninstall(self) -> None:
+        """Put the previous SIGTERM handler back and cancel the stop's deadline: the run ended
+        (stopped with its checkpoint, or finished) and the process may go on."""
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.stop_requested:
+            return
+        self.stop_requested = True
+        print(f"rank {dist.get_rank()}: got {signal.Signals(signum).name}: stopping after this "
+              f"step with a checkpoint (or in {self.stop_grace_s:g} s regardless)",
+              file=sys.stderr, flush=True)
+        # A rank stuck in Python code (a peer that hung, data that never comes) must not outlive
+        # its job. Ends with status 1; the launchers kill it after their own grace anyway.
+        self._deadline = threading.Timer(self.stop_grace_s, lambda: os._exit(1))
+        self._deadline.daemon = True
+        self._deadline.start()
+
+    # -- non-finite steps ----------------------------------------------------------------------
+    def watch(self, loss: torch.Tensor) -> None:
+        """Note whether this micro-batch's loss (a scalar) is finite; no wait for the device."""
+        self.bad_loss |= ~torch.isfinite(loss.detach())
+
+    def flags(self) -> tuple[bool, bool]:
+        """Collective, at the accumulation boundary: (some rank's loss of this step was not
+        finite, some rank was asked to stop), the same on every rank."""
+        local = torch.stack([self.bad_loss.to(torch.int64),
+                             torch.tensor(int(self.stop_requested), device=self.device)])
+        self.bad_loss = torch.zeros_like(self.bad_loss)
+        bad, stop = (bool(v) for v in dist.all_reduce_max(local).tolist())
+        return bad, stop
+
+    @contextlib.contextmanager
+    def skip_if(self, bad: bool, engine):
+        """Around ``engine.step()``: with ``bad``, the step leaves the weights, optimizer state
+        and LR schedule as they were and counts as skipped (``engine.skipped_steps``,
+        ``was_step_applied() == False``), as DeepSpeed's own overflow skip does. DeepSpeed's
+        optimizer wrappers (ZeRO, bf16/fp16) still run around a no-op update of the torch
+        optimizer, so their gradient buffers are cleared as after any step."""
+        if not bad:
+            yield
+            return
+        optimizer = engine.basic_optimizer
+        scheduler = engine.lr_scheduler
+        schedule, lrs = scheduler.state_dict(), [g["lr"] for g in scheduler.optimizer.param_groups]
+        optimizer.step = lambda *args, **kwargs: None  # shadows the class's step for this call
+        try:
+            yield
+        finally:
+            del optimizer.step
+        if engine.was_step_applied():  # DeepSpeed did not see it (fp32, bf16 without the check)
+            engine.skipped_steps += 1
+            engine._step_applied = False  # what was_step_applied() reports
+            scheduler.load_state_dict(schedule)
+            for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+                group["lr"] = lr
+
+    def count(self, bad: bool, skipped_by_deepspeed: bool, step: int) -> None:
+        """Count the step just taken; NonFiniteError once more than ``max_nonfinite_steps`` in a
+        row were non-finite (``skipped_by_deepspeed``: a gradient overflow outside fp16)."""
+        if not (bad or skipped_by_deepspeed):
+            self.nonfinite_in_a_row = 0
+            return
+        self.nonfinite_steps += 1
+        self.nonfinite_in_a_row += 1
+        dist.print_main(f"step {step}: non-finite {'loss' if bad else 'gradient'}, step skipped "
+                        f"({self.nonfinite_in_a_row} in a row, {self.nonfinite_steps} in all)")
+        if self.nonfinite_in_a_row > self.max_nonfinite_steps:
+            raise NonFiniteError(
+                f"step {step}: {self.nonfinite_in_a_row} optimizer steps in a row had a "
+                f"non-finite loss or gradient (more than max_nonfinite_steps="
+                f"{self.max_nonfinite_steps}): the run stops without saving; the last checkpoint "
+                f"holds the state before them (lower the LR or check the data, then resume=auto)")
+
+    def state_dict(self) -> dict:
+        return {"nonfinite_steps": self.nonfinite_steps}
+
+    def load_state_dict(self, state: dict | None) -> None:
+        self.nonfinite_steps = (state or {}).get("nonfinite_steps", 0)
+
