@@ -368,6 +368,8 @@ def ignore_stop_signal(worker_id: int) -> None:
     rank's handler (:mod:`lgp_ds.engine.faults`) stops the run with a checkpoint. A SIGTERM from
     the worker's own rank (multiprocessing ending its workers, at exit too) still ends it, as
     before: the signal is blocked and a thread takes it, looking at who sent it."""
+    if not hasattr(signal, "sigwaitinfo"):  # not on macOS: SIGTERM ends the worker there
+        return
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     threading.Thread(target=_end_on_sigterm_from, args=(os.getppid(),), daemon=True).start()
 

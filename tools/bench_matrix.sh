@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Issue 10's benchmark matrix on one GPU: one tools/bench.py run per row, each writing
+# OUT/NAME.json and OUT/NAME.log, the official-style baseline in the same run where it fits in
+# memory. No row starts when less than a minute of BUDGET_S (seconds, for the whole matrix) is
+# left, and a row is cut at what is left. EXTRA: key=value overrides for every row.
+#
+#   OUT=/tmp/bench BUDGET_S=420 bash tools/bench_matrix.sh
+set -u
+OUT=${OUT:-runs/bench_matrix}
+BUDGET_S=${BUDGET_S:-420}
+EXTRA=${EXTRA:-}
+mkdir -p "$OUT"
+start=$(date +%s)
+
+row() {  # NAME DS_CONFIG ARGS...
+    local name=$1 ds=$2 left
+    shift 2
+    left=$((BUDGET_S - ($(date +%s) - start)))
+    if [ "$left" -lt 60 ]; then
+        echo "$name: not started ($left s of the budget left)"
+        return
+    fi
+    # shellcheck disable=SC2086  # EXTRA holds several key=value words
+    timeout "$left" python tools/bench.py --deepspeed_config "ds_configs/$ds" \
+        --json "$OUT/$name.json" "$@" $EXTRA > "$OUT/$name.log" 2>&1
+    echo "$name: exit $?"
+    grep -A4 "^| step " "$OUT/$name.log"
+}
+
+# ViT-L/16 grafting step, batch 128: ZeRO 2 and 3 against the official style, then compiled
+row vit_l_graft_zero2 zero2_bf16.json --config vit_l_graft batch_size=128 --steps 10 --warmup 3
+row vit_l_graft_zero3 zero3_bf16.json --config vit_l_graft batch_size=128 --steps 10 --warmup 3
+row vit_l_graft_zero2_compiled zero2_bf16.json --config vit_l_graft batch_size=128 \
+    compile_blocks=true --steps 10 --warmup 5 --no_reference
+# MAE step i, ViT-L/16, batch 256
+row vit_l_mae zero2_bf16.json --config vit_l_mae batch_size=256 --steps 10 --warmup 3
+# ViT-g/14 grafting step, micro-batch 32 under ZeRO 3 with activation checkpointing
+row vit_g_graft_zero3 zero3_bf16.json --config vit_g_graft batch_size=32 --steps 5 --warmup 2 \
+    --no_reference
