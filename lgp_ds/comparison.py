@@ -30,8 +30,8 @@ from lgp_ds.checkpoint_file import tensor_digest
 from lgp_ds.config import load_run_config
 from lgp_ds.data.pipeline import samples_per_epoch, shards_or_embedded
 from lgp_ds.engine import checkpoint
+from lgp_ds.engine.init_weights import read_init
 from lgp_ds.engine.run_dir import CHECKPOINTS
-from lgp_ds.engine.trainer import read_init
 from lgp_ds.eval import features as feats
 from lgp_ds.eval.protocols import EvalSettings, evaluate_encoders, publish
 from lgp_ds.launch import build_trainer

@@ -15,7 +15,7 @@ import torch
 
 import method_jobs
 from jobs import tiny_config
-from lgp_ds.engine.trainer import read_init
+from lgp_ds.engine.init_weights import read_init
 from lgp_ds.methods import build_method
 from lgp_ds.models.vit import MAE_ONLY_PREFIXES
 from multirank import run_ranks

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import jobs
-from lgp_ds.engine.trainer import read_init
+from lgp_ds.engine.init_weights import read_init
 from lgp_ds.models.moco import build_graft_model
 from lgp_ds.models.vit import create_vit, load_weights
 

@@ -10,9 +10,11 @@
 - Peak accelerator memory since the previous record, through DeepSpeed's accelerator.
 - A tqdm bar of the optimizer steps on rank 0 when its output is a terminal; the log lines then
   print above it. Piped to a file there is no bar, only the log lines.
+- :class:`Meter`: the mean loss and throughput between two log lines, kept on the device.
 """
 import importlib.util
 import sys
+import time
 
 import torch
 from deepspeed.accelerator import get_accelerator
@@ -89,3 +91,24 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+class Meter:
+    """Mean loss (and loss terms) and throughput over the micro-batches since the last log line.
+
+    Sums stay on the device: nothing waits for the GPU until a line is logged."""
+
+    def __init__(self):
+        self.start, self.sums, self.n, self.images = time.perf_counter(), {}, 0, 0
+
+    def add(self, out: dict, batch: int) -> None:
+        for name, value in {"loss": out["loss"], **out["terms"]}.items():
+            self.sums[name] = self.sums.get(name, 0.0) + value.float()
+        self.n, self.images = self.n + 1, self.images + batch
+
+    def pop(self) -> dict:
+        now = time.perf_counter()
+        window = {"means": {n: s / self.n for n, s in self.sums.items()}, "images": self.images,
+                  "seconds": max(now - self.start, 1e-9)}
+        self.start, self.sums, self.n, self.images = now, {}, 0, 0
+        return window

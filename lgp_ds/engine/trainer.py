@@ -22,7 +22,7 @@ import torch
 from deepspeed.accelerator import get_accelerator
 from torch.optim.lr_scheduler import LambdaLR
 
-from lgp_ds import convert, dist
+from lgp_ds import dist
 from lgp_ds.checkpoint_file import tensor_digest
 from lgp_ds.config import Config, precision, run_identity
 from lgp_ds.data.pipeline import build_train_data, samples_per_epoch
@@ -31,9 +31,10 @@ from lgp_ds.models.vit import compile_blocks
 from . import checkpoint, run_dir
 from .anchor import MIMAnchor
 from .faults import FaultGuard
+from .init_weights import read_init
 from .master import master_slices
 from .momentum import MomentumEncoder
-from .monitoring import Progress, check_monitor_packages, peak_memory_gib
+from .monitoring import Meter, Progress, check_monitor_packages, peak_memory_gib
 from .param_groups import freeze_lower_stages
 from .run_dir import MetricsLog
 from .schedules import lr_factor, momentum_at
@@ -46,44 +47,6 @@ def build_optimizer(cfg: Config, groups: list[dict]) -> torch.optim.Optimizer:
         return FusedAdam(groups, betas=betas, adam_w_mode=True)
     # torch's fused AdamW kernel on the GPU; the plain loop elsewhere
     return torch.optim.AdamW(groups, betas=betas, fused=get_accelerator().device_name() == "cuda")
-
-
-def read_init(path: str, num_heads: int | None = None) -> convert.Weights:
-    """The ``init=`` weights: an MAE, MoCo v3 or timm file, or an lgp_ds checkpoint folder (run
-    folder, ``checkpoints/`` or a tag: the newest complete checkpoint, consolidated to fp32).
-
-    ``num_heads``: the head count of the model they are for. Weights whose source records
-    another (its own record, or its architecture's: MoCo v3's ``vit_small`` has 12 heads where
-    timm's has 6) are refused, naming both counts: the shapes match, so a strict load would
-    go through and compute other features."""
-    try:
-        weights = convert.read(path)
-    except (ValueError, FileNotFoundError) as e:
-        raise type(e)(f"init={e}") from e
-    recorded = _recorded_heads(weights)
-    if num_heads is not None and recorded is not None and recorded != num_heads:
-        raise ValueError(
-            f"init={path}: its weights were trained with {recorded} attention heads (as its "
-            f"source records: arch {weights.arch!r}), but the config builds {num_heads} (config "
-            f"key num_heads); the shapes match, so they would load and compute other features: "
-            f"set num_heads={recorded} (if the record is wrong, e.g. a grafting-code vit_small "
-            f"file with 6 heads, convert it with tools/convert_ckpt.py --to init --num_heads N)")
-    return weights
-
-
-def _recorded_heads(weights: convert.Weights) -> int | None:
-    """The head count the source of ``weights`` records, or None where it is only a guess."""
-    if weights.num_heads is not None:
-        return weights.num_heads
-    if not weights.arch:
-        return None
-    try:
-        spec = convert.model_spec(weights.encoder(), weights.arch, None, arch_recorded=True)
-    except ValueError:
-        return None
-    if any("is a guess" in note for note in spec.notes):
-        return None
-    return spec.shape["num_heads"]
 
 
 class Trainer:
@@ -331,7 +294,7 @@ class Trainer:
         cfg = self.cfg
         last_step = min(self.total_steps, cfg.max_steps or self.total_steps)
         gas = self.engine.gradient_accumulation_steps()
-        records, meter = [], _Meter()
+        records, meter = [], Meter()
         if not self.step_logged:
             # The checkpoint of this step was saved, but the run ended before the step's record:
             # its evaluations (the last step's: the run's results) may not have finished.
@@ -451,24 +414,3 @@ class Trainer:
                 f"mem {record['peak_mem_gib']:.2f} GiB"
                 + "".join(f" {k} {v:.4g}" for k, v in (evaluations or {}).items()) + eta)
         return record
-
-
-class _Meter:
-    """Mean loss (and loss terms) and throughput over the micro-batches since the last log line.
-
-    Sums stay on the device: nothing waits for the GPU until a line is logged."""
-
-    def __init__(self):
-        self.start, self.sums, self.n, self.images = time.perf_counter(), {}, 0, 0
-
-    def add(self, out: dict, batch: int) -> None:
-        for name, value in {"loss": out["loss"], **out["terms"]}.items():
-            self.sums[name] = self.sums.get(name, 0.0) + value.float()
-        self.n, self.images = self.n + 1, self.images + batch
-
-    def pop(self) -> dict:
-        now = time.perf_counter()
-        window = {"means": {n: s / self.n for n, s in self.sums.items()}, "images": self.images,
-                  "seconds": max(now - self.start, 1e-9)}
-        self.start, self.sums, self.n, self.images = now, {}, 0, 0
-        return window
