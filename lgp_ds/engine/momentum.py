@@ -50,7 +50,8 @@ class MomentumEncoder:
             self.module = module.to(get_accelerator().current_device_name())
             self._forward = self.module
         self.params = dict(self.module.named_parameters())
-        self._optimizer, self._flats = None, []  # ZeRO 1/2: set by bind()
+        # ZeRO 1/2, set by bind(): (group index, flat fp32 group, this rank's part: a view of it)
+        self._optimizer, self._flats = None, []
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -76,11 +77,11 @@ class MomentumEncoder:
         if self._optimizer is None:
             raise RuntimeError("MomentumEncoder.bind(optimizer, named_params) was not called")
         masters = _master_partitions(self._optimizer)
-        parts = [_own_partition(flat) for _, flat in self._flats]
+        parts = [part for _, _, part in self._flats]
         torch._foreach_mul_(parts, m)
-        torch._foreach_add_(parts, [masters[g] for g, _ in self._flats], alpha=1 - m)
+        torch._foreach_add_(parts, [masters[g] for g, _, _ in self._flats], alpha=1 - m)
         if dist.get_world_size() > 1:
-            for (_, flat), part in zip(self._flats, parts):
+            for _, flat, part in self._flats:
                 ds_comm.all_gather_into_tensor(flat, part)  # in place: part is a view of flat
 
     def bind(self, optimizer, named_params) -> None:
@@ -108,7 +109,7 @@ class MomentumEncoder:
                 view = flat.narrow(0, offset, p.numel())
                 view.copy_(k.detach().reshape(-1))
                 k.data = view.view_as(k)
-            self._flats.append((g, flat))
+            self._flats.append((g, flat, _own_partition(flat)))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Full fp32 state on CPU (a collective under ZeRO 3: call it on every rank)."""
