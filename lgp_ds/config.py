@@ -409,13 +409,55 @@ def run_identity(cfg: Config, ds: dict, init_digest: str | None = None,
             "deepspeed.grad_accum_dtype": ds.get("data_types", {}).get("grad_accum_dtype")}
 
 
+def offloads_optimizer(ds: dict) -> bool:
+    """Whether the DeepSpeed config ``ds`` keeps optimizer states and fp32 masters on the host
+    (ZeRO-Offload), where DeepSpeed steps them with its own CPU Adam."""
+    return ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device",
+                                                                            "none") != "none"
+
+
+def _check_offload(zero: dict) -> None:
+    """ZeRO-Offload as lgp_ds supports it: optimizer states and fp32 masters to the host memory
+    (``cpu``) under ZeRO 1-3, parameters as well under ZeRO 3. The momentum EMA and the MIM
+    anchor read every fp32 master of a rank where it lives, all in one place."""
+    for key in ("cpu_offload", "cpu_offload_param"):  # DeepSpeed's deprecated spellings
+        if key in zero:
+            raise ValueError(f"DeepSpeed config key zero_optimization.{key} is deprecated; use "
+                             f'zero_optimization.offload_optimizer / offload_param {{"device": '
+                             f'"cpu"}}')
+    stage = zero.get("stage", 0)
+    needs = {"offload_optimizer": ((1, 2, 3), "stage 0 has no ZeRO-Offload"),
+             "offload_param": ((3,), "stages 1 and 2 ignore it and keep the parameters on the "
+                                     "device; offload_optimizer moves the fp32 masters and "
+                                     "optimizer states")}
+    for key, (stages, why) in needs.items():
+        offload = zero.get(key, {})
+        device = offload.get("device", "none")
+        if device == "none":
+            continue
+        if device != "cpu":
+            raise ValueError(f"DeepSpeed config key zero_optimization.{key}.device={device!r}: "
+                             f"lgp_ds supports 'cpu' only (NVMe offload is neither supported nor "
+                             f"tested: the momentum EMA and the MIM anchor read the fp32 master "
+                             f"weights in memory)")
+        if stage not in stages:
+            raise ValueError(f"DeepSpeed config key zero_optimization.{key} with ZeRO stage "
+                             f"{stage}: it needs stage {' or '.join(map(str, stages))} ({why})")
+        for option, default in (("ratio", 1.0), ("super_offload", False)):
+            if offload.get(option, default) != default:
+                raise ValueError(f"DeepSpeed config key zero_optimization.{key}.{option}="
+                                 f"{offload[option]!r}: not supported by lgp_ds (all of a rank's "
+                                 f"fp32 masters must be on the host); remove it")
+
+
 def _anchor_precision(ds: dict, cfg: Config) -> dict:
     """``ds`` with fp32 gradient accumulation where the MIM anchor needs it.
 
     DeepSpeed keeps gradients in the model dtype by default. The anchor's gradient (weight 1e-5
     in the ViT-L recipe) added to a bf16 gradient of 1e-2 rounds away entirely, so under bf16/fp16
     the gradients must be held in fp32 (``data_types.grad_accum_dtype``): ZeRO 1 then runs
-    DeepSpeed's BF16_Optimizer, ZeRO 2/3 keep fp32 gradient partitions. ZeRO 0 has no fp32
+    DeepSpeed's BF16_Optimizer (its ZeRO 1 optimizer with offload_optimizer, which keeps fp32
+    gradients on the host), ZeRO 2/3 keep fp32 gradient partitions. ZeRO 0 has no fp32
     gradient accumulation in low precision, so it is refused.
     """
     low = precision(ds)
@@ -447,12 +489,11 @@ def resolve_ds_config(ds: dict, cfg: Config, world_size: int) -> dict:
         if key in ds:
             raise ValueError(f"DeepSpeed config key {key!r}: lgp_ds builds it from the recipe "
                              f"({owner}); remove it from the DeepSpeed config")
-    zero = ds.get("zero_optimization", {})
-    for key in ("offload_optimizer", "offload_param"):
-        if zero.get(key, {}).get("device", "none") != "none":
-            raise ValueError(f"DeepSpeed config key zero_optimization.{key}: offloading is not "
-                             f"supported (the momentum EMA and the MIM anchor read the fp32 "
-                             f"master weights in place on the device)")
+    _check_offload(ds.get("zero_optimization", {}))
+    if offloads_optimizer(ds) and cfg.optimizer != "adamw":
+        raise ValueError(f"optimizer={cfg.optimizer} with DeepSpeed config key "
+                         f"zero_optimization.offload_optimizer: the host steps the fp32 masters "
+                         f"with DeepSpeed's CPU AdamW; use optimizer=adamw")
     ds = _anchor_precision(dict(ds), cfg)
     gas = ds.get("gradient_accumulation_steps", 1)
     micro = ds.get("train_micro_batch_size_per_gpu")

@@ -1,8 +1,10 @@
 """GPU-only checks, run by test_gpu.py in a fresh process with DeepSpeed's CUDA accelerator.
 
 fp16 with DeepSpeed's loss scaler and FusedAdam under ZeRO 2 (an overflow step is skipped,
-counted, and leaves the momentum encoder alone), bf16 under ZeRO 3, the MIM anchor under fp16
-ZeRO 2 (fp32 gradient accumulation), every method that needs no init= under fp16 ZeRO 2,
+counted, and leaves the momentum encoder alone), bf16 under ZeRO 3, models built partitioned
+on the GPU (zero.Init) equal to the whole builds, the MIM anchor under fp16
+ZeRO 2 (fp32 gradient accumulation), ZeRO-Offload under ZeRO 2 and 3 (host masters, the momentum
+EMA and the anchor across host and GPU), every method that needs no init= under fp16 ZeRO 2,
 fine-tuning under fp16 with its top-1, the evaluation protocols on the GPU over NCCL,
 input_backend=dali's nvJPEG decode and training on its views, and SDPA (flash) attention
 against the explicit softmax on the GPU. Prints one line per check; exits non-zero on failure.
@@ -62,6 +64,26 @@ def check_bf16_zero3(out):
     print(f"bf16 zero3: losses {losses}", flush=True)
 
 
+def check_zero3_construction():
+    """Built partitioned on the GPU under ZeRO 3 (zero.Init), the models are, gathered, the ones
+    built whole (as ZeRO 0-2 runs start): their initialisation draws from the host's generator
+    wherever the parameters live, and no buffer is left on the host."""
+    from lgp_ds.engine.construct import build_model
+    from lgp_ds.models.partitioned import whole_copy
+    for method in ("graft", "mae"):
+        cfg = jobs.tiny_config(method=method, decoder_embed_dim=16, decoder_depth=1,
+                               decoder_num_heads=2, frozen_patch_embed=method != "mae")
+        whole = dict(build_model(build_method(cfg), cfg).named_parameters())
+        ds = resolve_ds_config({"zero_optimization": {"stage": 3}, "bf16": {"enabled": True}},
+                               cfg, 1)
+        model = build_model(build_method(cfg), cfg, ds)
+        differ = [n for n, p in model.named_parameters()
+                  if not torch.equal(whole_copy(p), whole[n].detach())]
+        assert not differ, f"{method}: built partitioned differs from whole in {differ[:5]}"
+        assert {b.device.type for b in model.buffers()} <= {"cuda"}, "a buffer on the host"
+    print("zero3 construction on the GPU: graft and mae models equal the whole builds", flush=True)
+
+
 def check_anchor(out, precision="fp16"):
     """The shipped ZeRO 2 config with the MIM anchor: fp32 gradient accumulation is switched on,
     the masters start at the MIM weights, and the anchor grows once steps apply."""
@@ -82,6 +104,44 @@ def check_anchor(out, precision="fp16"):
     assert anchors[0] == 0.0 and t.applied_steps() > 1 and anchors[-1] > 0, anchors
     print(f"{precision} zero2 anchor: fp32 gradient accumulation, anchor {anchors[0]} -> "
           f"{anchors[-1]:.3g} over {t.applied_steps()} applied steps", flush=True)
+
+
+def check_offload(out):
+    """ZeRO-Offload under ZeRO 2 and 3 in bf16, with the momentum encoder and the MIM anchor: the
+    fp32 masters (and the gradients DeepSpeed's CPU Adam steps with) on the host, the models on
+    the GPU; losses finite, the anchor grows, and after every step the momentum encoder is
+    exactly m * itself before + (1 - m) * the host masters (a stale copy of the masters, or an
+    EMA of the wrong partition, is off by about (1 - m) * lr)."""
+    mim = os.path.join(out, "offload_mim.pth")
+    cfg = jobs.tiny_config()
+    encoder = create_vit(cfg.arch, img_size=cfg.img_size, patch_size=cfg.patch_size,
+                         embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads)
+    torch.save({"model": encoder.state_dict()}, mim)
+    for stage in (2, 3):
+        cfg = jobs.tiny_config(output_dir=os.path.join(out, f"offload{stage}"), batch_size=16,
+                               warmup_epochs=0, init=mim, anchor_weight=1e-4, anchor_blocks=2)
+        ds = {"zero_optimization": {"stage": stage, "offload_optimizer": {"device": "cpu"}},
+              "bf16": {"enabled": True}, "steps_per_print": 10 ** 9}
+        t = Trainer(cfg, resolve_ds_config(ds, cfg, 1), build_method(cfg))
+        assert type(t.engine.basic_optimizer).__name__ == "DeepSpeedCPUAdam"
+        assert {s.weight.device.type for s in t.slices} == {"cpu"}, "masters not on the host"
+        assert {k.device.type for k in t.momentum.params.values()} == {"cuda"}
+        losses, anchors = [], []
+        for step in range(4):
+            before = t.momentum.state_dict()
+            result = t.train_step(*jobs.global_batch(step, cfg))
+            after, m = t.momentum.state_dict(), result["momentum"]
+            for name, q in jobs.full_master_weights(t.engine).items():
+                key = name.removeprefix("base_encoder.")
+                if name.startswith("base_encoder."):
+                    gap = (after[key] - (m * before[key] + (1 - m) * q)).abs().max().item()
+                    assert gap <= 1e-6, (stage, step, name, gap)
+            losses.append(result["loss"].item())
+            anchors.append(float(result["anchor"]))
+        assert t.applied_steps() == 4 and all(torch.isfinite(torch.tensor(losses))), losses
+        assert anchors[0] == 0.0 and anchors[-1] > 0, anchors
+        print(f"bf16 zero{stage} offload_optimizer: masters on the host, momentum EMA exact, "
+              f"losses {losses}, anchor {anchors[0]} -> {anchors[-1]:.3g}", flush=True)
 
 
 def check_methods_fp16(out):
@@ -198,7 +258,9 @@ if __name__ == "__main__":
     deepspeed.init_distributed()  # NCCL
     check_fp16_fused_adam(sys.argv[1])
     check_bf16_zero3(sys.argv[1])
+    check_zero3_construction()
     check_anchor(sys.argv[1])
+    check_offload(sys.argv[1])
     check_methods_fp16(sys.argv[1])
     check_finetune_fp16(sys.argv[1])
     check_evaluation(sys.argv[1])

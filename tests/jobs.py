@@ -34,12 +34,18 @@ OPTIONS = {"": ({}, {}),
            "fp32accum": ({}, {"data_types": {"grad_accum_dtype": "fp32"}}),
            "fused_adam": ({"optimizer": "fused_adam"}, {}),
            # regional compile, traced without code generation (inductor needs minutes on a CPU)
-           "compiled": ({"compile_blocks": True, "compile_backend": "aot_eager"}, {})}
+           "compiled": ({"compile_blocks": True, "compile_backend": "aot_eager"}, {}),
+           # ZeRO-Offload: fp32 masters, gradients and Adam on the host (DeepSpeed's CPU Adam)
+           "offload": ({}, {"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}),
+           # ZeRO 3: the parameter partitions (the momentum encoder's too) on the host as well
+           "offload_param": ({}, {"zero_optimization": {"offload_optimizer": {"device": "cpu"},
+                                                        "offload_param": {"device": "cpu"}}})}
 
 
 def ds_config(cfg, stage: int, bf16: bool, option: str = "") -> dict:
-    ds = {"zero_optimization": {"stage": stage}, "bf16": {"enabled": bf16},
-          "steps_per_print": 10 ** 9, **OPTIONS[option][1]}
+    extra = OPTIONS[option][1]
+    ds = {"bf16": {"enabled": bf16}, "steps_per_print": 10 ** 9, **extra,
+          "zero_optimization": {"stage": stage, **extra.get("zero_optimization", {})}}
     return resolve_ds_config(ds, cfg, dist.get_world_size())
 
 
@@ -106,13 +112,14 @@ def train_job(configs, batches, out_dir):
 
 
 def anchor_job(cases, mim_path, out_dir):
-    """Per (zero stage, norm): one step away from the MIM weights, then the anchor's value and
-    gradient on their own (the loss is multiplied by 0)."""
+    """Per (zero stage, norm, bf16, option): one step away from the MIM weights, then the
+    anchor's value and gradient on their own (the loss is multiplied by 0)."""
     results = {}
-    for stage, norm, *bf16 in cases:
-        cfg = tiny_config(output_dir=os.path.join(out_dir, f"{stage}{norm}{bf16}"), init=mim_path,
+    for case in cases:
+        stage, norm, bf16, option = case
+        cfg = tiny_config(output_dir=os.path.join(out_dir, "".join(map(str, case))), init=mim_path,
                           anchor_weight=0.5, anchor_norm=norm, anchor_blocks=2, warmup_epochs=0)
-        trainer = Trainer(cfg, ds_config(cfg, stage, bool(bf16)), build_method(cfg))
+        trainer = Trainer(cfg, ds_config(cfg, stage, bf16, option), build_method(cfg))
         x1, x2 = global_batch(0, cfg)
         trainer.train_step(local(x1), local(x2))
         weights = full_master_weights(trainer.engine)
@@ -123,8 +130,8 @@ def anchor_job(cases, mim_path, out_dir):
         grads = {n: safe_get_full_grad(p).cpu().clone()
                  for n, p in engine.module.named_parameters() if p.requires_grad}
         reference_numel = sum(v.numel() for v in trainer.anchor.reference.values())
-        results[(stage, norm, *bf16)] = {"weights": weights, "value": value, "grads": grads,
-                                  "reference_numel": reference_numel}
+        results[case] = {"weights": weights, "value": value, "grads": grads,
+                         "reference_numel": reference_numel}
     return results
 
 
@@ -244,9 +251,10 @@ def local_optimizer_state(trainer, key: str) -> dict[str, tuple[int, torch.Tenso
     return out
 
 
-def anchor_precision_job(stage, anchor_weight, persistence, mim_path, out_dir):
+def anchor_precision_job(stage, anchor_weight, persistence, offload, mim_path, out_dir):
     """The shipped ``zero{stage}_bf16.json`` (overlap_comm on; ZeRO 0: the ZeRO 1 file with stage
-    0; ``persistence``: another stage3_param_persistence_threshold) with gradient accumulation 2
+    0; ``persistence``: another stage3_param_persistence_threshold; ``offload``: with
+    offload_optimizer to the host) with gradient accumulation 2
     and ``init=``: the state after construction, the anchor at steps 0 and 1 (LR 0 at step 0), and
     at step 2 the gradient DeepSpeed holds before the anchor adds its own, the masters it is
     computed from, and this rank's slices of Adam's first moment before and after the step (from
@@ -256,7 +264,8 @@ def anchor_precision_job(stage, anchor_weight, persistence, mim_path, out_dir):
     name = f"zero{max(stage, 1)}_bf16.json"  # no zero0 file is shipped
     zero = shipped_ds_config(cfg, name)["zero_optimization"]
     zero.update(stage=stage, **({} if persistence is None else
-                                {"stage3_param_persistence_threshold": persistence}))
+                                {"stage3_param_persistence_threshold": persistence}),
+                **({"offload_optimizer": {"device": "cpu"}} if offload else {}))
     trainer = Trainer(cfg, shipped_ds_config(cfg, name, gradient_accumulation_steps=2,
                                              zero_optimization=zero), build_method(cfg))
     engine = trainer.engine
@@ -287,6 +296,14 @@ def anchor_precision_job(stage, anchor_weight, persistence, mim_path, out_dir):
     out["exp_avg_after"] = local_optimizer_state(trainer, "exp_avg")
     out["betas"] = cfg.betas
     return out
+
+
+def anchor_precision_jobs(cases, mim_path, out_dir):
+    """:func:`anchor_precision_job` per case (its arguments before ``mim_path``), one process
+    start for all."""
+    return {case: anchor_precision_job(*case, mim_path,
+                                       os.path.join(out_dir, "-".join(map(str, case))))
+            for case in cases}
 
 
 def checkpoint_job(cases, out_dir):

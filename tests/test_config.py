@@ -110,12 +110,43 @@ def test_batch_size_has_one_source_of_truth():
     ({"gradient_accumulation_steps": 3}, 2, "gradient_accumulation_steps 3"),
     ({"optimizer": {"type": "Adam"}}, 2, "DeepSpeed config key 'optimizer'"),
     ({"scheduler": {"type": "WarmupLR"}}, 2, "DeepSpeed config key 'scheduler'"),
-    ({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}}, 2,
-     "zero_optimization.offload_optimizer: offloading is not supported"),
+    ({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "nvme"}}}, 2,
+     r"zero_optimization.offload_optimizer.device='nvme': lgp_ds supports 'cpu' only"),
+    ({"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme"}}}, 2,
+     r"zero_optimization.offload_param.device='nvme'"),
+    ({"zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}}, 2,
+     "zero_optimization.offload_param with ZeRO stage 2: it needs stage 3"),
+    ({"zero_optimization": {"stage": 0, "offload_optimizer": {"device": "cpu"}}}, 2,
+     "zero_optimization.offload_optimizer with ZeRO stage 0"),
+    ({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu", "ratio": 0.5}}},
+     2, "zero_optimization.offload_optimizer.ratio=0.5: not supported"),
+    ({"zero_optimization": {"stage": 2, "cpu_offload": True}}, 2,
+     "zero_optimization.cpu_offload is deprecated"),
 ])
 def test_deepspeed_config_conflicts(ds, world, message):
     with pytest.raises(ValueError, match=message):
         resolve_ds_config(ds, build_config({"batch_size": 256}), world)
+
+
+@pytest.mark.parametrize("zero", [{"stage": 1, "offload_optimizer": {"device": "cpu"}},
+                                  {"stage": 2, "offload_optimizer": {"device": "cpu"}},
+                                  {"stage": 3, "offload_optimizer": {"device": "cpu"},
+                                   "offload_param": {"device": "cpu"}}])
+def test_zero_offload_to_the_host_is_accepted(zero):
+    ds = resolve_ds_config({"zero_optimization": zero}, build_config({"batch_size": 256}), 2)
+    assert ds["zero_optimization"] == zero
+    with pytest.raises(ValueError, match="optimizer=fused_adam with DeepSpeed config key "
+                                         "zero_optimization.offload_optimizer"):
+        resolve_ds_config({"zero_optimization": zero},
+                          build_config({"batch_size": 256, "optimizer": "fused_adam"}), 2)
+
+
+def test_the_shipped_offload_config_resolves():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    _, ds = load_run_config(None, ["batch_size=16"], os.path.join(
+        root, "ds_configs", "zero3_bf16_offload.json"))
+    zero = ds["zero_optimization"]
+    assert zero["offload_param"] == zero["offload_optimizer"] == {"device": "cpu"}
 
 
 @pytest.mark.parametrize("env,micro", [({}, 16), ({"WORLD_SIZE": "2"}, 8),

@@ -9,6 +9,11 @@ holds the whole copy). After backward, :meth:`MIMAnchor.add_gradient` adds the p
 gradient to the sharded gradients before the optimizer step, and returns the penalty value:
 per-tensor partial sums are all-reduced, so value and gradient equal a single-process
 computation on the full tensors.
+
+It computes where the masters live: with ``offload_optimizer`` on the host, beside the fp32
+gradients the CPU optimizer reads, so that only the per-tensor sums cross to the device (for
+the all-reduce) and back. DeepSpeed's gradient clipping norm is taken before, without the
+anchor's gradient, under offload (on the device it includes it).
 """
 import torch
 from deepspeed.accelerator import get_accelerator
@@ -32,6 +37,9 @@ class MIMAnchor:
         self.weight, self.norm = weight, norm
         self.sharded = sharded  # ZeRO 1-3: partial sums must be all-reduced (by every rank)
         self.names = sorted({s.name for s in slices if is_anchored(s.name, num_blocks, prefix)})
+        self.device = torch.device(get_accelerator().current_device_name())
+        # where the masters are: the device, or the host under offload_optimizer
+        self.masters_on = slices[0].weight.device if slices else self.device
         self.reference = {}  # name -> fp32 [numel] MIM values of this rank's slice
         for s in slices:
             if s.name in self.names:
@@ -48,21 +56,26 @@ class MIMAnchor:
 
         ``grad_scale`` is the loss scale of fp16 training (gradients are still scaled then).
         """
+        if self.masters_on != self.device:
+            # DeepSpeed may still be copying this step's gradients to the (pinned) host buffers
+            # that the anchor adds to: one wait, as DeepSpeed's step would do next anyway
+            get_accelerator().synchronize()
         mine = {s.name: s for s in slices if s.name in self.reference}
         index = {n: i for i, n in enumerate(self.names)}
         diffs = {n: s.weight - self.reference[n] for n, s in mine.items()}
-        partial = torch.zeros(len(self.names), dtype=torch.float64,
-                              device=get_accelerator().current_device_name())
+        partial = torch.zeros(len(self.names), dtype=torch.float64, device=self.masters_on)
         for n, d in diffs.items():
             partial[index[n]] = (d.abs().sum() if self.norm == "l1" else d.square().sum()).double()
+        partial = partial.to(self.device)  # the all-reduce runs on the device
         if self.sharded:
             dist.all_reduce_sum(partial)
         norms = partial if self.norm == "l1" else partial.sqrt()
+        local_norms = norms.to(self.masters_on)
         for n, d in diffs.items():
             if self.norm == "l1":
                 g = torch.sign(d)
             else:  # d / ||d||, and 0 where the tensor still equals its MIM value
-                norm = norms[index[n]].float()
+                norm = local_norms[index[n]].float()
                 g = torch.where(norm > 0, d / norm.clamp_min(1e-30), torch.zeros_like(d))
             mine[n].add_to_grad(g * (self.weight * grad_scale))
         return self.weight * norms.sum()

@@ -6,6 +6,10 @@ bf16/fp16 copies the model computes with. DeepSpeed holds them differently per s
 - ZeRO 3: each rank owns one contiguous partition of every flattened parameter.
 - ZeRO 1/2 (and bf16 with ZeRO 0 through the BF16 optimizer): each rank owns a fragment of the
   flattened parameter, found through ``param._hp_mapping``; some ranks own none of a tensor.
+  With ``offload_optimizer`` (ZeRO 1-3) the fp32 masters and the fp32 gradients the CPU
+  optimizer steps with are in host memory, while the model (and the momentum encoder) compute
+  on the device: a slice's ``weight`` is then on the host; :func:`on_device` brings slices over
+  with one copy per flat group.
 - ZeRO 0 with a plain optimizer: the parameter is its own master, whole on every rank.
 - ZeRO 0 with mixed precision: fp32 copies, whole on every rank; one tensor per parameter
   (FP16_UnfusedOptimizer, torch AdamW) or one flat tensor per group (FP16_Optimizer, FusedAdam).
@@ -16,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_grad, safe_set_local_grad
+from deepspeed.utils import safe_get_local_grad, safe_set_local_grad
 
 from lgp_ds import dist
 
@@ -30,20 +34,31 @@ class MasterSlice:
     numel: int
     weight: torch.Tensor  # fp32 [numel], a live view of the master weights
 
-    @torch.no_grad()
-    def copy_from(self, full: torch.Tensor) -> None:
-        """Set this slice of the master weights from the whole parameter ``full`` (any shape)."""
-        self.weight.copy_(full.reshape(-1)[self.start:self.start + self.numel])
+    def __post_init__(self):
+        # DeepSpeed's flat masters require grad, which forbids writing a view of them in place
+        self.weight = self.weight.detach()
 
     def add_to_grad(self, g: torch.Tensor) -> None:
-        """Add ``g`` [numel] to this slice's gradient; valid between backward and step."""
-        if hasattr(self.param, "ds_id"):  # ZeRO 3: the API copies in and out of the partition
+        """Add ``g`` [numel] to this slice's gradient; valid between backward and step.
+
+        With ``offload_optimizer`` the gradient is the fp32 one on the host that the CPU
+        optimizer reads (ZeRO 1/2 copy it there during the reduction, ZeRO 3 as each partition
+        is reduced), added to in place: pass ``g`` on the host, after the device has finished
+        those copies (:meth:`MIMAnchor.add_gradient` waits for them once)."""
+        if hasattr(self.param, "ds_id"):
+            optimizer = self.param._z3_optimizer
+            if optimizer.offload_optimizer:
+                grad = _zero3_partition(optimizer, self.param, grad=True)[:self.numel]
+                grad += g.to(grad.device)
+                return
+            # on the device: the API's partition is the optimizer's own (copied onto itself)
             full = safe_get_local_grad(self.param)
             full[:self.numel] += g.to(full.dtype)
             safe_set_local_grad(self.param, full)
             return
         mapping = getattr(self.param, "_hp_mapping", None)
         if mapping is not None:
+            # ZeRO 1/2 offload: a view of the host fp32 gradient partition the CPU optimizer reads
             grad = mapping.get_lp_grad_fragment(self.param._index_in_param_group).view(-1)
             if grad.numel() == self.param.numel() != self.numel:  # a full accumulation buffer
                 grad = grad.narrow(0, self.start, self.numel)
@@ -78,7 +93,7 @@ def master_slices(optimizer, named_params) -> list[MasterSlice]:
             numel = max(0, min(part, p.ds_numel - start))
             if numel:
                 out.append(MasterSlice(name, p, start, numel,
-                                       safe_get_local_fp32_param(p)[:numel]))
+                                       _zero3_partition(optimizer, p)[:numel]))
         elif hasattr(p, "_hp_mapping"):
             if p._hp_mapping is not None:  # None: another rank owns all of this tensor
                 address = p._hp_mapping.lp_fragment_address
@@ -90,4 +105,38 @@ def master_slices(optimizer, named_params) -> list[MasterSlice]:
             out.append(MasterSlice(name, p, 0, p.numel(), p.data.view(-1)))
         else:
             raise RuntimeError(f"no fp32 master weights found for {name} ({p.dtype})")
+    return out
+
+
+def _zero3_partition(optimizer, param, grad: bool = False) -> torch.Tensor:
+    """This rank's fp32 master partition of ZeRO-3 ``param`` (or, ``grad``, the gradient the
+    optimizer steps with, kept there under ``offload_optimizer`` only): a live view into the
+    optimizer's flat sub-group, on the host under ``offload_optimizer``, where DeepSpeed's
+    safe_get_local_fp32_param would hand back a device copy."""
+    group, offset, numel = optimizer.grad_position[optimizer.get_param_id(param)]
+    flat = optimizer.fp32_partitioned_groups_flat[group]
+    return (flat.grad if grad else flat).narrow(0, offset, numel)
+
+
+def on_device(tensors: list[torch.Tensor], device: torch.device | str) -> list[torch.Tensor]:
+    """``tensors`` (views, e.g. master slices' weights) on ``device``, without a copy where they
+    are there already; elsewhere (offloaded masters on the host) one asynchronous copy per
+    underlying storage, of the span that its views cover, rather than one per tensor.
+
+    The host tensors must stay unchanged until the device has read them: DeepSpeed writes its
+    host masters only in the next optimizer step, which first waits for the device's gradient
+    copies, queued after this one."""
+    device = torch.device(device)
+    out, spans = list(tensors), {}
+    for i, t in enumerate(tensors):
+        if t.device != device:
+            spans.setdefault(t.untyped_storage().data_ptr(), []).append(i)
+    for found in spans.values():
+        base = tensors[found[0]]
+        lo = min(tensors[i].storage_offset() for i in found)
+        hi = max(tensors[i].storage_offset() + tensors[i].numel() for i in found)
+        copy = base.as_strided((hi - lo,), (1,), lo).to(device, non_blocking=True)
+        for i in found:
+            out[i] = copy.narrow(0, tensors[i].storage_offset() - lo,
+                                 tensors[i].numel()).view_as(tensors[i])
     return out

@@ -12,11 +12,14 @@ fp32 master weights (:mod:`lgp_ds.engine.master`) after each step that DeepSpeed
   partition (two foreach ops for the whole model) and one fp32 all-gather per group brings
   every rank the rest: exact, and half the traffic of all-reducing an update of the encoder.
 - ZeRO 3: the momentum encoder is partitioned like the base encoder (a ZeRO-3 engine without an
-  optimizer, same shapes hence the same sharding). Each rank updates its own partition from its
-  own master partition: no communication, no gathering of the whole model.
+  optimizer, same shapes hence the same sharding; built partitioned, never whole). Each rank
+  updates its own partition from its own master partition: no communication, no gathering of
+  the whole model.
+
+With ``offload_optimizer`` the masters are on the host: one copy per flat group brings this
+rank's fp32 partition to the device each step (the EMA's PCIe traffic).
 """
 import contextlib
-import copy
 
 import deepspeed
 import deepspeed.comm as ds_comm
@@ -26,25 +29,27 @@ from deepspeed.accelerator import get_accelerator
 
 from lgp_ds import dist
 
-from .master import MasterSlice
+from .master import MasterSlice, on_device
 
 
 class MomentumEncoder:
-    """forward(x [N,3,H,W]) -> keys [N, dim] without gradient; ``update`` does the EMA step."""
+    """forward(x [N,3,H,W]) -> keys [N, dim] without gradient; ``update`` does the EMA step.
 
-    def __init__(self, base_encoder: nn.Module, zero_stage: int, compute_dtype: torch.dtype,
+    ``module`` (which it takes over) holds the initial weights in fp32: a copy of the base
+    encoder; under ZeRO-3 built partitioned as :func:`momentum_zero3_config` says, for a run
+    under the DeepSpeed config ``ds_config``.
+    """
+
+    def __init__(self, module: nn.Module, ds_config: dict, compute_dtype: torch.dtype,
                  prefix: str = "base_encoder."):
-        module = copy.deepcopy(base_encoder).float().requires_grad_(False)
+        module = module.float().requires_grad_(False)
+        zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
         self.prefix = prefix
         self.compute_dtype = compute_dtype
         self.zero3 = zero_stage == 3
         self.sharded_master = zero_stage in (1, 2)  # else every rank holds whole masters
         if self.zero3:
-            # Persistent (unpartitioned) small parameters would keep a full copy that the
-            # partition-wise EMA never updates: the threshold 0 partitions every parameter.
-            config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
-                      "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
-            engine, *_ = deepspeed.initialize(model=module, config=config)
+            engine, *_ = deepspeed.initialize(model=module, config=momentum_zero3_config(ds_config))
             self.module, self._forward = engine.module, engine
         else:
             self.module = module.to(get_accelerator().current_device_name())
@@ -65,10 +70,12 @@ class MomentumEncoder:
     def update(self, slices: list[MasterSlice], m: float) -> None:
         """k <- m * k + (1 - m) * q for every base-encoder slice q of this rank's master weights."""
         slices = [s for s in slices if s.name.startswith(self.prefix)]
-        if self.zero3:
-            for s in slices:
-                k = self.params[s.name[len(self.prefix):]].ds_tensor[:s.numel]
-                k.mul_(m).add_(s.weight, alpha=1 - m)
+        if self.zero3:  # under offload_optimizer the masters are on the host: copied per group
+            ks = [self.params[s.name[len(self.prefix):]].ds_tensor[:s.numel] for s in slices]
+            if ks:  # a rank may own no element of a small encoder on a large world
+                qs = on_device([s.weight for s in slices], ks[0].device)
+                torch._foreach_mul_(ks, m)
+                torch._foreach_add_(ks, qs, alpha=1 - m)
             return
         if not self.sharded_master:
             for s in slices:
@@ -76,10 +83,11 @@ class MomentumEncoder:
             return
         if self._optimizer is None:
             raise RuntimeError("MomentumEncoder.bind(optimizer, named_params) was not called")
-        masters = _master_partitions(self._optimizer)
         parts = [part for _, _, part in self._flats]
+        masters = _master_partitions(self._optimizer, [g for g, _, _ in self._flats],
+                                     get_accelerator().current_device_name())
         torch._foreach_mul_(parts, m)
-        torch._foreach_add_(parts, [masters[g] for g, _, _ in self._flats], alpha=1 - m)
+        torch._foreach_add_(parts, masters, alpha=1 - m)
         if dist.get_world_size() > 1:
             for _, flat, part in self._flats:
                 ds_comm.all_gather_into_tensor(flat, part)  # in place: part is a view of flat
@@ -137,10 +145,31 @@ class MomentumEncoder:
                 b.copy_(state[name])
 
 
-def _master_partitions(optimizer) -> list[torch.Tensor]:
-    """This rank's fp32 master partition [partition numel] of each flat param group."""
+# The run's ZeRO-3 settings for how a forward gathers partitions (prefetch, the budget of live
+# parameters) and where they are kept (offload_param: on the host, beside offloaded masters)
+# hold for the momentum encoder too.
+_INHERITED = ("stage3_prefetch_bucket_size", "stage3_max_live_parameters",
+              "stage3_max_reuse_distance", "offload_param")
+
+
+def momentum_zero3_config(ds_config: dict) -> dict:
+    """The DeepSpeed config of the momentum encoder's ZeRO-3 engine (fp32, no optimizer) in a run
+    under ``ds_config``. Persistent (unpartitioned) small parameters would keep a full copy that
+    the partition-wise EMA never updates: the threshold 0 partitions every parameter."""
+    zero = ds_config.get("zero_optimization", {})
+    return {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+            "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
+                                  **{k: zero[k] for k in _INHERITED if k in zero}}}
+
+
+def _master_partitions(optimizer, groups: list[int], device) -> list[torch.Tensor]:
+    """This rank's fp32 master partition [partition numel] of each flat param group in
+    ``groups``, on ``device``: with offload_optimizer they are on the host, and one copy each
+    brings them over (an fp32 partition per step: the EMA's PCIe traffic)."""
     found = getattr(optimizer, "single_partition_of_fp32_groups", None)  # ZeRO 1/2
-    return found if found is not None else optimizer.fp32_groups_flat_partition  # BF16 optimizer
+    if found is None:
+        found = optimizer.fp32_groups_flat_partition  # BF16 optimizer
+    return on_device([found[g] for g in groups], device)
 
 
 def _own_partition(flat: torch.Tensor) -> torch.Tensor:

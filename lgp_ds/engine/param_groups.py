@@ -16,6 +16,7 @@ factor, so the ratios hold at every step. MAE's fine-tuning also exempts the nam
 """
 import torch.nn as nn
 
+from lgp_ds.models.partitioned import full_shape
 from lgp_ds.models.vit import vit_layer_id
 
 
@@ -99,7 +100,7 @@ def build_param_groups(model: nn.Module, depth: int, stage_lrs, weight_decay: fl
         if not p.requires_grad:
             continue
         s = stage_of(name, depth, len(stage_lrs), encoder_prefix)
-        decay = p.ndim > 1 and name not in exempt
+        decay = len(full_shape(p)) > 1 and name not in exempt
         suffix = "" if decay else "_no_wd"
         if layer_decay == 1:
             group_name = f"stage{s + 1}{suffix}"

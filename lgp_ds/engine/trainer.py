@@ -24,24 +24,28 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from lgp_ds import dist
 from lgp_ds.checkpoint_file import tensor_digest
-from lgp_ds.config import Config, precision, run_identity
+from lgp_ds.config import Config, offloads_optimizer, precision, run_identity
 from lgp_ds.data.pipeline import build_train_data, samples_per_epoch
-from lgp_ds.models.vit import compile_blocks
+from lgp_ds.models.partitioned import is_partitioned, whole_copy
 
 from . import checkpoint, run_dir
 from .anchor import MIMAnchor
+from .construct import build_model, cast_partitions, local_values
 from .faults import FaultGuard
 from .init_weights import read_init
 from .master import master_slices
-from .momentum import MomentumEncoder
+from .momentum import MomentumEncoder, momentum_zero3_config
 from .monitoring import Meter, Progress, check_monitor_packages, peak_memory_gib
 from .param_groups import freeze_lower_stages
 from .run_dir import MetricsLog
 from .schedules import lr_factor, momentum_at
 
 
-def build_optimizer(cfg: Config, groups: list[dict]) -> torch.optim.Optimizer:
+def build_optimizer(cfg: Config, groups: list[dict], ds_config: dict) -> torch.optim.Optimizer:
     betas = tuple(cfg.betas)
+    if offloads_optimizer(ds_config):  # DeepSpeed steps host masters with its CPU Adam only
+        from deepspeed.ops.adam import DeepSpeedCPUAdam  # JIT-built C++ (about a minute once)
+        return DeepSpeedCPUAdam(groups, betas=betas, adamw_mode=True)
     if cfg.optimizer == "fused_adam":
         from deepspeed.ops.adam import FusedAdam  # JIT-built CUDA kernel
         return FusedAdam(groups, betas=betas, adam_w_mode=True)
@@ -68,23 +72,24 @@ class Trainer:
         self.device = get_accelerator().current_device_name()
         run_dir.prepare(cfg)
         self.metrics = MetricsLog(cfg.output_dir)
-        torch.manual_seed(cfg.seed)  # same initial weights on every rank
-        model = method.build_model()
-        if cfg.compile_blocks:  # before the momentum encoder copies it: the copy runs compiled too
-            compile_blocks(model, cfg.compile_backend)
+        zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+        self.dtype = getattr(torch, {"bf16": "bfloat16", "fp16": "float16",
+                                     "fp32": "float32"}[precision(ds_config)])
+        # ZeRO-3: partitioned as it is built, no rank ever holding the whole model
+        zero3 = zero_stage == 3
+        model = build_model(method, cfg, ds_config if zero3 else None)
         prefix = method.encoder_prefix
         self.depth = len(method.encoder(model).blocks)
         anchor_blocks = cfg.anchor_blocks if cfg.anchor_blocks is not None else self.depth // 2
         if anchor_blocks > self.depth:
             raise ValueError(f"config key anchor_blocks={anchor_blocks} exceeds the model depth "
                              f"{self.depth}")
-        mim_state, init_digest = None, None
+        weights, mim_state, init_digest = None, None, None
         if cfg.init:
             weights = read_init(cfg.init, method.encoder(model).blocks[0].attn.num_heads)
             method.load_init(model, weights)
             init_digest = tensor_digest(weights.encoder())
             mim_state = weights.encoder() if cfg.anchor_weight > 0 else None
-            del weights
         freeze_lower_stages(model, self.depth, cfg.num_stages, cfg.frozen_stages, prefix)
         lrs = [blr * cfg.batch_size / 256 for blr in cfg.stage_blrs]
         groups = method.param_groups(model, self.depth, lrs)
@@ -111,27 +116,33 @@ class Trainer:
         self.total_steps = cfg.epochs * self.steps_per_epoch
         warmup_steps = cfg.warmup_epochs * self.steps_per_epoch
 
-        zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
-        self.dtype = getattr(torch, {"bf16": "bfloat16", "fp16": "float16",
-                                     "fp32": "float32"}[precision(ds_config)])
-        # The momentum encoder is copied before DeepSpeed casts the model, so it holds the exact
-        # fp32 weights; so does this copy, from which the masters are restored below (in fp32
-        # the masters are the weights themselves).
-        self.momentum = (MomentumEncoder(model.base_encoder, zero_stage, self.dtype)
-                         if method.momentum_encoder else None)
+        # The momentum encoder: the base encoder of a second model built alike (same seed, same
+        # init= weights, partitioned alike under ZeRO-3), kept in fp32 where DeepSpeed casts.
+        self.momentum = None
+        if method.momentum_encoder:
+            with torch.random.fork_rng(devices=[]):  # the run draws what it would without it
+                twin = build_model(method, cfg, momentum_zero3_config(ds_config) if zero3 else None)
+            if weights is not None:
+                method.load_init(twin, weights)
+            self.momentum = MomentumEncoder(twin.base_encoder, ds_config, self.dtype)
+            del twin
+        del weights
+        # DeepSpeed builds the fp32 masters from the rounded bf16/fp16 module: they are restored
+        # below from these exact values of this rank's part (in fp32 the masters are the weights).
         exact = {} if self.dtype == torch.float32 else {
-            name_of[id(p)]: p.detach().clone() for g in groups for p in g["params"]}
+            name_of[id(p)]: local_values(p) for g in groups for p in g["params"]}
         # Frozen parameters have no fp32 master, and DeepSpeed saves them in the model dtype
         # (ZeRO >= 2) or not at all (ZeRO 0/1): checkpoints keep their exact values, but for
         # those the fp32 momentum encoder already holds.
         held = tuple(f"base_encoder.{n}" for n, _ in model.base_encoder.named_parameters()
                      ) if self.momentum is not None else ()
-        self.frozen = {n: p.detach().clone() for n, p in model.named_parameters()
+        self.frozen = {n: whole_copy(p) for n, p in model.named_parameters()
                        if not p.requires_grad and n not in held}
+        cast_partitions(model, self.dtype)
 
         schedule = partial(lr_factor, total_steps=self.total_steps, warmup_steps=warmup_steps)
         self.engine, _, _, _ = deepspeed.initialize(
-            model=model, optimizer=build_optimizer(cfg, groups), config=ds_config,
+            model=model, optimizer=build_optimizer(cfg, groups, ds_config), config=ds_config,
             lr_scheduler=lambda opt: LambdaLR(opt, schedule))
         self.metrics.monitor = self.engine.monitor  # the DeepSpeed config's monitors get each record
         # This rank's fp32 master slices: live views into DeepSpeed's buffers, found once (and
@@ -139,10 +150,12 @@ class Trainer:
         self.slices = self._find_slices()
         if self.momentum is not None:  # ZeRO 1/2: its layout follows the optimizer's groups
             self.momentum.bind(self.engine.optimizer, self.engine.module.named_parameters())
-        # Under bf16/fp16 DeepSpeed builds the masters from the rounded module; without this the
-        # base encoder would start off the MIM weights (and off the momentum encoder).
-        for s in self.slices if exact else ():
-            s.copy_from(exact[s.name])
+        # Without this the base encoder would start off the MIM weights (and off the momentum
+        # encoder) by the rounding of bf16/fp16.
+        with torch.no_grad():
+            for s in self.slices if exact else ():
+                s.weight.copy_(exact[s.name] if is_partitioned(s.param) else
+                               exact[s.name][s.start:s.start + s.numel])
         del exact
 
         self.anchor = None

@@ -41,6 +41,7 @@ from lgp_ds.data.shards import DataError
 from lgp_ds.data.transforms import Views, eval_transform
 from lgp_ds.engine.param_groups import build_param_groups, freeze_lower_blocks
 from lgp_ds.models.heads import hidden_layers
+from lgp_ds.models.partitioned import writable
 from lgp_ds.models.vit import HEAD_PREFIXES, load_weights, vit_from_config
 
 from .base import Method
@@ -62,8 +63,9 @@ class FinetuneModel(nn.Module):
             encoder.fc_norm, encoder.norm = encoder.norm, nn.Identity()
         layers, _ = hidden_layers(projector_layers, encoder.embed_dim, mlp_dim)  # head.0, .1, ...
         classifier = nn.Linear(mlp_dim if projector_layers else encoder.embed_dim, num_classes)
-        trunc_normal_(classifier.weight, std=2e-5)  # as MAE's main_finetune.py
-        nn.init.zeros_(classifier.bias)
+        with writable(classifier.parameters()):  # partitioned already under zero.Init
+            trunc_normal_(classifier.weight, std=2e-5)  # as MAE's main_finetune.py
+            nn.init.zeros_(classifier.bias)
         encoder.head = nn.Sequential(*layers, classifier)
         self.base_encoder = encoder
 

@@ -21,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lgp_ds.objectives import mae_loss
 
+from .partitioned import apply_gathered, full_shape, writable
 from .vit import vit_from_config
 
 
@@ -135,7 +136,7 @@ def add_decoder(module: nn.Module, num_patches: int, grid_size, patch_size: int,
     nn.init.normal_(module.mask_token, std=0.02)
     for m in (module.decoder_embed, module.decoder_blocks, module.decoder_norm,
               module.decoder_pred):
-        m.apply(_init_mae_weights)
+        apply_gathered(_init_mae_weights, m)
 
 
 def decode(module: nn.Module, latent: torch.Tensor, ids_restore: torch.Tensor,
@@ -177,7 +178,7 @@ class MaskedAutoencoder(nn.Module):
         if (getattr(encoder, "cls_token", None) is None or getattr(encoder, "reg_token", None)
                 is not None or getattr(encoder, "no_embed_class", False)
                 or not isinstance(getattr(encoder, "norm_pre", nn.Identity()), nn.Identity)
-                or encoder.pos_embed.shape[1] != pe.num_patches + 1):
+                or full_shape(encoder.pos_embed)[1] != pe.num_patches + 1):
             raise ValueError("MaskedAutoencoder needs a plain timm ViT: a cls token with a "
                              "position slot, no registers, no pre-norm")
         # MAE's parameter and module registration order: its state dict lists keys in this order
@@ -187,7 +188,7 @@ class MaskedAutoencoder(nn.Module):
         self.blocks = encoder.blocks
         self.norm = encoder.norm
         self.grad_checkpointing = bool(getattr(encoder, "grad_checkpointing", False))
-        add_decoder(self, pe.num_patches, pe.grid_size, pe.patch_size[0], self.pos_embed.shape[-1],
+        add_decoder(self, pe.num_patches, pe.grid_size, pe.patch_size[0], encoder.embed_dim,
                     decoder_embed_dim, decoder_depth, decoder_num_heads, fused_attn=fused_attn)
         self.patch_size = pe.patch_size[0]
         self.mask_ratio = mask_ratio
@@ -197,14 +198,15 @@ class MaskedAutoencoder(nn.Module):
     @torch.no_grad()
     def initialize_weights(self) -> None:
         """MAE's initialize_weights (the decoder was initialised by :func:`add_decoder`)."""
-        self.pos_embed.copy_(mae_sincos_pos_embed(self.pos_embed.shape[-1],
-                                                  self.patch_embed.grid_size).unsqueeze(0))
-        self.pos_embed.requires_grad_(False)
         w = self.patch_embed.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.normal_(self.cls_token, std=0.02)
+        with writable([self.pos_embed, w, self.cls_token]):
+            self.pos_embed.copy_(mae_sincos_pos_embed(self.pos_embed.shape[-1],
+                                                      self.patch_embed.grid_size).unsqueeze(0))
+            nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+            nn.init.normal_(self.cls_token, std=0.02)
+        self.pos_embed.requires_grad_(False)
         for m in (self.blocks, self.norm):
-            m.apply(_init_mae_weights)
+            apply_gathered(_init_mae_weights, m)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Checkpoint the encoder and decoder blocks' activations (recomputed in backward)."""

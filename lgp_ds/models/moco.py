@@ -1,8 +1,8 @@
 """The MoCo v3 model that the grafting step (and plain MoCo v3) trains.
 
 Layout follows MoCo v3 and the official grafting code: ``base_encoder`` is the ViT whose
-``head`` is the 3-layer projector, ``predictor`` the 2-layer MLP on top. The momentum encoder is
-a copy of ``base_encoder`` kept outside the DeepSpeed engine (see ``lgp_ds.engine.momentum``).
+``head`` is the 3-layer projector, ``predictor`` the 2-layer MLP on top. The momentum encoder,
+an EMA of ``base_encoder``, is kept outside the DeepSpeed engine (``lgp_ds.engine.momentum``).
 """
 
 import torch

@@ -8,8 +8,11 @@ import re
 import timm
 import torch
 import torch.nn as nn
-from timm.layers import build_sincos2d_pos_embed
-from timm.models.vision_transformer import Attention, Block, VisionTransformer
+from timm.layers import build_sincos2d_pos_embed, trunc_normal_
+from timm.models.vision_transformer import (Attention, Block, VisionTransformer,
+                                            get_init_weights_vit)
+
+from .partitioned import apply_gathered, copy_whole, full_shape, writable
 
 
 def create_vit(arch: str, img_size: int = 224, patch_size: int | None = None,
@@ -20,14 +23,18 @@ def create_vit(arch: str, img_size: int = 224, patch_size: int | None = None,
 
     ``patch_size``/``embed_dim``/``depth``/``num_heads`` override the named architecture (None keeps
     it). ``sincos_pos_embed`` fixes the position embedding to 2-D sin-cos (cls position zero) and
-    freezes it; ``frozen_patch_embed`` freezes MoCo v3's random patch projection.
+    freezes it; ``frozen_patch_embed`` freezes MoCo v3's random patch projection. Built inside
+    ``deepspeed.zero.Init`` it comes out partitioned, initialised as it would be whole.
     """
     overrides = {k: v for k, v in dict(patch_size=patch_size, embed_dim=embed_dim, depth=depth,
                                        num_heads=num_heads).items() if v is not None}
+    # timm initialises at the end of __init__, when zero.Init has partitioned the blocks already:
+    # built uninitialised, then initialised here the same way, a module at a time
     model = timm.create_model(arch, pretrained=False, num_classes=0, img_size=img_size,
-                              drop_path_rate=drop_path, **overrides)
+                              drop_path_rate=drop_path, weight_init="skip", **overrides)
     if not isinstance(model, VisionTransformer):
         raise ValueError(f"arch={arch!r} is not a timm VisionTransformer")
+    _init_timm_weights(model)
     for m in model.modules():
         if isinstance(m, Attention):
             m.fused_attn = fused_attn  # SDPA (flash / memory-efficient kernels) vs explicit softmax
@@ -37,6 +44,24 @@ def create_vit(arch: str, img_size: int = 224, patch_size: int | None = None,
     if frozen_patch_embed:
         model.patch_embed.requires_grad_(False)
     return model
+
+
+def _init_timm_weights(model: VisionTransformer) -> None:
+    """timm's ``VisionTransformer.init_weights()`` (its default scheme, the same draws in the same
+    order), each module's parameters gathered in turn where zero.Init partitioned them."""
+    if getattr(model, "fix_init", False):
+        raise ValueError("timm ViTs with fix_init are not supported")
+    tokens = [t for t in (model.pos_embed, model.cls_token, model.reg_token) if t is not None]
+    with writable(tokens), torch.no_grad():
+        if model.pos_embed is not None:
+            trunc_normal_(model.pos_embed, std=.02)
+        if model.cls_token is not None:
+            nn.init.normal_(model.cls_token, std=1e-6)
+        if model.reg_token is not None:
+            nn.init.normal_(model.reg_token, std=1e-6)
+    init = get_init_weights_vit("", needs_reset=False)
+    for child in model.children():  # timm's named_apply leaves the root out
+        apply_gathered(init, child)
 
 
 def vit_from_config(cfg, **overrides) -> VisionTransformer:
@@ -58,9 +83,9 @@ def compile_blocks(model: nn.Module, backend: str = "inductor") -> int:
     The blocks repeat, so compiling one block's forward, reused by all, takes a fraction of the
     time a whole-model (or whole-engine) compile takes at ViT-L/g size. The compiled forward is
     a class attribute of a subclass each block is switched to: module hooks (ZeRO-3's parameter
-    gathers, activation checkpointing's recompute) stay outside the compiled region, copies of
-    the model (the momentum encoder is a deep copy) compile their own calls, and the state dict
-    is unchanged. Blocks that differ in a constant (their drop-path rate, with ``drop_path`` > 0)
+    gathers, activation checkpointing's recompute) stay outside the compiled region, other
+    models of the class (the momentum encoder) share the compiled code, and the state dict is
+    unchanged. Blocks that differ in a constant (their drop-path rate, with ``drop_path`` > 0)
     compile once each, so dynamo's cache limit is raised to fit them all.
     """
     blocks = [m for m in model.modules() if isinstance(m, Block)]
@@ -91,12 +116,12 @@ def load_weights(module: torch.nn.Module, state: dict[str, torch.Tensor], source
     Raises ValueError naming the first offending keys when the weights do not fit: a checkpoint
     of another model (depth, width) is refused rather than half loaded.
     """
-    own = {k: v for k, v in module.state_dict().items() if not k.startswith(skip)}
+    own = {k: v for k, v in module.state_dict(keep_vars=True).items() if not k.startswith(skip)}
     state = {k: v for k, v in state.items() if not k.startswith(skip)}
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    wrong_shape = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}"
-                   for k, v in own.items() if k in state and state[k].shape != v.shape]
+    wrong_shape = [f"{k} {tuple(state[k].shape)} != {tuple(full_shape(v))}"
+                   for k, v in own.items() if k in state and state[k].shape != full_shape(v)]
     problems = []
     if missing:
         problems.append(f"missing keys {missing[:5]}" + (" ..." if len(missing) > 5 else ""))
@@ -107,17 +132,16 @@ def load_weights(module: torch.nn.Module, state: dict[str, torch.Tensor], source
     if problems:
         raise ValueError(f"init={source} does not fit the model ({type(module).__name__}, "
                          f"{len(own)} tensors): " + "; ".join(problems))
-    with torch.no_grad():
-        for k, v in own.items():
-            v.copy_(state[k])
+    for k, v in own.items():  # a partitioned parameter takes this rank's part
+        copy_whole(v, state[k])
 
 
 def _fix_sincos_pos_embed(model: VisionTransformer) -> None:
     grid = list(model.patch_embed.grid_size)
-    dim = model.pos_embed.shape[-1]
-    table = build_sincos2d_pos_embed(grid, dim=dim)  # [H*W, D]
-    n_prefix = model.pos_embed.shape[1] - table.shape[0]  # cls (and register) tokens: zeros
-    with torch.no_grad():
+    shape = full_shape(model.pos_embed)
+    table = build_sincos2d_pos_embed(grid, dim=shape[-1])  # [H*W, D]
+    n_prefix = shape[1] - table.shape[0]  # cls (and register) tokens: zeros
+    with writable([model.pos_embed]), torch.no_grad():
         model.pos_embed.zero_()
         model.pos_embed[0, n_prefix:].copy_(table)
     model.pos_embed.requires_grad_(False)
