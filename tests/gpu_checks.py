@@ -1,7 +1,8 @@
 """GPU-only checks, run by test_gpu.py in a fresh process with DeepSpeed's CUDA accelerator.
 
 fp16 with DeepSpeed's loss scaler and FusedAdam under ZeRO 2 (an overflow step is skipped,
-counted, and leaves the momentum encoder alone), bf16 under ZeRO 3, models built partitioned
+counted, and leaves the momentum encoder alone), FusedAdam's flat fp32 masters under bf16 ZeRO 0
+(exact start, the EMA, the checkpoint's conversion), bf16 under ZeRO 3, models built partitioned
 on the GPU (zero.Init) equal to the whole builds, the MIM anchor under fp16
 ZeRO 2 (fp32 gradient accumulation), ZeRO-Offload under ZeRO 2 and 3 (host masters, the momentum
 EMA and the anchor across host and GPU), every method that needs no init= under fp16 ZeRO 2,
@@ -52,6 +53,46 @@ def check_fp16_fused_adam(out):
     assert all(v.dtype == torch.float32 for v in params().values())
     print(f"fp16 zero2 FusedAdam: overflow skipped and counted, momentum unchanged "
           f"({t.engine.skipped_steps} skipped, {t.applied_steps()} applied)", flush=True)
+
+
+def check_fused_adam_flat_masters(out):
+    """bf16 ZeRO 0 with FusedAdam: DeepSpeed's FP16_Optimizer keeps the fp32 masters in one flat
+    tensor per group. The encoder starts at the exact init= weights there, the momentum EMA reads
+    them (exactly m * itself + (1 - m) * masters after each step) and a checkpoint converts to
+    them exactly."""
+    from lgp_ds.convert import read
+    mim = os.path.join(out, "flat_mim.pth")
+    cfg = jobs.tiny_config()
+    g = torch.Generator().manual_seed(3)
+    encoder = create_vit(cfg.arch, img_size=cfg.img_size, patch_size=cfg.patch_size,
+                         embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads)
+    state = {k: v + 0.01 * torch.randn(v.shape, generator=g)  # values bf16 cannot hold
+             for k, v in encoder.state_dict().items()}
+    torch.save({"model": state}, mim)
+    t = trainer(os.path.join(out, "flat"), 0, "bf16", optimizer="fused_adam", init=mim,
+                warmup_epochs=0)
+    assert type(t.engine.optimizer).__name__ == "FP16_Optimizer", type(t.engine.optimizer)
+    masters = jobs.full_master_weights(t.engine)
+    for name, value in masters.items():
+        key = name.removeprefix("base_encoder.")
+        if name.startswith("base_encoder.") and key in state and not key.startswith("head."):
+            assert torch.equal(value, state[key]), f"{name} does not start at init="
+    for step in range(3):
+        before = t.momentum.state_dict()
+        m = t.train_step(*jobs.global_batch(step, t.cfg))["momentum"]
+        after, masters = t.momentum.state_dict(), jobs.full_master_weights(t.engine)
+        for name, q in masters.items():
+            if name.startswith("base_encoder."):
+                key = name.removeprefix("base_encoder.")
+                assert (after[key] - (m * before[key] + (1 - m) * q)).abs().max() <= 1e-6, name
+    t.save()
+    base = read(t.ckpt_dir).base
+    for name, q in masters.items():
+        if name.startswith("base_encoder."):
+            assert torch.equal(base[name.removeprefix("base_encoder.")], q), \
+                f"{name}: the checkpoint does not hold the masters"
+    print("bf16 zero0 FusedAdam (FP16_Optimizer, flat masters): exact start, EMA from the "
+          "masters, checkpoint converts to them exactly", flush=True)
 
 
 def check_bf16_zero3(out):
@@ -257,6 +298,7 @@ def check_flash_attention():
 if __name__ == "__main__":
     deepspeed.init_distributed()  # NCCL
     check_fp16_fused_adam(sys.argv[1])
+    check_fused_adam_flat_masters(sys.argv[1])
     check_bf16_zero3(sys.argv[1])
     check_zero3_construction()
     check_anchor(sys.argv[1])

@@ -32,7 +32,6 @@ def tiny_config(**overrides):
 OPTIONS = {"": ({}, {}),
            "fp32reduce": ({}, {"communication_data_type": "fp32"}),
            "fp32accum": ({}, {"data_types": {"grad_accum_dtype": "fp32"}}),
-           "fused_adam": ({"optimizer": "fused_adam"}, {}),
            # regional compile, traced without code generation (inductor needs minutes on a CPU)
            "compiled": ({"compile_blocks": True, "compile_backend": "aot_eager"}, {}),
            # ZeRO-Offload: fp32 masters, gradients and Adam on the host (DeepSpeed's CPU Adam)
@@ -170,6 +169,19 @@ def resume_job(stage, bf16, data, out_dir, keys=None):
     out["metrics"] = {name: read_metrics(os.path.join(out_dir, name))
                       for name in ("straight", "split")}
     return out
+
+
+def resume_jobs(cases, data, out_dir):
+    """:func:`resume_job` per (stage, bf16, keys) of ``cases``, in out_dir/<index>: one process
+    start for all."""
+    return [resume_job(stage, bf16, data, os.path.join(out_dir, str(i)), keys)
+            for i, (stage, bf16, keys) in enumerate(cases)]
+
+
+def resume_choice_jobs(out_dir):
+    """:func:`resume_choice_job` without and with rank 1's shard dropped: {drop: result}."""
+    return {drop: resume_choice_job(os.path.join(out_dir, str(drop)), drop)
+            for drop in (False, True)}
 
 
 def resume_choice_job(out_dir, drop_rank1_shard):

@@ -4,6 +4,7 @@ import json
 import math
 import os
 import subprocess
+import sys
 
 from multirank import free_port
 
@@ -13,11 +14,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROWS = ["random init", "mae", "moco", "mim2cl_frozen", "graft"]
 
 
-def _compare(tmp_path, *args):
+def _compare(tmp_path, *args, launcher=True):
+    """launch/compare.py through the deepspeed launcher on 2 ranks (``launcher=False``: one
+    plain process, for input refused before training)."""
     port = free_port()
-    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(port), "launch/compare.py",
-           "--deepspeed_config", "ds_configs/cpu_demo.json", "--output_dir",
-           str(tmp_path / "compare"), *args]
+    start = (["deepspeed", "--num_gpus", "2", "--master_port", str(port)] if launcher
+             else [sys.executable])
+    cmd = start + ["launch/compare.py", "--deepspeed_config", "ds_configs/cpu_demo.json",
+                   "--output_dir", str(tmp_path / "compare"), *args]
     env = dict(os.environ, LGP_DS_CACHE=str(tmp_path / "cache"), MASTER_PORT=str(port))
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
 
@@ -79,9 +83,9 @@ def test_the_comparison_runs_end_to_end_and_fills_every_cell(tmp_path):
 
 
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path):
-    proc = _compare(tmp_path, "--fraction", "2")
+    proc = _compare(tmp_path, "--fraction", "2", launcher=False)
     assert proc.returncode == 2
     assert "error: --fraction 2.0: must lie in (0, 1]" in proc.stderr
-    proc = _compare(tmp_path, "tau=-1")
+    proc = _compare(tmp_path, "tau=-1", launcher=False)
     assert proc.returncode == 2 and "config key tau=-1" in proc.stderr
     assert not (tmp_path / "compare").exists()

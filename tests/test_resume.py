@@ -19,11 +19,20 @@ MTL = dict(method="mtl", frozen_patch_embed=False, num_stages=1, stage_blrs=[1e-
            decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2, num_workers=1)
 
 
-@pytest.mark.parametrize("stage,bf16,keys", [(2, True, {}), (3, False, {}), (2, False, MTL)],
-                         ids=["zero2-bf16", "zero3-fp32", "mtl-zero2-fp32"])
-def test_resume_continues_exactly(tmp_path, stage, bf16, keys):
-    data = make_shards(tmp_path, [10] * 4, corrupt={(s, j) for s in range(4) for j in (1, 5)})
-    out = run_ranks(jobs.resume_job, stage, bf16, data, str(tmp_path), keys)
+CASES = [(2, True, {}), (3, False, {}), (2, False, MTL)]  # (zero stage, bf16, config keys)
+
+
+@pytest.fixture(scope="module")
+def resumed_runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("resume")
+    data = make_shards(tmp, [10] * 4, corrupt={(s, j) for s in range(4) for j in (1, 5)})
+    return run_ranks(jobs.resume_jobs, CASES, data, str(tmp)), tmp
+
+
+@pytest.mark.parametrize("case", range(len(CASES)), ids=["zero2-bf16", "zero3-fp32", "mtl-zero2-fp32"])
+def test_resume_continues_exactly(resumed_runs, case):
+    ranks, tmp = resumed_runs
+    out = [rank[case] for rank in ranks]
     for rank in out:
         straight, first, resumed = rank["straight"], rank["first"], rank["resumed"]
         assert (first["step"], resumed["step"], straight["step"]) == (3, 4, 4)
@@ -40,15 +49,15 @@ def test_resume_continues_exactly(tmp_path, stage, bf16, keys):
     assert [{k: r[k] for k in same} for r in metrics["split"]] == \
         [{k: r[k] for k in same} for r in metrics["straight"]]
     assert metrics["straight"][-1]["corrupt_samples"] > 0
-    ckpts = tmp_path / "split" / "checkpoints"
+    ckpts = tmp / str(case) / "split" / "checkpoints"
     assert checkpoint.find_checkpoint("auto", str(ckpts)) == (str(ckpts), "step00000004")
 
 
 def test_rank_0_chooses_the_checkpoint_for_every_rank(tmp_path):
-    out = run_ranks(jobs.resume_choice_job, str(tmp_path / "a"), False)
-    assert out == [(4, None), (4, None)]  # rank 1 alone would have picked step 2
-    out = run_ranks(jobs.resume_choice_job, str(tmp_path / "b"), True)
-    for step, error in out:  # every rank fails with the reason; none hangs in the load
+    both = run_ranks(jobs.resume_choice_jobs, str(tmp_path))
+    assert [rank[False] for rank in both] == [(4, None), (4, None)]  # rank 1 alone: step 2
+    for step, error in (rank[True] for rank in both):  # every rank fails with the reason; none
+        # hangs in the load
         assert step is None
         assert "rank 0 chose" in error and "step00000004" in error
         assert "rank 1: " in error and "holds no ZeRO shard of rank 1" in error
