@@ -28,16 +28,23 @@ def tiny_config(**overrides):
     return build_config({**TINY, **overrides}, source="test")
 
 
+# Offloaded masters stepped by torch's AdamW on the host: the same buffers (the host fp32
+# partitions and their .grad) that DeepSpeed's CPU Adam steps by default, without its C++ build
+# (a minute of the suite); tests/gpu_checks.py runs the CPU Adam
+HOST_ADAM = {"zero_force_ds_cpu_optimizer": False}
+
 # Variants of a (zero stage, precision) set-up: (config keys, DeepSpeed config keys)
 OPTIONS = {"": ({}, {}),
            "fp32reduce": ({}, {"communication_data_type": "fp32"}),
            "fp32accum": ({}, {"data_types": {"grad_accum_dtype": "fp32"}}),
            # regional compile, traced without code generation (inductor needs minutes on a CPU)
            "compiled": ({"compile_blocks": True, "compile_backend": "aot_eager"}, {}),
-           # ZeRO-Offload: fp32 masters, gradients and Adam on the host (DeepSpeed's CPU Adam)
-           "offload": ({}, {"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}),
+           # ZeRO-Offload: fp32 masters, gradients and Adam on the host
+           "offload": ({}, {**HOST_ADAM,
+                            "zero_optimization": {"offload_optimizer": {"device": "cpu"}}}),
            # ZeRO 3: the parameter partitions (the momentum encoder's too) on the host as well
-           "offload_param": ({}, {"zero_optimization": {"offload_optimizer": {"device": "cpu"},
+           "offload_param": ({}, {**HOST_ADAM,
+                                  "zero_optimization": {"offload_optimizer": {"device": "cpu"},
                                                         "offload_param": {"device": "cpu"}}})}
 
 
@@ -279,7 +286,8 @@ def anchor_precision_job(stage, anchor_weight, persistence, offload, mim_path, o
                                 {"stage3_param_persistence_threshold": persistence}),
                 **({"offload_optimizer": {"device": "cpu"}} if offload else {}))
     trainer = Trainer(cfg, shipped_ds_config(cfg, name, gradient_accumulation_steps=2,
-                                             zero_optimization=zero), build_method(cfg))
+                                             zero_optimization=zero, **(HOST_ADAM if offload else {})),
+                      build_method(cfg))
     engine = trainer.engine
     out = {"masters": full_master_weights(engine), "momentum": trainer.momentum.state_dict(),
            "optimizer": type(engine.optimizer).__name__}

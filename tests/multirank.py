@@ -36,6 +36,17 @@ def _entry(rank, world, port, out_dir, fn, args):
         raise
 
 
+def _each(calls):
+    return [fn(*args) for fn, args in calls]
+
+
+def run_ranks_each(calls, world: int = 2) -> list[list]:
+    """Each ``(fn, args)`` of ``calls`` in turn, in one start of the ranks (a start costs seconds):
+    for each call, its per-rank return values."""
+    per_rank = run_ranks(_each, calls, world=world)
+    return [[rank[i] for rank in per_rank] for i in range(len(calls))]
+
+
 def run_ranks(fn, *args, world: int = 2) -> list:
     """``fn(*args)`` on ``world`` ranks with torch.distributed initialised; per-rank return values."""
     with tempfile.TemporaryDirectory() as out_dir:

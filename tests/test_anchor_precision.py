@@ -14,7 +14,7 @@ WEIGHT = 1e-4  # against the tiny model's gradients (1e-3..1), as small as the V
 # (zero stage, anchor weight, stage3_param_persistence_threshold if not the shipped one,
 # offload_optimizer to the host). The shipped threshold keeps all of the tiny model's parameters
 # whole on every rank; 0 partitions them all. Offloaded, the anchor adds to the host's fp32
-# gradients, which DeepSpeed's CPU Adam reads. ZeRO 0 + bf16 + anchor is refused: that case
+# gradients, which the host optimizer reads. ZeRO 0 + bf16 + anchor is refused: that case
 # checks the exact start alone.
 CASES = [(1, WEIGHT, None, False), (2, WEIGHT, None, False), (3, WEIGHT, None, False),
          (3, WEIGHT, 0, False), (2, WEIGHT, None, True), (3, WEIGHT, 0, True), (0, 0.0, None, False)]

@@ -6,7 +6,9 @@ import torch
 import jobs
 import vicreg_jobs
 from lgp_ds.models.heads import CrossRankBatchNorm1d, build_expander, build_mlp
-from multirank import run_ranks
+from multirank import run_ranks_each
+
+MEANS_OVER_STD = [0.0, 300.0]
 
 
 def _batchnorm(x, grad_out, weight, bias, dtype):
@@ -26,14 +28,41 @@ def _error(got: dict, want: dict) -> dict:
     return {k: (got[k].double() - want[k]).abs().max().item() for k in want}
 
 
-@pytest.mark.parametrize("mean_over_std", [0.0, 300.0])
-def test_cross_rank_batchnorm_equals_batchnorm_over_the_global_batch(mean_over_std):
+def _batchnorm_inputs(mean_over_std):
+    """x [512, 256] (std 1 per channel, mean ``mean_over_std``), grad_out, weight, bias."""
     g = torch.Generator().manual_seed(0)
     n, c = 512, 256
-    x = torch.randn(n, c, generator=g) + mean_over_std  # std 1 per channel
+    x = torch.randn(n, c, generator=g) + mean_over_std
     grad_out = torch.randn(n, c, generator=g)
-    weight, bias = torch.rand(c, generator=g) + 0.5, torch.randn(c, generator=g)
-    out = run_ranks(jobs.batchnorm_job, x, grad_out, weight, bias)
+    return x, grad_out, torch.rand(c, generator=g) + 0.5, torch.randn(c, generator=g)
+
+
+def _expander_inputs():
+    """x [16, 6] whose ranks' halves differ (local BN would be wrong), grad_out, dims, and the
+    official layout's initial state dict (the cross-rank expander loads it: same keys)."""
+    g = torch.Generator().manual_seed(0)
+    dims = (6, 10, 8)
+    x = torch.randn(16, 6, generator=g) * 2 + 1
+    x[:8] += 3 * torch.randn(6, generator=g)
+    grad_out = torch.randn(16, 8, generator=g)
+    torch.manual_seed(0)
+    state = {k: v.clone() for k, v in _official_expander(dims).state_dict().items()}
+    return x, grad_out, dims, state
+
+
+@pytest.fixture(scope="module")
+def two_ranks():
+    """Per-rank results of the batchnorm cases (by mean/std) and of the expander, one start."""
+    calls = [(jobs.batchnorm_job, _batchnorm_inputs(m)) for m in MEANS_OVER_STD]
+    *batchnorm, expander = run_ranks_each(calls + [(vicreg_jobs.expander_job, _expander_inputs())])
+    return dict(zip(MEANS_OVER_STD, batchnorm)), expander
+
+
+@pytest.mark.parametrize("mean_over_std", MEANS_OVER_STD)
+def test_cross_rank_batchnorm_equals_batchnorm_over_the_global_batch(two_ranks, mean_over_std):
+    x, grad_out, weight, bias = _batchnorm_inputs(mean_over_std)
+    c = x.shape[1]
+    out = two_ranks[0][mean_over_std]
     got = {"y": torch.cat([r["y"] for r in out]), "dx": torch.cat([r["dx"] for r in out]),
            "daffine": out[0]["daffine"]}
 
@@ -111,17 +140,9 @@ def _run_reference(dims, state, x, grad_out, dtype):
             min(u.abs().min().item() for u in pre_relu))
 
 
-def test_cross_rank_expander_equals_batchnorm_over_the_global_batch():
-    g = torch.Generator().manual_seed(0)
-    dims = (6, 10, 8)
-    x = torch.randn(16, 6, generator=g) * 2 + 1
-    x[:8] += 3 * torch.randn(6, generator=g)  # the ranks' halves differ: local BN would be wrong
-    grad_out = torch.randn(16, 8, generator=g)
-    torch.manual_seed(0)
-    official = _official_expander(dims)
-    state = {k: v.clone() for k, v in official.state_dict().items()}
-    # the cross-rank expander loads the official layout's state dict (same keys)
-    out = run_ranks(vicreg_jobs.expander_job, x, grad_out, dims, state)
+def test_cross_rank_expander_equals_batchnorm_over_the_global_batch(two_ranks):
+    x, grad_out, dims, state = _expander_inputs()
+    out = two_ranks[1]
     got = {"y": torch.cat([r["y"] for r in out]), **out[0]["grads"]}
 
     # Exact answer: float64; "fp32 precision" is what the plain fp32 model achieves against it.

@@ -18,7 +18,7 @@ from jobs import tiny_config
 from lgp_ds.engine.init_weights import read_init
 from lgp_ds.methods import build_method
 from lgp_ds.models.vit import MAE_ONLY_PREFIXES
-from multirank import run_ranks
+from multirank import run_ranks, run_ranks_each
 
 
 @pytest.fixture(scope="module")
@@ -80,10 +80,19 @@ def test_grafting_starts_from_the_lgp_ds_mae_checkpoint_folder(runs):
 
 
 @pytest.fixture(scope="module")
-def bf16_runs(runs, tmp_path_factory):
+def later_runs(runs, tmp_path_factory):
+    """(bf16 runs, MAE's per-rank losses of mask_job), one start of the ranks."""
     _, out_dir = runs
-    return run_ranks(method_jobs.bf16_job, str(tmp_path_factory.mktemp("bf16")),
-                     os.path.join(out_dir, "mae"))
+    bf16, masks = run_ranks_each([
+        (method_jobs.bf16_job, (str(tmp_path_factory.mktemp("bf16")),
+                                os.path.join(out_dir, "mae"))),
+        (method_jobs.mask_job, (str(tmp_path_factory.mktemp("masks")),))])
+    return bf16, masks
+
+
+@pytest.fixture(scope="module")
+def bf16_runs(later_runs):
+    return later_runs[0]
 
 
 @pytest.mark.parametrize("stage", [1, 2])
@@ -177,10 +186,10 @@ def test_cl2mim_starts_from_an_official_moco_v3_file(tmp_path):
             assert torch.equal(value, moco_model.base_encoder.state_dict()[key]), key
 
 
-def test_mae_masks_differ_across_ranks_and_steps(tmp_path):
+def test_mae_masks_differ_across_ranks_and_steps(later_runs):
     """The mask noise comes from an RNG seeded per (seed, micro-batch, rank): not the same masks
     on every rank (the model's seed is), nor the same at every step."""
-    per_rank = run_ranks(method_jobs.mask_job, str(tmp_path))
+    per_rank = later_runs[1]
     for losses in per_rank:
         assert len(set(losses)) == 3, losses
     assert all(a != b for a, b in zip(*per_rank)), per_rank

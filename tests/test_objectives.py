@@ -8,13 +8,34 @@ import reference
 import vicreg_jobs
 from lgp_ds import dist
 from lgp_ds.objectives import vicreg_loss
-from multirank import run_ranks
+from multirank import run_ranks_each
 
 
-def test_loss_with_gathered_keys_equals_single_process():
+def _contrastive_inputs():
     g = torch.Generator().manual_seed(0)
-    q1, q2, k1, k2 = (torch.randn(8, 16, generator=g) for _ in range(4))
-    per_rank = run_ranks(jobs.contrastive_job, q1, q2, k1, k2, 0.2)
+    return tuple(torch.randn(8, 16, generator=g) for _ in range(4))  # q1, q2, k1, k2
+
+
+def _vicreg_inputs():
+    g = torch.Generator().manual_seed(0)
+    z1, z2 = _views(g, 16, 12)
+    x1, x2 = _views(g, 16, 6)
+    w = torch.randn(6, 12, generator=g) * torch.linspace(0.3, 2.0, 12)
+    gather_x = [torch.randn(3, 2, 5, generator=g) for _ in range(2)]
+    gather_grad = [torch.randn(6, 2, 5, generator=g) for _ in range(2)]
+    return dict(z1=z1, z2=z2, x1=x1, x2=x2, w=w, gather_x=gather_x, gather_grad=gather_grad)
+
+
+@pytest.fixture(scope="module")
+def two_ranks():
+    """Per-rank results of the contrastive and the VICReg jobs, one start of the ranks."""
+    return run_ranks_each([(jobs.contrastive_job, (*_contrastive_inputs(), 0.2)),
+                           (vicreg_jobs.vicreg_job, tuple(_vicreg_inputs().values()))])
+
+
+def test_loss_with_gathered_keys_equals_single_process(two_ranks):
+    q1, q2, k1, k2 = _contrastive_inputs()
+    per_rank = two_ranks[0]
     want = (reference.ctr(q1, k2, 0.2) + reference.ctr(q2, k1, 0.2)).item()
     # each rank's loss is a mean over its own queries against all keys: their mean is the full one
     assert abs(sum(per_rank) / 2 - want) < 1e-5
@@ -55,16 +76,8 @@ def _views(g, n, d):
 
 
 @pytest.fixture(scope="module")
-def vicreg_two_ranks():
-    g = torch.Generator().manual_seed(0)
-    z1, z2 = _views(g, 16, 12)
-    x1, x2 = _views(g, 16, 6)
-    w = torch.randn(6, 12, generator=g) * torch.linspace(0.3, 2.0, 12)
-    gather_x = [torch.randn(3, 2, 5, generator=g) for _ in range(2)]
-    gather_grad = [torch.randn(6, 2, 5, generator=g) for _ in range(2)]
-    out = run_ranks(vicreg_jobs.vicreg_job, z1, z2, x1, x2, w, gather_x, gather_grad)
-    return dict(z1=z1, z2=z2, x1=x1, x2=x2, w=w, gather_x=gather_x, gather_grad=gather_grad,
-                out=out)
+def vicreg_two_ranks(two_ranks):
+    return {**_vicreg_inputs(), "out": two_ranks[1]}
 
 
 def test_vicreg_terms_equal_the_reference_on_one_process():

@@ -10,7 +10,7 @@ from multirank import run_ranks
 
 # (zero stage, bf16, option): gradients reduced in fp32 ("communication_data_type"); the
 # transformer blocks compiled (regionally, ZeRO-3's gathers outside the compiled forward);
-# ZeRO-Offload (masters, gradients and DeepSpeed's CPU Adam on the host; the momentum EMA reads
+# ZeRO-Offload (masters, gradients and the optimizer on the host; the momentum EMA reads
 # the host masters; under ZeRO 3 the parameters on the host too)
 CONFIGS = [(stage, bf16, "") for stage in (0, 1, 2, 3) for bf16 in (False, True)] + [
     (2, True, "fp32reduce"), (2, True, "compiled"), (3, False, "compiled"),
@@ -98,8 +98,8 @@ def test_compiled_blocks_compute_what_eager_blocks_do(runs, stage, bf16):
 
 
 def test_offload_computes_what_the_device_optimizer_does(runs):
-    """In fp32 DeepSpeed's CPU Adam on the host masters and torch's AdamW on the device ones take
-    the same steps up to rounding (measured: update error 1e-5 after four steps, as against the
+    """In fp32 AdamW on the host masters and AdamW on the device ones take the same steps up to
+    rounding (measured: update error 1e-5 after four steps, as against the
     single-process run), and the EMA reads the same masters; a stale master copy, a lost update
     or an EMA from the wrong partition would be O(1)."""
     out, _, initial, _ = runs

@@ -43,14 +43,17 @@ from .schedules import lr_factor, momentum_at
 
 def build_optimizer(cfg: Config, groups: list[dict], ds_config: dict) -> torch.optim.Optimizer:
     betas = tuple(cfg.betas)
-    if offloads_optimizer(ds_config):  # DeepSpeed steps host masters with its CPU Adam only
+    offload = offloads_optimizer(ds_config)
+    # Host masters: DeepSpeed's CPU Adam, unless the config lets a torch optimizer step them
+    if offload and ds_config.get("zero_force_ds_cpu_optimizer", True):
         from deepspeed.ops.adam import DeepSpeedCPUAdam  # JIT-built C++ (about a minute once)
         return DeepSpeedCPUAdam(groups, betas=betas, adamw_mode=True)
     if cfg.optimizer == "fused_adam":
         from deepspeed.ops.adam import FusedAdam  # JIT-built CUDA kernel
         return FusedAdam(groups, betas=betas, adam_w_mode=True)
-    # torch's fused AdamW kernel on the GPU; the plain loop elsewhere
-    return torch.optim.AdamW(groups, betas=betas, fused=get_accelerator().device_name() == "cuda")
+    # torch's fused AdamW kernel for masters on the GPU; the plain loop elsewhere
+    cuda = get_accelerator().device_name() == "cuda"
+    return torch.optim.AdamW(groups, betas=betas, fused=cuda and not offload)
 
 
 class Trainer:
