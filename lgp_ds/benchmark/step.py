@@ -17,12 +17,13 @@ from .reference import OfficialStyleStep
 def synthetic_batch(method, cfg, n: int, device) -> tuple[list[torch.Tensor], torch.Tensor]:
     """(views, labels) of ``n`` random images as ``method``'s transform makes them (float views,
     or uint8 crops with ``augment_on=device``) on ``device``, and random labels [n] (fine-tuning
-    trains on them; pre-training ignores them)."""
+    trains on them; pre-training ignores them) on the host, where the loader gives them (the
+    trainer checks them there)."""
     shape = (n, 3, cfg.img_size, cfg.img_size)
     views = [torch.randint(0, 256, shape, dtype=torch.uint8, device=device)
              if v.dtype == torch.uint8 else torch.randn(shape, device=device)
              for v in sample_views(method, cfg.img_size)]
-    return views, torch.randint(0, cfg.num_classes, (n,), device=device)
+    return views, torch.randint(0, cfg.num_classes, (n,))
 
 
 def write_stand_in(method, cfg, path: str) -> None:

@@ -255,6 +255,7 @@ class Trainer:
         to the engine's dtype."""
         views = tuple(v.to(self.device, non_blocking=True) for v in views)
         if labels is not None:
+            self.method.check_labels(labels)
             labels = labels.to(self.device, non_blocking=True)
         with self._forward_rng():  # the device augmentation draws from it too
             views = self.method.device_views(views)

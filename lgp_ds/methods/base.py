@@ -78,6 +78,11 @@ class Method:
             return views
         return tuple(augment(x, v.photometric) for x, v in zip(views, self.views(), strict=True))
 
+    def check_labels(self, labels: torch.Tensor) -> None:
+        """``labels`` [B] of a micro-batch, on the host before the trainer moves them to the
+        device (a check there would wait for the device every step): raise DataError for labels
+        the method cannot train on. Default: the method reads none."""
+
     def loss(self, engine, views: tuple[torch.Tensor, ...], momentum,
              labels: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
         """(loss to backpropagate, {name: detached scalar tensor} of its terms) for one batch;

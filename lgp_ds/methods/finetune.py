@@ -149,16 +149,18 @@ class Finetune(Method):
                              f"it ({type(e).__name__}: {e})") from None
         return Views(train)
 
-    def loss(self, engine, views, momentum, labels=None):
-        (x,) = views
-        if labels is None:
-            raise ValueError("method=finetune trains on labels: pass them (train_step(..., "
-                             "labels=))")
+    def check_labels(self, labels):
         bad = (labels < 0) | (labels >= self.cfg.num_classes)
         if bool(bad.any()):
             raise DataError(f"method=finetune: label {int(labels[bad][0])} is outside 0.."
                             f"{self.cfg.num_classes - 1} (num_classes={self.cfg.num_classes}; "
                             f"-1: a sample without an integer cls)")
+
+    def loss(self, engine, views, momentum, labels=None):
+        (x,) = views
+        if labels is None:
+            raise ValueError("method=finetune trains on labels: pass them (train_step(..., "
+                             "labels=))")
         target = labels
         if self.mixup is not None:
             if x.shape[0] % 2:
