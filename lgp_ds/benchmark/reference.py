@@ -65,7 +65,8 @@ class OfficialStyleStep:
         self.accumulation, self.micro_batches = accumulation, 0
 
     def step(self, views: tuple[torch.Tensor, ...], labels: torch.Tensor) -> torch.Tensor:
-        labels = labels.to(views[0].device, non_blocking=True)  # from the host, as the official code
+        # from the host, as the official code moves them
+        labels = labels.to(views[0].device, non_blocking=True)
         with torch.autocast(self.device_type, dtype=torch.float16):
             loss, _ = self.method.loss(self.model, views, self.momentum, labels)
         self.scaler.scale(loss / self.accumulation).backward()
