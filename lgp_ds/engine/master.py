@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 from deepspeed.utils import safe_get_local_grad, safe_set_local_grad
 
-from lgp_ds import dist
+from lgp_ds.models.partitioned import is_partitioned, local_part
 
 
 @dataclass
@@ -45,7 +45,7 @@ class MasterSlice:
         optimizer reads (ZeRO 1/2 copy it there during the reduction, ZeRO 3 as each partition
         is reduced), added to in place: pass ``g`` on the host, after the device has finished
         those copies (:meth:`MIMAnchor.add_gradient` waits for them once)."""
-        if hasattr(self.param, "ds_id"):
+        if is_partitioned(self.param):
             optimizer = self.param._z3_optimizer
             if optimizer.offload_optimizer:
                 grad = _zero3_partition(optimizer, self.param, grad=True)[:self.numel]
@@ -87,10 +87,9 @@ def master_slices(optimizer, named_params) -> list[MasterSlice]:
     for name, p in named_params:
         if not p.requires_grad:
             continue
-        if hasattr(p, "ds_id"):
-            part = p.ds_tensor.numel()
-            start = dist.get_rank() * part
-            numel = max(0, min(part, p.ds_numel - start))
+        if is_partitioned(p):
+            start, part = local_part(p)
+            numel = part.numel()
             if numel:
                 out.append(MasterSlice(name, p, start, numel,
                                        _zero3_partition(optimizer, p)[:numel]))

@@ -28,6 +28,7 @@ import torch.nn as nn
 from deepspeed.accelerator import get_accelerator
 
 from lgp_ds import dist
+from lgp_ds.models.partitioned import whole_copy
 
 from .master import MasterSlice, on_device
 
@@ -123,10 +124,7 @@ class MomentumEncoder:
         """Full fp32 state on CPU (a collective under ZeRO 3: call it on every rank)."""
         if not self.zero3:
             return {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
-        out = {}
-        for name, p in self.params.items():
-            with deepspeed.zero.GatheredParameters([p]):
-                out[name] = p.detach().cpu().clone()
+        out = {name: whole_copy(p) for name, p in self.params.items()}
         for name, b in self.module.named_buffers():
             out[name] = b.detach().cpu().clone()
         return out
