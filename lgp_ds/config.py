@@ -48,7 +48,9 @@ class Config(BaseModel):
     num_heads: Positive | None = None
     drop_path: Rate = 0.0
     fused_attn: StrictBool = True
-    grad_ckpt: StrictBool = False
+    # activation checkpointing: every block (true: the encoder's, and the MAE decoder's), none, or
+    # the lowest N encoder blocks (only as many as memory needs: less recomputed in backward)
+    grad_ckpt: StrictBool | NonNegative = False
     # regional torch.compile of the transformer blocks (models.vit.compile_blocks) with this
     # backend; aot_eager traces the blocks without generating code (debugging, CPU tests)
     compile_blocks: StrictBool = False

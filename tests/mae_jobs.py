@@ -17,9 +17,11 @@ from lgp_ds.models.vit import create_vit
 ENCODER = dict(arch="vit_tiny_patch16_224", img_size=16, patch_size=4, embed_dim=32, depth=2,
                num_heads=2, sincos_pos_embed=True)
 DECODER = dict(decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2, mask_ratio=0.75)
+# activation checkpointing: none, the lowest encoder block, every block (as str(): True == 1)
+GRAD_CKPT = (False, 1, True)
 
 
-def tiny_mae(seed: int, grad_ckpt: bool = False, **overrides) -> MaskedAutoencoder:
+def tiny_mae(seed: int, grad_ckpt: bool | int = False, **overrides) -> MaskedAutoencoder:
     torch.manual_seed(seed)
     return MaskedAutoencoder(create_vit(**ENCODER, grad_ckpt=grad_ckpt), **{**DECODER, **overrides})
 
@@ -31,10 +33,11 @@ def local(x: torch.Tensor) -> torch.Tensor:
 
 
 def zero3_job(imgs, noise, seed):
-    """For grad_ckpt False and True: a ZeRO-3 fp32 engine of ``tiny_mae(seed)``, one forward and
-    backward on this rank's rows; loss, pred, mask and the full (rank-averaged) gradients."""
+    """For each of GRAD_CKPT (keyed by its str()): a ZeRO-3 fp32 engine of ``tiny_mae(seed)``,
+    one forward and backward on this rank's rows; loss, pred, mask and the full (rank-averaged)
+    gradients."""
     out = {}
-    for grad_ckpt in (False, True):
+    for grad_ckpt in GRAD_CKPT:
         model = tiny_mae(seed, grad_ckpt)
         config = {"train_micro_batch_size_per_gpu": imgs.shape[0] // dist.get_world_size(),
                   "zero_optimization": {"stage": 3}, "bf16": {"enabled": False},
@@ -47,8 +50,8 @@ def zero3_job(imgs, noise, seed):
         engine.backward(loss)
         grads = {n: safe_get_full_grad(p).cpu().clone()
                  for n, p in engine.module.named_parameters() if p.requires_grad}
-        out[grad_ckpt] = {"loss": loss.detach().clone(), "pred": pred.detach().clone(),
-                          "mask": mask.clone(), "grads": grads,
-                          "partitioned": hasattr(engine.module.blocks[0].attn.qkv.weight,
-                                                 "ds_tensor")}
+        out[str(grad_ckpt)] = {
+            "loss": loss.detach().clone(), "pred": pred.detach().clone(), "mask": mask.clone(),
+            "grads": grads,
+            "partitioned": hasattr(engine.module.blocks[0].attn.qkv.weight, "ds_tensor")}
     return out

@@ -14,10 +14,11 @@ import torch.nn.functional as F
 
 import mae_jobs
 from lgp_ds.config import build_config
-from lgp_ds.models.mae import build_mae_model, encode_visible, random_masking
+from lgp_ds.models.mae import (build_mae_model, decoder_checkpointed, encode_visible,
+                               random_masking)
 from lgp_ds.models.vit import create_vit
 from lgp_ds.objectives import mae_loss
-from mae_jobs import ENCODER, tiny_mae
+from mae_jobs import ENCODER, GRAD_CKPT, tiny_mae
 from multirank import run_ranks
 
 P, L = 4, 16  # the tiny model's patch size and patch count (16 px images)
@@ -273,7 +274,7 @@ def test_build_from_config_passes_every_key():
     assert list(model.state_dict()) == _official_keys(3, 2)
     assert model.pos_embed.shape == (1, 5, 32) and model.decoder_pred.out_features == 8 * 8 * 3
     assert model.decoder_blocks[0].attn.num_heads == 4 and model.blocks[0].attn.num_heads == 2
-    assert model.grad_checkpointing and model.mask_ratio == 0.6 and not model.norm_pix_loss
+    assert decoder_checkpointed(model) and model.mask_ratio == 0.6 and not model.norm_pix_loss
     assert not any(blk.attn.fused_attn for blk in [*model.blocks, *model.decoder_blocks])
     assert model.patch_embed.proj.weight.requires_grad and not model.pos_embed.requires_grad
     _, _, mask = model(torch.randn(2, 3, 16, 16))
@@ -282,29 +283,33 @@ def test_build_from_config_passes_every_key():
 
 # ---- activation checkpointing --------------------------------------------------------------
 
-def test_grad_checkpointing_gives_the_same_loss_and_gradients():
+@pytest.mark.parametrize("ckpt", [1, True])
+def test_grad_checkpointing_gives_the_same_loss_and_gradients(ckpt):
+    """Checkpointed blocks (the lowest encoder block; every encoder and decoder block) run again
+    in backward and give the same loss and gradients as keeping every activation."""
     imgs, noise = _batch(4)
     results = {}
-    for ckpt in (False, True):
-        model = tiny_mae(0, grad_ckpt=ckpt)
-        assert model.grad_checkpointing == ckpt
-        calls = []
+    for grad_ckpt in (False, ckpt):
+        model = tiny_mae(0, grad_ckpt=grad_ckpt)
+        runs = []
         for blk in [*model.blocks, *model.decoder_blocks]:
-            blk.register_forward_pre_hook(lambda *a, calls=calls: calls.append(1))
+            blk.register_forward_pre_hook(lambda m, *a, runs=runs: runs.append(m))
         loss, _, _ = model(imgs, noise)
         loss.backward()
-        results[ckpt] = (loss, {n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+        results[grad_ckpt] = (loss, {n: p.grad for n, p in model.named_parameters()
+                                     if p.requires_grad})
         # checkpointed blocks run again in backward (pre-hooks: torch's non-reentrant recompute
         # stops once the saved tensors are rebuilt, before a forward hook would fire)
-        assert len(calls) == 3 * (2 if ckpt else 1)
-    (loss0, g0), (loss1, g1) = results[False], results[True]
+        blocks = [*model.blocks, *model.decoder_blocks]
+        want = blocks if grad_ckpt is True else list(model.blocks)[:grad_ckpt]
+        assert runs[:len(blocks)] == blocks  # the forward
+        recomputed = runs[len(blocks):]
+        assert len(recomputed) == len(want) and {id(m) for m in recomputed} == {id(m) for m in want}
+    (loss0, g0), (loss1, g1) = results[False], results[ckpt]
     assert loss0.item() == loss1.item()
     assert g0.keys() == g1.keys()
     for k in g0:  # the recomputation repeats the same fp32 operations
         torch.testing.assert_close(g1[k], g0[k], rtol=1e-6, atol=1e-9, msg=k)
-    model = tiny_mae(0)
-    model.set_grad_checkpointing(True)
-    assert model.grad_checkpointing
 
 
 # ---- DeepSpeed ZeRO-3 on 2 ranks ---------------------------------------------------------
@@ -318,8 +323,8 @@ def test_zero3_two_ranks_equal_the_reference_on_each_half():
         rows = slice(4 * rank, 4 * rank + 4)
         want_loss, want_pred, want_mask, _ = _reference(model, imgs[rows], noise[rows])
         halves.append(want_loss)
-        for ckpt in (False, True):
-            got = out[rank][ckpt]
+        for ckpt in GRAD_CKPT:
+            got = out[rank][str(ckpt)]
             assert got["partitioned"]  # the weights really were ZeRO-3 partitions
             assert torch.equal(got["mask"], want_mask.float())
             torch.testing.assert_close(got["pred"], want_pred.float(), rtol=0, atol=ATOL)
@@ -329,9 +334,9 @@ def test_zero3_two_ranks_equal_the_reference_on_each_half():
     loss0, _, _ = ref(imgs[:4], noise[:4])
     loss1, _, _ = ref(imgs[4:], noise[4:])
     ((loss0 + loss1) / 2).backward()
-    for ckpt in (False, True):
+    for ckpt in GRAD_CKPT:
         for rank in range(2):
-            grads = out[rank][ckpt]["grads"]
+            grads = out[rank][str(ckpt)]["grads"]
             assert grads.keys() == {n for n, p in ref.named_parameters() if p.requires_grad}
             for n, p in ref.named_parameters():
                 if p.requires_grad:  # fp32 sums over 2 ranks in another order: ~1e-7 relative

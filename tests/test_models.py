@@ -7,7 +7,7 @@ import torch
 import jobs
 from lgp_ds.engine.init_weights import read_init
 from lgp_ds.models.moco import build_graft_model
-from lgp_ds.models.vit import create_vit, load_weights
+from lgp_ds.models.vit import checkpointed_blocks, create_vit, load_weights, set_checkpointing
 
 
 def _mae_checkpoint(cfg) -> dict:
@@ -78,14 +78,23 @@ def test_vit_switches():
     vit = create_vit("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=64, depth=2,
                      num_heads=2, fused_attn=False, grad_ckpt=True, sincos_pos_embed=True,
                      frozen_patch_embed=True)
-    assert not vit.blocks[0].attn.fused_attn and vit.grad_checkpointing
+    assert not vit.blocks[0].attn.fused_attn and checkpointed_blocks(vit) == 2
     assert not vit.pos_embed.requires_grad and not vit.patch_embed.proj.weight.requires_grad
     assert torch.all(vit.pos_embed[0, 0] == 0) and vit.pos_embed[0, 1:].abs().max() <= 1
     x = torch.randn(2, 3, 32, 32)
     out = vit(x)
     out.sum().backward()  # activation checkpointing runs forward and backward
     assert out.shape == (2, 64) and vit.blocks[0].mlp.fc1.weight.grad is not None
-    vit.set_grad_checkpointing(False)
+    set_checkpointing(vit, 1)  # the lowest block only
+    assert checkpointed_blocks(vit) == 1 and not vit.grad_checkpointing
+    runs = []
+    for blk in vit.blocks:
+        blk.register_forward_pre_hook(lambda m, *a: runs.append(m))
+    vit(x).sum().backward()
+    assert runs == [*vit.blocks, vit.blocks[0]]  # block 0 runs again in backward
+    with pytest.raises(ValueError, match=r"grad_ckpt=3 must lie in \[0, 2\], the model's depth"):
+        set_checkpointing(vit, 3)
+    set_checkpointing(vit, False)
     for blk in vit.blocks:
         blk.attn.fused_attn = True
     assert torch.allclose(vit(x), out, atol=1e-5)  # SDPA == explicit softmax attention

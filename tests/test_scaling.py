@@ -1,6 +1,7 @@
 """lgp_ds.scaling: traffic counted from the models (and checked against the collectives that
 DeepSpeed and lgp_ds issue on 2 CPU ranks), memory, the time model's limits, the CLI report."""
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -15,7 +16,7 @@ from scaling_jobs import step_collectives_job
 from lgp_ds.methods import build_method
 from lgp_ds.models.heads import CrossRankBatchNorm1d
 from lgp_ds.scaling.counts import ARCHS, count_config, count_model
-from lgp_ds.scaling.memory import memory
+from lgp_ds.scaling.memory import fewest_checkpointed, memory
 from lgp_ds.scaling.report import Inputs, ModelScaling, add_arguments, inputs_from_args
 from lgp_ds.scaling.timing import Network
 from lgp_ds.scaling.traffic import (PERSISTENCE_THRESHOLD, PREFETCH_BUCKET, REDUCE_BUCKET, SETUPS,
@@ -66,7 +67,27 @@ def test_vit_sizes_and_flops(sizes):
                           ("ViT-g/14", 1011.0e6)):
         assert sizes[name].engine.total - heads == pytest.approx(encoder, rel=0.01), name
     assert sizes["ViT-L/16"].train_flops == pytest.approx(0.99e12, rel=0.01)
-    assert sizes["ViT-L/16"].grad_ckpt and not sizes["ViT-B/16"].grad_ckpt
+    assert sizes["ViT-L/16"].ckpt_blocks == 24 and sizes["ViT-B/16"].ckpt_blocks == 0
+
+
+def test_fewest_checkpointed_blocks_is_the_first_count_that_fits(sizes):
+    """grad_ckpt: N on the lowest blocks: each block checkpointed keeps its bf16 input (2 bytes
+    per token and width) instead of its 34; the top block, rebuilt first while nothing is freed
+    yet, saves nothing. The fewest that fit is the first count whose memory is in budget."""
+    m = sizes["ViT-g/14"]
+
+    def total(blocks):
+        return sum(memory(dataclasses.replace(m, ckpt_blocks=blocks), Setup(2), 8, 128).values())
+    per_block = VIEWS * 128 * m.tokens * m.width
+    for blocks in range(1, m.depth):
+        assert total(blocks - 1) - total(blocks) == pytest.approx(32 * per_block)
+    assert total(m.depth) - total(m.depth - 1) == pytest.approx(2 * per_block)
+    for blocks in (0, 7, m.depth - 2):
+        assert fewest_checkpointed(m, Setup(2), 8, 128, total(blocks)) == blocks
+        assert fewest_checkpointed(m, Setup(2), 8, 128, total(blocks) - 1) == blocks + 1
+    assert fewest_checkpointed(m, Setup(2), 8, 128, total(m.depth - 1) - 1) is None
+    cfg = jobs.tiny_config().model_copy(update={"grad_ckpt": 2})
+    assert count_config(cfg).ckpt_blocks == 2  # as the built model checkpoints
 
 
 def test_shipped_configs_give_the_constants():

@@ -11,6 +11,8 @@ from fvcore.nn import FlopCountAnalysis
 from PIL import Image
 from timm.models.vision_transformer import Attention
 
+from lgp_ds.models.vit import CheckpointedBlocks
+
 
 def sample_views(method, img_size: int) -> tuple[torch.Tensor, ...]:
     """The views the method's transform makes of one (blank) image: their number and dtype."""
@@ -29,8 +31,8 @@ def flops_per_image(method, cfg) -> float:
     for m in model.modules():
         if isinstance(m, Attention):
             m.fused_attn = False
-        if hasattr(m, "set_grad_checkpointing"):
-            m.set_grad_checkpointing(False)
+        if isinstance(m, CheckpointedBlocks):
+            m.checkpointed = 0
     views = tuple(torch.zeros(2, 3, cfg.img_size, cfg.img_size)
                   for _ in sample_views(method, cfg.img_size))
     flops = 3 * _forward_flops(model, views)

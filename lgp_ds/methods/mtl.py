@@ -6,7 +6,7 @@ projector/predictor (with a momentum encoder) and the MAE decoder all train.
 loss = cl_weight * MoCo loss + mim_weight * MAE loss.
 """
 from lgp_ds.data.transforms import mae_views, moco_views
-from lgp_ds.models.mae import add_decoder, decode, encode_visible
+from lgp_ds.models.mae import add_decoder, decode, decoder_checkpointed, encode_visible
 from lgp_ds.models.moco import GraftModel
 from lgp_ds.models.vit import vit_from_config
 from lgp_ds.objectives import mae_loss, moco_loss
@@ -30,7 +30,7 @@ class MTLModel(GraftModel):
         q1, q2 = super().forward(x1, x2)
         x3 = x3.to(self.base_encoder.patch_embed.proj.weight.dtype)
         latent, mask, ids_restore = encode_visible(self.base_encoder, x3, self.mask_ratio, noise)
-        pred = decode(self, latent, ids_restore, grad_ckpt=self.base_encoder.grad_checkpointing)
+        pred = decode(self, latent, ids_restore, decoder_checkpointed(self.base_encoder))
         return q1, q2, pred, mask
 
 

@@ -7,22 +7,20 @@ code serves :class:`MaskedAutoencoder` and a multi-task model whose shared encod
     random_masking(x, ratio, noise)          per-sample masking by argsort of noise
     encode_visible(vit, imgs, ratio, noise)  the encoder on the visible patches (+ cls)
     add_decoder(module, ...)                 registers MAE's decoder_* attributes on a module
-    decode(module, latent, ids_restore)      the decoder: a pixel prediction for every patch
+    decode(module, latent, ids_restore, ..)  the decoder: a pixel prediction for every patch
 
-Activation checkpointing: ``vit.grad_checkpointing`` checkpoints the encoder blocks,
-``module.grad_checkpointing`` (or ``decode(grad_ckpt=...)``) the decoder blocks.
+Activation checkpointing: the encoder's lowest blocks as :func:`lgp_ds.models.vit.set_checkpointing`
+set them, the decoder's blocks where every encoder block is (:func:`decoder_checkpointed`).
 """
 from functools import partial
 
 import torch
 import torch.nn as nn
 from timm.models.vision_transformer import Block
-from torch.utils.checkpoint import checkpoint
-
 from lgp_ds.objectives import mae_loss
 
 from .partitioned import apply_gathered, full_shape, writable
-from .vit import vit_from_config
+from .vit import checkpointed_blocks, run_blocks, set_checkpointing, vit_from_config
 
 
 def mae_sincos_pos_embed(embed_dim: int, grid_size, cls_token: bool = True) -> torch.Tensor:
@@ -58,12 +56,6 @@ def _init_mae_weights(m: nn.Module) -> None:
         nn.init.zeros_(m.bias)
 
 
-def _run_blocks(blocks, x: torch.Tensor, grad_ckpt: bool) -> torch.Tensor:
-    for blk in blocks:
-        x = checkpoint(blk, x, use_reentrant=False) if grad_ckpt else blk(x)
-    return x
-
-
 def random_masking(x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None):
     """Per-sample random masking by argsort of noise (MAE).
 
@@ -88,7 +80,7 @@ def random_masking(x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | Non
 def encode_visible(vit: nn.Module, imgs: torch.Tensor, mask_ratio: float,
                    noise: torch.Tensor | None = None):
     """MAE's forward_encoder on a module with timm ViT attributes (patch_embed, pos_embed
-    [1, 1+L, D] with a cls slot, cls_token, blocks, norm, grad_checkpointing).
+    [1, 1+L, D] with a cls slot, cls_token, blocks, norm).
 
     imgs [N, 3, H, W] (cast by the caller to the parameters' dtype) -> (latent [N, 1 + Lv, D],
     mask [N, L], ids_restore [N, L]); see :func:`random_masking` for ``noise``.
@@ -105,7 +97,7 @@ def encode_visible(vit: nn.Module, imgs: torch.Tensor, mask_ratio: float,
     x, mask, ids_restore = random_masking(x, mask_ratio, noise)
     cls = (vit.cls_token + pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
     x = torch.cat((cls, x), dim=1)
-    x = _run_blocks(vit.blocks, x, bool(getattr(vit, "grad_checkpointing", False)))
+    x = run_blocks(vit.blocks, x, checkpointed_blocks(vit))
     return vit.norm(x), mask, ids_restore
 
 
@@ -139,22 +131,26 @@ def add_decoder(module: nn.Module, num_patches: int, grid_size, patch_size: int,
         apply_gathered(_init_mae_weights, m)
 
 
+def decoder_checkpointed(encoder: nn.Module) -> bool:
+    """The decoder's blocks are checkpointed where every block of ``encoder`` is
+    (``grad_ckpt: true``); a count of the lowest encoder blocks leaves the decoder out."""
+    return len(encoder.blocks) > 0 and checkpointed_blocks(encoder) == len(encoder.blocks)
+
+
 def decode(module: nn.Module, latent: torch.Tensor, ids_restore: torch.Tensor,
-           grad_ckpt: bool | None = None) -> torch.Tensor:
+           grad_ckpt: bool) -> torch.Tensor:
     """MAE's forward_decoder over the attributes of :func:`add_decoder`.
 
-    latent [N, 1 + Lv, D], ids_restore [N, L] -> pred [N, L, p*p*3] (cls dropped). ``grad_ckpt``
-    None: checkpoint the decoder blocks when ``module.grad_checkpointing`` is set.
+    latent [N, 1 + Lv, D], ids_restore [N, L] -> pred [N, L, p*p*3] (cls dropped). ``grad_ckpt``:
+    checkpoint the decoder blocks.
     """
-    if grad_ckpt is None:
-        grad_ckpt = bool(getattr(module, "grad_checkpointing", False))
     x = module.decoder_embed(latent)
     n, length, d = x.shape[0], ids_restore.shape[1], x.shape[2]
     mask_tokens = module.mask_token.to(x.dtype).expand(n, length + 1 - x.shape[1], -1)
     x_ = torch.cat([x[:, 1:, :], mask_tokens], dim=1)  # visible first, then the masked: shuffled
     x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).expand(-1, -1, d))  # back to patch order
     x = torch.cat([x[:, :1, :], x_], dim=1) + module.decoder_pos_embed
-    x = _run_blocks(module.decoder_blocks, x, grad_ckpt)
+    x = run_blocks(module.decoder_blocks, x, len(module.decoder_blocks) if grad_ckpt else 0)
     return module.decoder_pred(module.decoder_norm(x))[:, 1:, :]
 
 
@@ -181,13 +177,13 @@ class MaskedAutoencoder(nn.Module):
                 or full_shape(encoder.pos_embed)[1] != pe.num_patches + 1):
             raise ValueError("MaskedAutoencoder needs a plain timm ViT: a cls token with a "
                              "position slot, no registers, no pre-norm")
+        set_checkpointing(encoder, checkpointed_blocks(encoder))  # timm's own flag too
         # MAE's parameter and module registration order: its state dict lists keys in this order
         self.cls_token = encoder.cls_token
         self.pos_embed = encoder.pos_embed
         self.patch_embed = pe
         self.blocks = encoder.blocks
         self.norm = encoder.norm
-        self.grad_checkpointing = bool(getattr(encoder, "grad_checkpointing", False))
         add_decoder(self, pe.num_patches, pe.grid_size, pe.patch_size[0], encoder.embed_dim,
                     decoder_embed_dim, decoder_depth, decoder_num_heads, fused_attn=fused_attn)
         self.patch_size = pe.patch_size[0]
@@ -208,14 +204,10 @@ class MaskedAutoencoder(nn.Module):
         for m in (self.blocks, self.norm):
             apply_gathered(_init_mae_weights, m)
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Checkpoint the encoder and decoder blocks' activations (recomputed in backward)."""
-        self.grad_checkpointing = enable
-
     def forward(self, imgs: torch.Tensor, noise: torch.Tensor | None = None):
         x = imgs.to(self.patch_embed.proj.weight.dtype)  # DeepSpeed's bf16 has no input autocast
         latent, mask, ids_restore = encode_visible(self, x, self.mask_ratio, noise)
-        pred = decode(self, latent, ids_restore)
+        pred = decode(self, latent, ids_restore, decoder_checkpointed(self))
         loss = mae_loss(pred, imgs, mask, self.patch_size, self.norm_pix_loss)  # fp32 target
         return loss, pred, mask
 

@@ -11,18 +11,20 @@ import torch.nn as nn
 from timm.layers import build_sincos2d_pos_embed, trunc_normal_
 from timm.models.vision_transformer import (Attention, Block, VisionTransformer,
                                             get_init_weights_vit)
+from torch.utils.checkpoint import checkpoint
 
 from .partitioned import apply_gathered, copy_whole, full_shape, writable
 
 
 def create_vit(arch: str, img_size: int = 224, patch_size: int | None = None,
                embed_dim: int | None = None, depth: int | None = None, num_heads: int | None = None,
-               drop_path: float = 0.0, fused_attn: bool = True, grad_ckpt: bool = False,
+               drop_path: float = 0.0, fused_attn: bool = True, grad_ckpt: bool | int = False,
                sincos_pos_embed: bool = False, frozen_patch_embed: bool = False) -> VisionTransformer:
     """Build a headless timm ViT (``num_classes=0``): forward(x [N,3,H,W]) -> [N, embed_dim].
 
     ``patch_size``/``embed_dim``/``depth``/``num_heads`` override the named architecture (None keeps
-    it). ``sincos_pos_embed`` fixes the position embedding to 2-D sin-cos (cls position zero) and
+    it). ``grad_ckpt``: activation checkpointing, see :func:`set_checkpointing`.
+    ``sincos_pos_embed`` fixes the position embedding to 2-D sin-cos (cls position zero) and
     freezes it; ``frozen_patch_embed`` freezes MoCo v3's random patch projection. Built inside
     ``deepspeed.zero.Init`` it comes out partitioned, initialised as it would be whole.
     """
@@ -38,7 +40,7 @@ def create_vit(arch: str, img_size: int = 224, patch_size: int | None = None,
     for m in model.modules():
         if isinstance(m, Attention):
             m.fused_attn = fused_attn  # SDPA (flash / memory-efficient kernels) vs explicit softmax
-    model.set_grad_checkpointing(grad_ckpt)
+    set_checkpointing(model, grad_ckpt)
     if sincos_pos_embed:
         _fix_sincos_pos_embed(model)
     if frozen_patch_embed:
@@ -62,6 +64,62 @@ def _init_timm_weights(model: VisionTransformer) -> None:
     init = get_init_weights_vit("", needs_reset=False)
     for child in model.children():  # timm's named_apply leaves the root out
         apply_gathered(init, child)
+
+
+class CheckpointedBlocks(nn.Sequential):
+    """A ViT's ``blocks`` whose lowest ``checkpointed`` blocks are checkpointed (see
+    :func:`run_blocks`). The same children as timm's ``nn.Sequential``: the same state dict.
+
+    forward(x [N, T, D]) -> [N, T, D]
+    """
+    checkpointed = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return run_blocks(self, x, self.checkpointed)
+
+
+def run_blocks(blocks, x: torch.Tensor, checkpointed: int) -> torch.Tensor:
+    """``blocks`` in turn on x [N, T, D]. The first ``checkpointed`` keep only their input for
+    backward and run their forward again there (torch's non-reentrant checkpoint, which ZeRO 3's
+    gathering hooks and regionally compiled blocks run inside); without autograd recording (the
+    momentum encoder, evaluation) there is nothing to keep and they run plainly."""
+    for i, block in enumerate(blocks):
+        if i < checkpointed and torch.is_grad_enabled():
+            x = checkpoint(block, x, use_reentrant=False)
+        else:
+            x = block(x)
+    return x
+
+
+def set_checkpointing(vit: VisionTransformer, grad_ckpt: bool | int) -> None:
+    """Activation checkpointing of ``vit``'s blocks: every block (True), none (False) or the
+    lowest ``grad_ckpt``.
+
+    A checkpointed block keeps its input (2 bytes per token and width in bf16) instead of its
+    activations (about 34) and costs one more forward of itself in backward, so checkpointing
+    only as many blocks as memory needs saves that share of the recompute. Blocks that record
+    nothing for autograd (frozen, with nothing trained below them: mim2cl_frozen's lower stages,
+    ``freeze_blocks``) keep no activations either way. ``vit.blocks`` becomes a
+    :class:`CheckpointedBlocks`; timm's all-or-nothing ``grad_checkpointing`` is left off.
+    """
+    depth = len(vit.blocks)
+    count = depth if grad_ckpt is True else int(grad_ckpt)
+    if not 0 <= count <= depth:
+        raise ValueError(f"config key grad_ckpt={grad_ckpt} must lie in [0, {depth}], the "
+                         f"model's depth")
+    if getattr(vit, "grad_checkpointing", False):
+        vit.grad_checkpointing = False  # timm's forward would checkpoint every block again
+    vit.blocks.__class__ = CheckpointedBlocks
+    vit.blocks.checkpointed = count
+
+
+def checkpointed_blocks(vit: nn.Module) -> int:
+    """How many of ``vit``'s lowest blocks are checkpointed (a module with timm ViT attributes:
+    set by :func:`set_checkpointing`, or timm's own all-or-nothing flag)."""
+    count = getattr(vit.blocks, "checkpointed", None)
+    if count is None:
+        count = len(vit.blocks) if getattr(vit, "grad_checkpointing", False) else 0
+    return count
 
 
 def vit_from_config(cfg, **overrides) -> VisionTransformer:

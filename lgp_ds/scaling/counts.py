@@ -13,6 +13,7 @@ from lgp_ds.config import load_config
 from lgp_ds.engine.anchor import is_anchored
 from lgp_ds.methods import build_method
 from lgp_ds.models.heads import CrossRankBatchNorm1d
+from lgp_ds.models.vit import checkpointed_blocks
 
 # The sizes the report covers, each by its grafting recipe (ViT-H and ViT-g: ViT-L's carried
 # over, stages of 8 blocks, the anchor on the lower half, batch 4096).
@@ -61,7 +62,7 @@ class ModelCounts:
     tokens: int  # per view, class token included
     width: int
     depth: int
-    grad_ckpt: bool
+    ckpt_blocks: int  # the lowest blocks under activation checkpointing
     forward_flops: float  # one view of one image through base encoder, projector and predictor
     momentum_flops: float  # one view of one image through the momentum encoder
     global_batch: int  # the recipe's
@@ -78,7 +79,13 @@ class ModelCounts:
         forward that activation checkpointing computes again in the backward. The step time
         scales with these: a rate measured on a checkpointed model (ViT-L's recipe) applied to
         model FLOPs would make a model without checkpointing (ViT-B's) look a quarter slower."""
-        return 2 * ((3 + self.grad_ckpt) * self.forward_flops + self.momentum_flops)
+        return 2 * ((3 + self.recompute) * self.forward_flops + self.momentum_flops)
+
+    @property
+    def recompute(self) -> float:
+        """The share of the forward that activation checkpointing runs again in backward (its
+        share of the blocks, which hold nearly all the FLOPs)."""
+        return self.ckpt_blocks / self.depth
 
     @property
     def fp32_grads(self) -> bool:
@@ -128,6 +135,6 @@ def count_config(cfg, name: str = "", recipe: str = "",
         name=name, recipe=recipe, engine=Params.of(model), momentum=Params.of(encoder),
         engine_bn=tuple(bn), momentum_bn=tuple(momentum_bn), key_dim=cfg.proj_dim,
         anchored_tensors=anchored, tokens=tokens, width=encoder.embed_dim,
-        depth=len(encoder.blocks), grad_ckpt=bool(encoder.grad_checkpointing),
+        depth=len(encoder.blocks), ckpt_blocks=checkpointed_blocks(encoder),
         forward_flops=encoder_flops + predictor, momentum_flops=encoder_flops,
         global_batch=global_batch or cfg.batch_size)

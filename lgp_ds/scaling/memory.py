@@ -15,10 +15,12 @@
   partition plus one gathered fp32 prefetch bucket.
 - activations, rough: 34 bytes per token and width per block and view (bf16, attention in
   fused kernels that keep no token-by-token matrix: Korthikanti et al. 2022 without their
-  attention-score term); with activation checkpointing each block's input (2 bytes) plus one
-  block's 34 while it is recomputed. The momentum encoder runs without gradient (no activations
+  attention-score term); a checkpointed block keeps its input (2 bytes), and its 34 are
+  rebuilt in backward (see :func:`activation_bytes`). The momentum encoder runs without gradient (no activations
   kept), the heads see one token per image (left out).
 """
+import dataclasses
+
 from .counts import ModelCounts
 from .traffic import (BF16, FP32, PERSISTENCE_THRESHOLD, PREFETCH_BUCKET, REDUCE_BUCKET, VIEWS,
                       Setup)
@@ -28,8 +30,13 @@ OPTIMIZER_BYTES = 12  # fp32 master, Adam's m and v
 
 
 def activation_bytes(m: ModelCounts, batch: float) -> float:
+    """Activations a rank holds at the peak of a step of ``batch`` images (both views)."""
     block = ACTIVATION_BYTES * m.tokens * m.width
-    per_view = (m.depth * BF16 * m.tokens * m.width + block) if m.grad_ckpt else m.depth * block
+    kept = m.depth - m.ckpt_blocks
+    # The lowest blocks are checkpointed, so backward rebuilds them last, one at a time, once the
+    # kept blocks' activations are freed: the peak is at the start of backward, or at a rebuild
+    # where every block is checkpointed (so checkpointing the top block too saves nothing).
+    per_view = m.ckpt_blocks * BF16 * m.tokens * m.width + max(kept, m.ckpt_blocks > 0) * block
     return VIEWS * batch * per_view
 
 
@@ -63,3 +70,15 @@ def memory(m: ModelCounts, setup: Setup, n: int, batch: float) -> dict[str, floa
     optimizer = (OPTIMIZER_BYTES + (0 if fp32_grads else FP32)) * trained / shards
     return {"params": params, "grads": grads, "optimizer": optimizer, "momentum": momentum,
             "activations": activation_bytes(m, batch)}
+
+
+def fewest_checkpointed(m: ModelCounts, setup: Setup, n: int, batch: float,
+                        budget: float) -> int | None:
+    """The fewest of the lowest blocks to checkpoint (``grad_ckpt: N``) for a rank's memory
+    under ``setup`` on ``n`` ranks to fit ``budget`` bytes; None where checkpointing every block
+    does not fit either. Each block left out saves its share of the recompute."""
+    for blocks in range(m.depth + 1):
+        counted = memory(dataclasses.replace(m, ckpt_blocks=blocks), setup, n, batch)
+        if sum(counted.values()) <= budget:
+            return blocks
+    return None

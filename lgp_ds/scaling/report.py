@@ -1,9 +1,10 @@
 """The scaling report in Markdown: per-step traffic, memory, predicted step and the ZeRO stage to
 pick for the grafting step of ViT-B/16 to ViT-g/14 (``tools/bench.py --scaling`` prints it)."""
+import dataclasses
 from dataclasses import dataclass, field
 
 from .counts import ARCHS, ModelCounts, count_model
-from .memory import memory
+from .memory import fewest_checkpointed, memory
 from .timing import Compute, Network, Prediction, predict
 from .traffic import SETUPS, Setup, bytes_per_rank, refused, step_comms
 
@@ -122,12 +123,12 @@ def _models_section(models: list[ModelScaling], inputs: Inputs) -> list[str]:
         rows.append([m.name, m.recipe,
                      f"{m.engine.total / 1e6:,.0f} ({m.engine.trained / 1e6:,.0f})",
                      f"{m.momentum.total / 1e6:,.0f}", str(m.tokens),
-                     "yes" if m.grad_ckpt else "no", f"{m.train_flops / 1e12:.3f}",
+                     f"{m.ckpt_blocks} of {m.depth}", f"{m.train_flops / 1e12:.3f}",
                      f"{speed[0]:.0f} / {speed[3]:.0f}",
                      f"{inputs.batch / speed[0] * 1e3:.0f} / {inputs.batch / speed[3] * 1e3:.0f}"])
     return ["### The models", ""] + _table(
         ["model", "recipe", "engine params, M (trained)", "momentum encoder, M", "tokens per view",
-         "activation ckpt", "TFLOP per image", "img/s per GPU, ZeRO 0-2 / 3",
+         "checkpointed blocks", "TFLOP per image", "img/s per GPU, ZeRO 0-2 / 3",
          f"step of {inputs.batch}, ms, ZeRO 0-2 / 3"], rows)
 
 
@@ -168,6 +169,33 @@ def _memory_section(models: list[ModelScaling], inputs: Inputs) -> list[str]:
     return [f"### Memory per GPU, GB, batch {inputs.batch}", ""] + _table(
         ["model", "set-up", f"params ({low} GPUs)", "grads", "optimizer", "momentum",
          "activations", f"total, {low} GPUs", f"total, {high} GPUs"], rows)
+
+
+def _checkpointing_cell(model: ModelScaling, setup: Setup, n: int, batch: float) -> str:
+    budget = (model.inputs.gpu_memory_gb - MEMORY_RESERVE_GB) * 1e9
+    blocks = fewest_checkpointed(model.m, setup, n, batch, budget)
+    if blocks is None:
+        return "does not fit"
+    fewest = dataclasses.replace(model.m, ckpt_blocks=blocks)
+    every = dataclasses.replace(model.m, ckpt_blocks=model.m.depth)
+    saved = 1 - fewest.executed_flops / every.executed_flops
+    gb = sum(memory(fewest, setup, n, batch).values()) / 1e9
+    return f"{blocks} of {model.m.depth}: {gb:.0f} GB, {100 * saved:.0f}% fewer FLOPs"
+
+
+def _checkpointing_section(models: list[ModelScaling], inputs: Inputs) -> list[str]:
+    """The fewest checkpointed blocks that fit, where the recipes checkpoint every block."""
+    low = min(inputs.gpus)
+    cases = [(Setup(2), low, inputs.batch), (Setup(3), low, inputs.batch), (Setup(3), 1, 32)]
+    rows = [[model.m.name] + [_checkpointing_cell(model, *case) for case in cases]
+            for model in models]
+    return ["### Activation checkpointing: the fewest blocks that fit", "",
+            f"`grad_ckpt: N` checkpoints the lowest N blocks; the recipes' `true`, all of them. "
+            f"Per cell: the fewest that fit in {inputs.gpu_memory_gb:g} GB less "
+            f"{MEMORY_RESERVE_GB:g}, the memory then, and the FLOPs each image needs fewer than "
+            f"with every block checkpointed.", ""] + _table(
+        ["model", f"ZeRO 2, {low} GPUs, {inputs.batch} images each",
+         f"ZeRO 3, {low} GPUs, {inputs.batch} images each", "ZeRO 3, 1 GPU, 32 images"], rows)
 
 
 def _prediction_section(models: list[ModelScaling], inputs: Inputs, global_batch: bool,
@@ -220,6 +248,7 @@ def report(inputs: Inputs = Inputs()) -> str:
     lines += _models_section(models, inputs) + [""]
     lines += _traffic_section(models, inputs) + [""]
     lines += _memory_section(models, inputs) + [""]
+    lines += _checkpointing_section(models, inputs) + [""]
     lines += _prediction_section(
         models, inputs, False, f"### Predicted scaling, {inputs.batch} images per GPU") + [""]
     lines += [f"### ZeRO stage to pick, {inputs.batch} images per GPU", "",

@@ -122,7 +122,7 @@ class Prediction:
 def compute_windows(m: ModelCounts, seconds: float) -> dict[str, float]:
     """The images' compute time split by FLOPs into the windows collectives may hide under."""
     forward = m.forward_flops
-    backward = (2 + m.grad_ckpt) * forward
+    backward = (2 + m.recompute) * forward
     total = forward + backward + m.momentum_flops
     return {BACKWARD: seconds * backward / total,
             ENGINE: seconds * (forward + backward) / total,

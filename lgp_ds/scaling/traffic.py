@@ -149,14 +149,14 @@ def step_comms(m: ModelCounts, setup: Setup, n: int, batch: float,
             comms.append(Comm("momentum update", "all-gather", "fp32", FP32 * trained,
                               PARAM_GROUPS))
     if stage == 3:
-        passes = 1 + int(m.grad_ckpt)  # backward, and the recomputed forward
         backward = m.engine.over(big, trained_only=True)
+        recomputed = m.recompute * backward  # the checkpointed blocks' forward, again
         # DeepSpeed gathers one prefetch bucket of tensors at a time
-        calls = VIEWS * (_buckets(m.engine.over(big), PREFETCH_BUCKET)
-                         + passes * _buckets(backward, PREFETCH_BUCKET))
+        calls = VIEWS * sum(_buckets(elements, PREFETCH_BUCKET)
+                            for elements in (m.engine.over(big), backward, recomputed) if elements)
         comms += [
             Comm("parameter all-gathers in forward and backward", "all-gather", "bf16",
-                 BF16 * VIEWS * (m.engine.over(big) + passes * backward), calls, ENGINE),
+                 BF16 * VIEWS * (m.engine.over(big) + backward + recomputed), calls, ENGINE),
             Comm("persistent parameter all-gather after the step", "all-gather", "bf16",
                  BF16 * (m.engine.total - m.engine.over(big)), 1),
             Comm("momentum encoder all-gathers in its forward", "all-gather", "fp32",
