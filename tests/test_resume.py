@@ -9,6 +9,7 @@ import torch
 import jobs
 from lgp_ds.config import build_config, resolve_ds_config, run_identity
 from lgp_ds.engine import checkpoint
+from lgp_ds.methods import build_method
 from multirank import run_ranks
 from tarfiles import make_shards
 
@@ -51,6 +52,16 @@ def test_resume_continues_exactly(resumed_runs, case):
     assert metrics["straight"][-1]["corrupt_samples"] > 0
     ckpts = tmp / str(case) / "split" / "checkpoints"
     assert checkpoint.find_checkpoint("auto", str(ckpts)) == (str(ckpts), "step00000004")
+    # The momentum encoder's weights are written once, by rank 0: under ZeRO 3 every rank writes
+    # a model-states file, the others' hold its buffers alone
+    files = sorted((ckpts / "step00000004").glob("*model_states.pt"))
+    saved = [torch.load(f, map_location="cpu", weights_only=False)["momentum"] for f in files]
+    assert len(saved) == (2 if CASES[case][0] == 3 else 1)
+    assert saved[0].keys() == out[0]["straight"]["momentum"].keys()
+    cfg = jobs.tiny_config(**CASES[case][2])
+    buffers = {n for n, _ in build_method(cfg).build_model().base_encoder.named_buffers()}
+    for other in saved[1:]:
+        assert buffers and other.keys() == buffers
 
 
 def test_rank_0_chooses_the_checkpoint_for_every_rank(tmp_path):

@@ -120,17 +120,26 @@ class MomentumEncoder:
                 k.data = view.view_as(k)
             self._flats.append((g, flat, _own_partition(flat)))
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """Full fp32 state on CPU (a collective under ZeRO 3: call it on every rank)."""
+    def state_dict(self, params: bool = True) -> dict[str, torch.Tensor]:
+        """The whole fp32 state on the host (a collective under ZeRO 3: call it on every rank);
+        ``params=False``: the buffers alone, the rank taking part in ZeRO 3's gathers only.
+
+        Checkpoints take the parameters from rank 0 alone: DeepSpeed writes rank 0's client
+        state, and under ZeRO 3 every rank's, where a whole encoder per rank would be written
+        world-size times (4 GB each for ViT-g/14) and held on every rank's host while saving.
+        """
         if not self.zero3:
-            return {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
-        out = {name: whole_copy(p) for name, p in self.params.items()}
+            return {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()
+                    if params or k not in self.params}
+        out = {name: whole_copy(p, keep=params) for name, p in self.params.items()}
+        out = {name: v for name, v in out.items() if v is not None}
         for name, b in self.module.named_buffers():
             out[name] = b.detach().cpu().clone()
         return out
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Inverse of :meth:`state_dict`; every rank passes the same full state."""
+        """Inverse of :meth:`state_dict`: the parameters from rank 0's state (whole; the others
+        may hold the buffers alone, as saved under ZeRO 3), the buffers from each rank's own."""
         if not self.zero3:
             self.module.load_state_dict(state)
             return

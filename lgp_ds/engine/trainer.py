@@ -139,8 +139,11 @@ class Trainer:
         # those the fp32 momentum encoder already holds.
         held = tuple(f"base_encoder.{n}" for n, _ in model.base_encoder.named_parameters()
                      ) if self.momentum is not None else ()
-        self.frozen = {n: whole_copy(p) for n, p in model.named_parameters()
-                       if not p.requires_grad and n not in held}
+        # (on rank 0 alone, whose client state checkpoints are read from: see
+        # MomentumEncoder.state_dict)
+        frozen = {n: whole_copy(p, keep=dist.is_main()) for n, p in model.named_parameters()
+                  if not p.requires_grad and n not in held}
+        self.frozen = {n: v for n, v in frozen.items() if v is not None}
         cast_partitions(model, self.dtype)
 
         schedule = partial(lr_factor, total_steps=self.total_steps, warmup_steps=warmup_steps)
@@ -206,7 +209,7 @@ class Trainer:
                  "group_params": self.group_params, "frozen": self.frozen,
                  "faults": self.faults.state_dict()}
         if self.momentum is not None:
-            state["momentum"] = self.momentum.state_dict()
+            state["momentum"] = self.momentum.state_dict(params=dist.is_main())
         return checkpoint.save(self.engine, self.ckpt_dir, self.step, state, self.run,
                                keep=self.cfg.keep_checkpoints)
 

@@ -79,7 +79,8 @@ def copy_whole(p: torch.Tensor, value: torch.Tensor) -> None:
     part.copy_(value.reshape(-1)[start:start + part.numel()])
 
 
-def whole_copy(p: torch.Tensor) -> torch.Tensor:
-    """Collective where ``p`` is partitioned: a copy of the whole tensor on the host."""
+def whole_copy(p: torch.Tensor, keep: bool = True) -> torch.Tensor | None:
+    """Collective where ``p`` is partitioned: a copy of the whole tensor on the host; None where
+    ``keep`` is False (the rank takes part in the gather and keeps nothing)."""
     with deepspeed.zero.GatheredParameters([p], enabled=is_partitioned(p)):
-        return p.detach().to("cpu", copy=True)
+        return p.detach().to("cpu", copy=True) if keep else None
