@@ -4,8 +4,8 @@ import json
 import math
 import os
 import subprocess
-import sys
 
+from entry_points import PreloadedPython
 from multirank import free_port
 
 from lgp_ds.eval.report import PROTOCOLS, markdown
@@ -14,15 +14,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROWS = ["random init", "mae", "moco", "mim2cl_frozen", "graft"]
 
 
-def _compare(tmp_path, *args, launcher=True):
-    """launch/compare.py through the deepspeed launcher on 2 ranks (``launcher=False``: one
-    plain process, for input refused before training)."""
+def _compare(tmp_path, *args, python=None):
+    """launch/compare.py through the deepspeed launcher on 2 ranks, or with ``python`` (one
+    process, for input refused before training)."""
     port = free_port()
-    start = (["deepspeed", "--num_gpus", "2", "--master_port", str(port)] if launcher
-             else [sys.executable])
-    cmd = start + ["launch/compare.py", "--deepspeed_config", "ds_configs/cpu_demo.json",
-                   "--output_dir", str(tmp_path / "compare"), *args]
+    cmd = ["launch/compare.py", "--deepspeed_config", "ds_configs/cpu_demo.json",
+           "--output_dir", str(tmp_path / "compare"), *args]
     env = dict(os.environ, LGP_DS_CACHE=str(tmp_path / "cache"), MASTER_PORT=str(port))
+    if python:
+        return python.run(cmd, cwd=ROOT, env=env, timeout=900)
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(port)] + cmd
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
 
 
@@ -83,9 +84,11 @@ def test_the_comparison_runs_end_to_end_and_fills_every_cell(tmp_path):
 
 
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path):
-    proc = _compare(tmp_path, "--fraction", "2", launcher=False)
-    assert proc.returncode == 2
-    assert "error: --fraction 2.0: must lie in (0, 1]" in proc.stderr
-    proc = _compare(tmp_path, "tau=-1", launcher=False)
+    # two processes, the imports of compare.py paid once
+    with PreloadedPython("lgp_ds.comparison") as python:
+        proc = _compare(tmp_path, "--fraction", "2", python=python)
+        assert proc.returncode == 2
+        assert "error: --fraction 2.0: must lie in (0, 1]" in proc.stderr
+        proc = _compare(tmp_path, "tau=-1", python=python)
     assert proc.returncode == 2 and "config key tau=-1" in proc.stderr
     assert not (tmp_path / "compare").exists()

@@ -2,11 +2,12 @@
 import json
 import os
 import subprocess
-import sys
 
+import pytest
 import webdataset as wds
 import yaml
 
+from entry_points import PreloadedPython
 from multirank import free_port
 from tarfiles import png
 
@@ -14,20 +15,29 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["img_size=16", "patch_size=8", "embed_dim=32", "depth=3", "num_heads=2", "proj_dim=16",
         "mlp_dim=32", "batch_size=16", "num_workers=1", "log_every=2", "save_every=3",
         "max_steps=4"]
+GRAFT = ["launch/graft.py", "--deepspeed_config", "ds_configs/cpu_demo.json"]
 
 
-def _launch(tmp_path, args, ranks=2):
-    """launch/graft.py on the cpu_demo config through the deepspeed launcher (``ranks``) or plain
-    python (``ranks=None``); the finished process."""
+@pytest.fixture(scope="module")
+def python():
+    """Plain ``python`` for the runs of one process (graft.py and finetune.py both run
+    lgp_ds.launch): each run still its own process, their ~5 s of imports paid once."""
+    with PreloadedPython("lgp_ds.launch") as python:
+        yield python
+
+
+def _launch(tmp_path, args, python=None):
+    """launch/graft.py on the cpu_demo config through the deepspeed launcher on 2 ranks, or with
+    ``python`` (one process); the finished process."""
     port = free_port()
-    start = (["deepspeed", "--num_gpus", str(ranks), "--master_port", str(port)] if ranks
-             else [sys.executable])
-    cmd = start + ["launch/graft.py", "--deepspeed_config", "ds_configs/cpu_demo.json"] + args
     env = dict(os.environ, LGP_DS_CACHE=str(tmp_path / "cache"), MASTER_PORT=str(port))
+    if python:
+        return python.run(GRAFT + args, cwd=ROOT, env=env, timeout=600)
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(port)] + GRAFT + args
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
-def test_deepspeed_launcher_runs_the_embedded_default(tmp_path):
+def test_deepspeed_launcher_runs_the_embedded_default(tmp_path, python):
     out = tmp_path / "run"
     proc = _launch(tmp_path, ["--output_dir", str(out)] + TINY)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -58,9 +68,10 @@ def test_deepspeed_launcher_runs_the_embedded_default(tmp_path):
             ([f"resume={ckpts / 'step00000009'}"], "incomplete checkpoint"),
             ([f"resume={tmp_path / 'other' / 'checkpoints'}"],
              "is another run's checkpoint: continuing it here would mix the two runs' records")):
-        proc = _launch(tmp_path, ["--output_dir", str(out)] + TINY + extra, ranks=None)
+        proc = _launch(tmp_path, ["--output_dir", str(out)] + TINY + extra, python)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-3000:]
         assert "Traceback" not in proc.stderr
+    # on 2 ranks: rank 0 refuses the checkpoint, and every rank must stop with its one line
     proc = _launch(tmp_path, ["--output_dir", str(out), "resume=auto"] + TINY + ["batch_size=32"])
     assert proc.returncode != 0 and "batch_size=16 -> 32" in proc.stderr, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
@@ -74,9 +85,8 @@ def test_deepspeed_launcher_runs_the_embedded_default(tmp_path):
     assert [r["step"] for r in records] == [2, 4, 5]
 
 
-def test_bad_input_exits_with_the_reason(tmp_path):
-    base = [sys.executable, "launch/graft.py", "--deepspeed_config", "ds_configs/cpu_demo.json",
-            "--output_dir", str(tmp_path)]
+def test_bad_input_exits_with_the_reason(tmp_path, python):
+    base = GRAFT + ["--output_dir", str(tmp_path)]
     for extra, env, message in (
             (["learning_rate=1"], {}, "unknown config key 'learning_rate'"),
             (["batch_size=250"], {"WORLD_SIZE": "4"}, "not divisible by world size 4"),
@@ -86,20 +96,19 @@ def test_bad_input_exits_with_the_reason(tmp_path):
             (["anchor_weight=1e-5", "init=mim.pth", "anchor_blocks=7"], {},
              "anchor_blocks=7 exceeds the model depth 6"),
             (["--output_dir", __file__], {}, f"output_dir={__file__}: cannot create it")):
-        proc = subprocess.run(base + extra, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                              env=dict(os.environ, MASTER_PORT=str(free_port()), **env))
+        proc = python.run(base + extra, cwd=ROOT, timeout=300,
+                          env=dict(os.environ, MASTER_PORT=str(free_port()), **env))
         assert proc.returncode == 2, proc.stderr[-2000:]
         assert message in proc.stderr, proc.stderr[-2000:]
 
 
-def test_missing_held_out_shards_stop_fine_tuning_before_it_trains(tmp_path):
+def test_missing_held_out_shards_stop_fine_tuning_before_it_trains(tmp_path, python):
     # found when the trainer is built, not at the first evaluation after steps were spent (the
     # recipe's init=runs/digits_graft left out: no such run in a fresh checkout)
-    proc = subprocess.run(
-        [sys.executable, "launch/finetune.py", "--deepspeed_config", "ds_configs/cpu_demo.json",
+    proc = python.run(
+        ["launch/finetune.py", "--deepspeed_config", "ds_configs/cpu_demo.json",
          "--output_dir", str(tmp_path / "run"), "val_data=/no/val-{0..1}.tar", "init=null"],
-        cwd=ROOT,
-        capture_output=True, text=True, timeout=300,
+        cwd=ROOT, timeout=300,
         env=dict(os.environ, MASTER_PORT=str(free_port()), LGP_DS_CACHE=str(tmp_path / "c")))
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "data pattern '/no/val-{0..1}.tar': 2 shard(s) missing" in proc.stderr, proc.stderr
@@ -108,25 +117,24 @@ def test_missing_held_out_shards_stop_fine_tuning_before_it_trains(tmp_path):
     # before the evaluation, so the failure loses no training
     with wds.TarWriter(str(tmp_path / "val.tar")) as sink:
         sink.write({"__key__": "v0", "png": png(0)})
-    proc = subprocess.run(
-        [sys.executable, "launch/finetune.py", "--deepspeed_config", "ds_configs/cpu_demo.json",
+    proc = python.run(
+        ["launch/finetune.py", "--deepspeed_config", "ds_configs/cpu_demo.json",
          "--output_dir", str(tmp_path / "run"), f"val_data={tmp_path / 'val.tar'}",
-         "max_steps=2", "save_every=2", "eval_every=2", "init=null"], cwd=ROOT,
-        capture_output=True, text=True, timeout=300,
+         "max_steps=2", "save_every=2", "eval_every=2", "init=null"], cwd=ROOT, timeout=300,
         env=dict(os.environ, MASTER_PORT=str(free_port()), LGP_DS_CACHE=str(tmp_path / "c")))
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "sample 'v0' in " in proc.stderr and "has no integer class label" in proc.stderr
     assert (tmp_path / "run" / "checkpoints" / "step00000002" / "lgp_ds_complete").exists()
 
 
-def test_data_without_images_stops_with_one_error_line(tmp_path):
+def test_data_without_images_stops_with_one_error_line(tmp_path, python):
     """Samples a DataLoader worker can never decode: the run stops, naming shard and keys."""
     for shard in range(2):
         with wds.TarWriter(str(tmp_path / f"t-{shard}.tar")) as sink:
             for j in range(8):
                 sink.write({"__key__": f"{shard}-{j}", "txt": b"no image", "cls": b"0"})
     proc = _launch(tmp_path, ["--output_dir", str(tmp_path / "run"), f"data={tmp_path}/t-{{0,1}}.tar",
-                              "samples_per_epoch=16", "max_corrupt_run=5"] + TINY, ranks=None)
+                              "samples_per_epoch=16", "max_corrupt_run=5"] + TINY, python)
     assert proc.returncode == 1, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error on rank 0: 5 samples in a row could not be used"), last
