@@ -61,6 +61,7 @@ class ModelCounts:
     anchored_tensors: int  # tensors whose partial norms the MIM anchor all-reduces (0: no anchor)
     tokens: int  # per view, class token included
     width: int
+    mlp_width: int  # the blocks' MLP hidden width
     depth: int
     ckpt_blocks: int  # the lowest blocks under activation checkpointing
     forward_flops: float  # one view of one image through base encoder, projector and predictor
@@ -135,6 +136,7 @@ def count_config(cfg, name: str = "", recipe: str = "",
         name=name, recipe=recipe, engine=Params.of(model), momentum=Params.of(encoder),
         engine_bn=tuple(bn), momentum_bn=tuple(momentum_bn), key_dim=cfg.proj_dim,
         anchored_tensors=anchored, tokens=tokens, width=encoder.embed_dim,
+        mlp_width=encoder.blocks[0].mlp.fc1.out_features,
         depth=len(encoder.blocks), ckpt_blocks=checkpointed_blocks(encoder),
         forward_flops=encoder_flops + predictor, momentum_flops=encoder_flops,
         global_batch=global_batch or cfg.batch_size)

@@ -13,11 +13,15 @@
   its trained tensors out in fp32 copies of the optimizer's flat groups, which also hold the
   predictor; the sharded EMA keeps fp32 slices and a bf16 compute copy; ZeRO 3 a 1/n fp32
   partition plus one gathered fp32 prefetch bucket.
-- activations, rough: 34 bytes per token and width per block and view (bf16, attention in
-  fused kernels that keep no token-by-token matrix: Korthikanti et al. 2022 without their
-  attention-score term); a checkpointed block keeps its input (2 bytes), and its 34 are
-  rebuilt in backward (see :func:`activation_bytes`). The momentum encoder runs without gradient (no activations
-  kept), the heads see one token per image (left out).
+- activations: what a timm block saves for backward per token and view, in bf16 with fused
+  attention (no token-by-token matrix): 8 values of the block's width (the two LayerNorms'
+  inputs, the qkv and projection inputs, q, k, v and the attention output) and 2 of the MLP's
+  hidden width (the GELU's input and output): 2 x (8 + 2 x 4) = 32 bytes per token and width at
+  MLP ratio 4 (Korthikanti et al. 2022's 34 without their dropout masks; measured by
+  tests/test_scaling.py with torch's saved-tensor hooks). A checkpointed block keeps its
+  input (2 bytes) and rebuilds the rest in backward (see :func:`activation_bytes`). The
+  momentum encoder runs without gradient (no activations kept), the heads see one token per
+  image (left out).
 """
 import dataclasses
 
@@ -25,13 +29,12 @@ from .counts import ModelCounts
 from .traffic import (BF16, FP32, PERSISTENCE_THRESHOLD, PREFETCH_BUCKET, REDUCE_BUCKET, VIEWS,
                       Setup)
 
-ACTIVATION_BYTES = 34
 OPTIMIZER_BYTES = 12  # fp32 master, Adam's m and v
 
 
 def activation_bytes(m: ModelCounts, batch: float) -> float:
     """Activations a rank holds at the peak of a step of ``batch`` images (both views)."""
-    block = ACTIVATION_BYTES * m.tokens * m.width
+    block = BF16 * m.tokens * (8 * m.width + 2 * m.mlp_width)
     kept = m.depth - m.ckpt_blocks
     # The lowest blocks are checkpointed, so backward rebuilds them last, one at a time, once the
     # kept blocks' activations are freed: the peak is at the start of backward, or at a rebuild
