@@ -122,12 +122,8 @@ class MomentumEncoder:
 
     def state_dict(self, params: bool = True) -> dict[str, torch.Tensor]:
         """The whole fp32 state on the host (a collective under ZeRO 3: call it on every rank);
-        ``params=False``: the buffers alone, the rank taking part in ZeRO 3's gathers only.
-
-        Checkpoints take the parameters from rank 0 alone: DeepSpeed writes rank 0's client
-        state, and under ZeRO 3 every rank's, where a whole encoder per rank would be written
-        world-size times (4 GB each for ViT-g/14) and held on every rank's host while saving.
-        """
+        ``params=False``: the buffers alone, the rank taking part in ZeRO 3's gathers only (a
+        checkpoint file that :meth:`load_state_dict` reads no parameters from)."""
         if not self.zero3:
             return {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()
                     if params or k not in self.params}
@@ -138,8 +134,8 @@ class MomentumEncoder:
         return out
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Inverse of :meth:`state_dict`: the parameters from rank 0's state (whole; the others
-        may hold the buffers alone, as saved under ZeRO 3), the buffers from each rank's own."""
+        """Inverse of :meth:`state_dict`; the buffers from each rank's ``state``, the parameters
+        under ZeRO 3 from rank 0's alone (the others' may hold the buffers only)."""
         if not self.zero3:
             self.module.load_state_dict(state)
             return

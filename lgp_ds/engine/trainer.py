@@ -80,6 +80,12 @@ class Trainer:
                                      "fp32": "float32"}[precision(ds_config)])
         # ZeRO-3: partitioned as it is built, no rank ever holding the whole model
         zero3 = zero_stage == 3
+        # Whole fp32 values (momentum encoder, frozen parameters) go into this rank's checkpoint
+        # file where it may be the one read: DeepSpeed writes the client state from data-parallel
+        # rank 0 (each node's first rank with node-local storage), and under ZeRO 3 from every
+        # rank, where each file would hold a whole copy (4 GB of momentum encoder per rank for
+        # ViT-g/14): resume reads those from rank 0's (MomentumEncoder.load_state_dict)
+        self.saves_whole = dist.is_main() or not zero3
         model = build_model(method, cfg, ds_config if zero3 else None)
         prefix = method.encoder_prefix
         self.depth = len(method.encoder(model).blocks)
@@ -139,9 +145,7 @@ class Trainer:
         # those the fp32 momentum encoder already holds.
         held = tuple(f"base_encoder.{n}" for n, _ in model.base_encoder.named_parameters()
                      ) if self.momentum is not None else ()
-        # (on rank 0 alone, whose client state checkpoints are read from: see
-        # MomentumEncoder.state_dict)
-        frozen = {n: whole_copy(p, keep=dist.is_main()) for n, p in model.named_parameters()
+        frozen = {n: whole_copy(p, keep=self.saves_whole) for n, p in model.named_parameters()
                   if not p.requires_grad and n not in held}
         self.frozen = {n: v for n, v in frozen.items() if v is not None}
         cast_partitions(model, self.dtype)
@@ -209,7 +213,7 @@ class Trainer:
                  "group_params": self.group_params, "frozen": self.frozen,
                  "faults": self.faults.state_dict()}
         if self.momentum is not None:
-            state["momentum"] = self.momentum.state_dict(params=dist.is_main())
+            state["momentum"] = self.momentum.state_dict(params=self.saves_whole)
         return checkpoint.save(self.engine, self.ckpt_dir, self.step, state, self.run,
                                keep=self.cfg.keep_checkpoints)
 
