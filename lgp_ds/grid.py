@@ -46,6 +46,7 @@ from dataclasses import asdict, dataclass
 
 from pydantic import TypeAdapter, ValidationError
 
+from lgp_ds.atomic import write_file
 from lgp_ds.config import Config, build_config, load_recipe, parse_overrides, resolve_ds_config
 from lgp_ds.data.pipeline import samples_per_epoch
 from lgp_ds.engine.run_dir import CHECKPOINTS, METRICS
@@ -353,13 +354,13 @@ def make_plan(out: str, deepspeed_config: str, recipe: str | None = None,
 # -- writing and reading it ----------------------------------------------------------------------
 
 def _write(path: str, text: str, mode: int | None = None) -> None:
-    """Write ``text`` to ``path`` under a temporary name, then rename it into place."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    if mode is not None:
-        os.chmod(tmp, mode)
-    os.replace(tmp, path)
+    """``text`` as the content of ``path`` (``mode``: its permissions), whole or not at all."""
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.write(text)
+        if mode is not None:
+            os.chmod(tmp, mode)
+    write_file(path, write)
 
 
 def write_plan(plan: Plan) -> list[str]:

@@ -3,7 +3,7 @@ import json
 import os
 
 from lgp_ds import dist
-from lgp_ds.eval.report import _atomic_write
+from lgp_ds.atomic import write_file
 
 
 def figure(panels: int, width: float = 4.2, height: float = 3.4):
@@ -23,9 +23,9 @@ def write(out_dir: str, name: str, record: dict, fig) -> dict[str, str]:
              "png": os.path.join(out_dir, f"{name}.png")}
     if dist.is_main():
         os.makedirs(out_dir, exist_ok=True)
-        _atomic_write(paths["json"], lambda tmp: _dump(record, tmp))
+        write_file(paths["json"], lambda tmp: _dump(record, tmp))
         fig.tight_layout()
-        _atomic_write(paths["png"], lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+        write_file(paths["png"], lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
         print(f"written: {paths['json']}, {paths['png']}", flush=True)
     plt.close(fig)
     dist.barrier()

@@ -29,6 +29,7 @@ import torch
 from timm.layers import resample_abs_pos_embed
 
 from lgp_ds import checkpoint_file
+from lgp_ds.atomic import write_file
 from lgp_ds.models.moco import GraftModel
 from lgp_ds.models.vit import MAE_ONLY_PREFIXES
 
@@ -211,8 +212,8 @@ def write(obj: dict, dst: str, force: bool = False, record: dict | None = None) 
     if dst.endswith(".safetensors") and not flat:
         raise ValueError(f"{dst}: safetensors holds a flat state dict: use --to timm")
     os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
-    tmp = f"{dst}.tmp{os.getpid()}"
-    try:
+
+    def write(tmp: str) -> None:
         if dst.endswith(".safetensors"):
             from safetensors.torch import save_file
             meta = {"format": "pt"}
@@ -222,10 +223,7 @@ def write(obj: dict, dst: str, force: bool = False, record: dict | None = None) 
             save_file({k: v.contiguous() for k, v in obj.items()}, tmp, metadata=meta)
         else:
             torch.save(obj if flat or not record else {**obj, **record}, tmp)
-        os.replace(tmp, dst)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_file(dst, write)
 
 
 def load_strict(module: torch.nn.Module, sd: dict, what: str) -> None:

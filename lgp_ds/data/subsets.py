@@ -8,6 +8,8 @@ import os
 import random
 from collections import defaultdict
 
+from lgp_ds.atomic import write_text
+
 from .shards import image_name
 
 
@@ -70,7 +72,4 @@ def balanced_subset(names: list[str], labels: list[int], fraction: float, seed: 
 def write_subset(path: str, names: list[str]) -> None:
     """Write ``names`` one a line, through a temporary file (never half a subset)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.writelines(n + "\n" for n in names)
-    os.replace(tmp, path)
+    write_text(path, "".join(n + "\n" for n in names))

@@ -42,6 +42,8 @@ from functools import partial
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from lgp_ds.atomic import temporary, write_text
+
 from .index import INDEX_FILE, INDEX_FORMAT
 from .shards import image_name
 from .sources import Source, extension
@@ -112,19 +114,6 @@ def _what_changed(old: dict, new: dict) -> str:
     return "; ".join(changes) or "the plan was edited"
 
 
-def _tmp(path: str) -> str:
-    """This process's temporary name for ``path``: a pool worker and the main process never
-    share one."""
-    return f"{path}.tmp.{os.getpid()}"
-
-
-def _write_text(path: str, text: str) -> None:
-    """Write ``path`` through a temporary file: never half a file."""
-    with open(_tmp(path), "w") as f:
-        f.write(text)
-    os.replace(_tmp(path), path)
-
-
 @contextmanager
 def _locked(out: str):
     """Hold ``out/.lock`` (created with ``out``) for the block; a folder that another run holds
@@ -160,7 +149,7 @@ def _start(out: str, plan: dict) -> None:
             raise ValueError(f"{out} holds shards or an index but no {PLAN_FILE} (e.g. "
                              f"{sorted(ours)[0]}): not a folder this tool can resume; write to "
                              f"another folder")
-        _write_text(path, json.dumps(plan))
+        write_text(path, json.dumps(plan))
     # Any run that could be writing these is dead: the lock is ours.
     names = {PLAN_FILE, CLASSES_FILE, INDEX_FILE}
     names.update(name for s in plan["shards"] for name in (s["name"], s["name"] + LEFT_OUT))
@@ -168,7 +157,7 @@ def _start(out: str, plan: dict) -> None:
         stem = re.fullmatch(r"(.+)\.tmp(\.\d+)?", name)
         if stem and stem.group(1) in names:
             os.remove(os.path.join(out, name))
-    _write_text(os.path.join(out, CLASSES_FILE), "".join(name + "\n" for name in plan["classes"]))
+    write_text(os.path.join(out, CLASSES_FILE), "".join(name + "\n" for name in plan["classes"]))
 
 
 def _undecodable(data: bytes) -> str | None:
@@ -212,7 +201,7 @@ def _write_shard(path: str, root: str, samples: list) -> dict[str, str]:
     would have to be bypassed to keep the bytes as they are; tarfile writes exactly them.
     """
     left_out = {}
-    with open(_tmp(path), "wb") as f:
+    with open(temporary(path), "wb") as f:
         with tarfile.open(fileobj=f, mode="w") as tar:
             for file, label, _ in samples:
                 with open(os.path.join(root, file), "rb") as image:
@@ -225,17 +214,17 @@ def _write_shard(path: str, root: str, samples: list) -> dict[str, str]:
                 _add(tar, f"{image_name(file)}.cls", str(label).encode())
         f.flush()
         os.fsync(f.fileno())  # the data is on disk before the name says the shard is complete
-    problem = _damage(_tmp(path), samples, left_out)
+    problem = _damage(temporary(path), samples, left_out)
     if problem:
-        os.remove(_tmp(path))
+        os.remove(temporary(path))
         raise ValueError(f"shard {path} as just written {problem}: did images in {root} change "
                          f"during the run?")
     # The record before the rename: a shard under its name always has its record beside it.
     if left_out:
-        _write_text(path + LEFT_OUT, json.dumps(left_out, sort_keys=True))
+        write_text(path + LEFT_OUT, json.dumps(left_out, sort_keys=True))
     elif os.path.isfile(path + LEFT_OUT):
         os.remove(path + LEFT_OUT)  # a damaged shard's, were the images decodable now
-    os.replace(_tmp(path), path)
+    os.replace(temporary(path), path)
     return left_out
 
 
@@ -347,5 +336,5 @@ def make_shards(source: Source, out: str, prefix: str = "train", seed: int = 0,
                  "classes": plan["classes"], "shards": shards,
                  "total": sum(s["count"] for s in shards),
                  "unreadable": sorted(f for why in left_out.values() for f in why)}
-        _write_text(os.path.join(out, INDEX_FILE), json.dumps(index))
+        write_text(os.path.join(out, INDEX_FILE), json.dumps(index))
     return index

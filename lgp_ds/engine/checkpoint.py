@@ -19,6 +19,7 @@ import re
 import shutil
 
 from lgp_ds import dist
+from lgp_ds.atomic import write_text
 from lgp_ds.config import MAY_CHANGE_ON_RESUME, MAY_CHANGE_WITH_WORLD_SIZE
 
 from . import universal
@@ -26,16 +27,6 @@ from . import universal
 COMPLETE_MARKER = "lgp_ds_complete"
 LATEST = "latest"
 _TAG = re.compile(r"step(\d+)$")
-
-
-def write_atomic(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file: readers see the old or the new file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def save(engine, save_dir: str, step: int, client_state: dict, run: dict, keep: int = 0) -> str:
@@ -57,8 +48,8 @@ def save(engine, save_dir: str, step: int, client_state: dict, run: dict, keep: 
     dist.barrier()  # every rank's shards are on disk
     if dist.is_main():
         record = {"step": step, "world_size": dist.get_world_size(), "run": run}
-        write_atomic(marker, json.dumps(record) + "\n")
-        write_atomic(os.path.join(save_dir, LATEST), tag)
+        write_text(marker, json.dumps(record) + "\n")
+        write_text(os.path.join(save_dir, LATEST), tag)
         if keep:
             prune(save_dir, tag, keep)
     dist.barrier()

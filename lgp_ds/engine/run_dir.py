@@ -11,8 +11,8 @@ import os
 import yaml
 
 from lgp_ds import dist
+from lgp_ds.atomic import write_text
 
-from .checkpoint import write_atomic
 from .monitoring import monitor_events
 
 METRICS = "metrics.jsonl"
@@ -110,7 +110,7 @@ class MetricsLog:
             return
         with open(self.path) as f:
             kept = [line for line in f if _step(line) is not None and _step(line) <= last_step]
-        write_atomic(self.path, "".join(kept))
+        write_text(self.path, "".join(kept))
 
 
 def _step(line: str) -> int | None:

@@ -12,7 +12,7 @@
 import hashlib
 import json
 import os
-import tempfile
+from functools import partial
 
 import timm
 import torch
@@ -20,6 +20,7 @@ import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
 from lgp_ds import convert, dist
+from lgp_ds.atomic import write_file
 from lgp_ds.checkpoint_file import tensor_digest
 from lgp_ds.data.ordered import ordered_batches
 from lgp_ds.data.shards import expand_shards
@@ -256,15 +257,8 @@ def cached_features(cache_dir: str, encoder: FrozenEncoder, urls, transform, bat
                                                device, with_keys=True)
         if dist.is_main():
             os.makedirs(cache_dir, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".features-", dir=cache_dir)
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    torch.save({"key": key, "features": feats, "labels": labels, "keys": keys},
-                               f)
-                os.replace(tmp, path)
-            finally:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
+            write_file(path, partial(torch.save, {"key": key, "features": feats,
+                                                  "labels": labels, "keys": keys}))
         dist.barrier()
         return (feats, labels, keys) if with_keys else (feats, labels)
     dist.barrier()

@@ -6,6 +6,8 @@
 import json
 import os
 
+from lgp_ds.atomic import write_file, write_text
+
 # protocol key -> column title
 PROTOCOLS = {"knn": "kNN", "logreg": "logistic regression", "linear": "linear probe"}
 
@@ -39,21 +41,6 @@ def markdown(results: dict, title: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_text(path: str, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
-
-
-def _atomic_write(path: str, write) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def bar_chart(results: dict, path: str, title: str = "") -> None:
     """Grouped bars: a group per protocol, a bar per encoder, top-1 % on the y axis."""
     import matplotlib
@@ -75,7 +62,7 @@ def bar_chart(results: dict, path: str, title: str = "") -> None:
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    write_file(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
 
 
@@ -85,8 +72,8 @@ def write_results(results: dict, folder: str, title: str = "", extra: dict | Non
     ``folder``, each written whole or not at all; returns their paths."""
     paths = {ext: os.path.join(folder, f"results.{ext}") for ext in ("md", "json", "png")}
     text = markdown(results, title)
-    _atomic_write(paths["md"], lambda tmp: _write_text(tmp, text))
+    write_text(paths["md"], text)
     payload = json.dumps({"results": results, **(extra or {})}, indent=2)
-    _atomic_write(paths["json"], lambda tmp: _write_text(tmp, payload + "\n"))
+    write_text(paths["json"], payload + "\n")
     bar_chart(results, paths["png"], title)
     return paths
