@@ -10,7 +10,9 @@ it ends ``python launch/X.py``: the same exit status (``sys.exit``'s code, 1 wit
 on stderr for an uncaught exception), atexit handlers, flushed output. Every run is still its own
 process, forked from a helper that never runs anything but imports: no process group, environment
 or other global state passes from one run to the next. What the imports themselves print (e.g.
-DeepSpeed's accelerator warning) goes to the helper's stderr, once, not to each run's.
+DeepSpeed's accelerator warning) goes to the helper's stderr, once, not to each run's; what they
+read from the environment (e.g. ``DS_ACCELERATOR``) is the helper's: runs may differ only in
+variables read after the imports.
 """
 import gc
 import json
@@ -55,7 +57,11 @@ class PreloadedPython:
 
     def close(self) -> None:
         self._helper.stdin.close()  # the helper's signal to exit
-        self._helper.wait(timeout=60)
+        try:
+            self._helper.wait(timeout=60)
+        except subprocess.TimeoutExpired:  # still waiting on a run (the test was interrupted)
+            self._helper.kill()
+            self._helper.wait()
 
     def __enter__(self):
         return self
@@ -112,7 +118,7 @@ if __name__ == "__main__":
     os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
     os.dup2(out.fileno(), 1)
     os.dup2(err.fileno(), 2)
-    script = os.path.abspath(request["args"][0])
+    script = request["args"][0]
     sys.argv = request["args"]
     sys.path.insert(0, os.path.dirname(os.path.realpath(script)))
-    runpy.run_path(script, run_name="__main__")
+    runpy.run_path(script, run_name="__main__")  # sys.argv[0]: the script as given

@@ -283,10 +283,11 @@ def test_build_from_config_passes_every_key():
 
 # ---- activation checkpointing --------------------------------------------------------------
 
-@pytest.mark.parametrize("ckpt", [1, True])
+@pytest.mark.parametrize("ckpt", [1, 2, True])
 def test_grad_checkpointing_gives_the_same_loss_and_gradients(ckpt):
-    """Checkpointed blocks (the lowest encoder block; every encoder and decoder block) run again
-    in backward and give the same loss and gradients as keeping every activation."""
+    """Checkpointed blocks (the lowest encoder block; both, as many as the depth; every encoder
+    and decoder block) run again in backward and give the same loss and gradients as keeping
+    every activation."""
     imgs, noise = _batch(4)
     results = {}
     for grad_ckpt in (False, ckpt):

@@ -29,7 +29,7 @@ row() {  # NAME DS_CONFIG ARGS...
 
 # ViT-L/16 grafting step, batch 128: ZeRO 2 and 3 against the official style, then compiled.
 # Without activation checkpointing, which the recipe turns on: at 128 images ViT-L fits without
-# it on paper (docs/scaling.md, 46 GB), and each image then needs 20% fewer FLOPs.
+# it on paper (docs/scaling.md, 44 GB), and each image then needs 20% fewer FLOPs.
 row vit_l_graft_zero2 zero2_bf16.json --config vit_l_graft batch_size=128 grad_ckpt=false \
     --steps 10 --warmup 3
 row vit_l_graft_zero3 zero3_bf16.json --config vit_l_graft batch_size=128 grad_ckpt=false \

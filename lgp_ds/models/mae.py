@@ -20,7 +20,8 @@ from timm.models.vision_transformer import Block
 from lgp_ds.objectives import mae_loss
 
 from .partitioned import apply_gathered, full_shape, writable
-from .vit import checkpointed_blocks, run_blocks, set_checkpointing, vit_from_config
+from .vit import (CheckpointedBlocks, checkpointed_blocks, run_blocks, set_checkpointing,
+                  vit_from_config)
 
 
 def mae_sincos_pos_embed(embed_dim: int, grid_size, cls_token: bool = True) -> torch.Tensor:
@@ -132,9 +133,9 @@ def add_decoder(module: nn.Module, num_patches: int, grid_size, patch_size: int,
 
 
 def decoder_checkpointed(encoder: nn.Module) -> bool:
-    """The decoder's blocks are checkpointed where every block of ``encoder`` is
-    (``grad_ckpt: true``); a count of the lowest encoder blocks leaves the decoder out."""
-    return len(encoder.blocks) > 0 and checkpointed_blocks(encoder) == len(encoder.blocks)
+    """The decoder's blocks are checkpointed where ``encoder``'s were set to ``grad_ckpt: true``;
+    a count of the lowest encoder blocks leaves the decoder out, the depth included."""
+    return getattr(encoder.blocks, "every", False)
 
 
 def decode(module: nn.Module, latent: torch.Tensor, ids_restore: torch.Tensor,
@@ -177,7 +178,8 @@ class MaskedAutoencoder(nn.Module):
                 or full_shape(encoder.pos_embed)[1] != pe.num_patches + 1):
             raise ValueError("MaskedAutoencoder needs a plain timm ViT: a cls token with a "
                              "position slot, no registers, no pre-norm")
-        set_checkpointing(encoder, checkpointed_blocks(encoder))  # timm's own flag too
+        if not isinstance(encoder.blocks, CheckpointedBlocks):  # a timm ViT built elsewhere
+            set_checkpointing(encoder, bool(getattr(encoder, "grad_checkpointing", False)))
         # MAE's parameter and module registration order: its state dict lists keys in this order
         self.cls_token = encoder.cls_token
         self.pos_embed = encoder.pos_embed

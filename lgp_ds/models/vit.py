@@ -73,6 +73,7 @@ class CheckpointedBlocks(nn.Sequential):
     forward(x [N, T, D]) -> [N, T, D]
     """
     checkpointed = 0
+    every = False  # grad_ckpt: true, which checkpoints the MAE decoder's blocks too
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return run_blocks(self, x, self.checkpointed)
@@ -111,6 +112,7 @@ def set_checkpointing(vit: VisionTransformer, grad_ckpt: bool | int) -> None:
         vit.grad_checkpointing = False  # timm's forward would checkpoint every block again
     vit.blocks.__class__ = CheckpointedBlocks
     vit.blocks.checkpointed = count
+    vit.blocks.every = grad_ckpt is True
 
 
 def checkpointed_blocks(vit: nn.Module) -> int:

@@ -184,16 +184,17 @@ def _checkpointing_cell(model: ModelScaling, setup: Setup, n: int, batch: float)
 
 
 def _checkpointing_section(models: list[ModelScaling], inputs: Inputs) -> list[str]:
-    """The fewest checkpointed blocks that fit, where the recipes checkpoint every block."""
+    """The fewest checkpointed blocks that fit per model and set-up (the ViT-L, H and g recipes
+    checkpoint every block, ViT-B's none)."""
     low = min(inputs.gpus)
     cases = [(Setup(2), low, inputs.batch), (Setup(3), low, inputs.batch), (Setup(3), 1, 32)]
     rows = [[model.m.name] + [_checkpointing_cell(model, *case) for case in cases]
             for model in models]
     return ["### Activation checkpointing: the fewest blocks that fit", "",
-            f"`grad_ckpt: N` checkpoints the lowest N blocks; the recipes' `true`, all of them. "
-            f"Per cell: the fewest that fit in {inputs.gpu_memory_gb:g} GB less "
-            f"{MEMORY_RESERVE_GB:g}, the memory then, and the FLOPs each image needs fewer than "
-            f"with every block checkpointed.", ""] + _table(
+            f"`grad_ckpt: N` checkpoints the lowest N blocks; `true`, as the ViT-L, H and g "
+            f"recipes set it, all of them. Per cell: the fewest that fit in "
+            f"{inputs.gpu_memory_gb:g} GB less {MEMORY_RESERVE_GB:g}, the memory then, and the "
+            f"FLOPs each image needs fewer than with every block checkpointed.", ""] + _table(
         ["model", f"ZeRO 2, {low} GPUs, {inputs.batch} images each",
          f"ZeRO 3, {low} GPUs, {inputs.batch} images each", "ZeRO 3, 1 GPU, 32 images"], rows)
 
