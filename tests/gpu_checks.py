@@ -7,8 +7,9 @@ on the GPU (zero.Init) equal to the whole builds, the MIM anchor under fp16
 ZeRO 2 (fp32 gradient accumulation), ZeRO-Offload under ZeRO 2 and 3 (host masters, the momentum
 EMA and the anchor across host and GPU), every method that needs no init= under fp16 ZeRO 2,
 fine-tuning under fp16 with its top-1, the evaluation protocols on the GPU over NCCL,
-input_backend=dali's nvJPEG decode and training on its views, and SDPA (flash) attention
-against the explicit softmax on the GPU. Prints one line per check; exits non-zero on failure.
+input_backend=dali's nvJPEG decode and training on its views, SDPA (flash) attention
+against the explicit softmax on the GPU, and the scaling report's activation memory against the
+GPU's (grad_ckpt=N). Prints one line per check; exits non-zero on failure.
 """
 import os
 import sys
@@ -295,6 +296,42 @@ def check_flash_attention():
     print(f"SDPA vs explicit attention (bf16): relative error {err:.2e}", flush=True)
 
 
+def check_activation_memory():
+    """What checkpointing the lowest N blocks frees on the GPU, against the memory model
+    (lgp_ds/scaling/memory.py, measured on the CPU from autograd's saved tensors): each block
+    checkpointed frees its activations but its bf16 input; the top block, rebuilt first, frees
+    nothing more."""
+    from dataclasses import replace
+
+    from lgp_ds.models.vit import set_checkpointing
+    from lgp_ds.scaling.counts import count_model
+    from lgp_ds.scaling.memory import activation_bytes
+    from lgp_ds.scaling.traffic import VIEWS
+    depth, batch = 4, 32
+    m = count_model("ViT-L/16")
+    block = activation_bytes(replace(m, ckpt_blocks=0), batch) / (VIEWS * m.depth)
+    block_input = 2 * batch * m.tokens * m.width
+    vit = create_vit("vit_large_patch16_224", depth=depth).cuda().bfloat16()
+    x = torch.randn(batch, 3, 224, 224, device="cuda", dtype=torch.bfloat16)
+    peaks = []
+    for blocks in range(depth + 1):
+        set_checkpointing(vit, blocks)
+        vit.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        vit(x).float().sum().backward()
+        torch.cuda.synchronize()
+        peaks.append(torch.cuda.max_memory_allocated() - base)
+    freed = [peaks[n - 1] - peaks[n] for n in range(1, depth + 1)]
+    print(f"activation memory, ViT-L blocks, batch {batch}: peak {[p / 2**20 for p in peaks]} "
+          f"MiB for 0..{depth} checkpointed blocks; the model's block {block / 2**20:.0f} MiB, "
+          f"its input {block_input / 2**20:.0f} MiB", flush=True)
+    for n in freed[:-1]:
+        assert abs(n - (block - block_input)) <= 0.1 * block, (freed, block, block_input)
+    assert freed[-1] <= 0.1 * block, (freed, block)
+
+
 if __name__ == "__main__":
     deepspeed.init_distributed()  # NCCL
     check_fp16_fused_adam(sys.argv[1])
@@ -308,3 +345,4 @@ if __name__ == "__main__":
     check_evaluation(sys.argv[1])
     check_dali(sys.argv[1])
     check_flash_attention()
+    check_activation_memory()
