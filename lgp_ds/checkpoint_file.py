@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import os
 import re
+import zipfile
 
 import torch
 
@@ -44,12 +45,16 @@ def refusal(path: str, error: Exception) -> ValueError:
     return ValueError(f"{path}: not a readable checkpoint file ({' '.join(reason.split())[:200]})")
 
 
-def load(path: str, mmap: bool = False):
+def load(path: str, mmap: bool | None = None):
     """The content of a checkpoint file as tensors, plain containers and argparse.Namespace.
 
     Raises FileNotFoundError for a missing file and ValueError (one line, naming the file) for
     one that holds code, is not a checkpoint or is damaged (whatever the reader raised).
-    ``mmap``: map a pickle file's tensors instead of reading them (``torch.load(mmap=True)``).
+    ``mmap``: map a pickle file's tensors instead of reading them (``torch.load(mmap=True)``);
+    None: where the file is in torch.save's zip format (not the legacy one). Mapped, what a
+    reader never touches (an MAE file's optimizer state) is never read, and the ranks of a node
+    share one copy in the page cache instead of each holding its own (copy-on-write: writes
+    to the tensors stay in the process).
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file")
@@ -57,6 +62,8 @@ def load(path: str, mmap: bool = False):
     try:
         if path.endswith(".safetensors"):
             return load_file(path)
+        if mmap is None:
+            mmap = zipfile.is_zipfile(path)  # (a damaged file may raise here too)
         with allowed_types():
             return _TORCH_LOAD(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # a damaged file raises anything: KeyError, struct.error, ...

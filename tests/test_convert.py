@@ -175,6 +175,21 @@ def test_mae_training_checkpoint_with_args_converts(tmp_path, graft, capsys):
     assert torch.allclose(features(run_printed_call(out)), features(trained), atol=1e-6)
 
 
+def test_zip_files_are_mapped_and_legacy_files_read(tmp_path, graft):
+    """Files in torch.save's zip format are mapped, not read (the ranks of a node share one copy
+    in the page cache, an MAE file's optimizer state is never read); legacy ones are read.
+    (Linux: /proc/self/maps lists the mapped files.)"""
+    enc = encoder_of(graft[0].base_encoder.state_dict())
+    for legacy in (False, True):
+        path = tmp_path / f"mae-{legacy}.pth"
+        torch.save({"model": enc}, path, _use_new_zipfile_serialization=not legacy)
+        got = convert.read(str(path)).encoder()
+        assert all(torch.equal(got[k], enc[k]) for k in enc)
+        with open("/proc/self/maps") as maps:  # Linux: the files mapped into this process
+            assert (str(path) in maps.read()) != legacy
+        del got
+
+
 @pytest.mark.parametrize("mae_model,timm_name,heads", [
     ("mae_vit_base_patch16", "vit_base_patch16_224", 12),
     ("mae_vit_large_patch16", "vit_large_patch16_224", 16),

@@ -34,8 +34,9 @@ def _deepspeed_record_types() -> tuple:
     return LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address
 
 
-def _load_ds_file(path: str, mmap: bool = False):
-    """A DeepSpeed checkpoint file through the safe loader, DeepSpeed's records allowed."""
+def _load_ds_file(path: str, mmap: bool | None = None):
+    """A DeepSpeed checkpoint file through the safe loader, DeepSpeed's records allowed (mapped,
+    not read: see :func:`lgp_ds.checkpoint_file.load`)."""
     with checkpoint_file.allowed_types(*_deepspeed_record_types()):
         return checkpoint_file.load(path, mmap)
 
@@ -122,7 +123,7 @@ def _fp32_masters(folder: str, states: dict) -> tuple[dict, list[str]]:
                              f"hold its fp32 master weights")
         return _stage0_masters(states, folder)
     # mapped, not read: only its keys are needed here, and zero_to_fp32 reads it again
-    first = _load_ds_file(os.path.join(folder, optim[0]), mmap=True)["optimizer_state_dict"]
+    first = _load_ds_file(os.path.join(folder, optim[0]))["optimizer_state_dict"]
     if "zero_stage" in first:  # a ZeRO optimizer (bf16 ones too write bf16_zero_pp_rank_* files)
         return _zero_masters(folder, states), []
     return _bf16_optimizer_masters(folder, optim, states), []
@@ -133,7 +134,7 @@ def _zero_masters(folder: str, states: dict) -> dict:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     original = torch.load
 
-    def safe_load(f, *args, mmap=False, **kwargs):  # zero_to_fp32 unpickles with weights_only=False
+    def safe_load(f, *args, mmap=None, **kwargs):  # zero_to_fp32 unpickles with weights_only=False
         return _load_ds_file(f, mmap)
 
     torch.load = safe_load
