@@ -24,7 +24,7 @@ def moco_loss(q1, q2, k1, k2, tau: float) -> torch.Tensor:
     return contrastive_loss(q1, k2, tau) + contrastive_loss(q2, k1, tau)
 
 
-def _off_diagonal(m: torch.Tensor) -> torch.Tensor:
+def off_diagonal(m: torch.Tensor) -> torch.Tensor:
     """The D*(D-1) off-diagonal entries of a square matrix [D, D], flattened (VICReg's trick)."""
     d = m.shape[0]
     return m.flatten()[:-1].view(d - 1, d + 1)[:, 1:].flatten()
@@ -68,7 +68,7 @@ def vicreg_loss(z1: torch.Tensor, z2: torch.Tensor, sim_coeff: float = 25.0,
         std = torch.sqrt(z.square().sum(dim=0) / (b - 1) + 1e-4)
         variance = variance + F.relu(1 - std).mean() / 2
         cov = (z.T @ z) / (b - 1)
-        covariance = covariance + _off_diagonal(cov).square().sum() / d
+        covariance = covariance + off_diagonal(cov).square().sum() / d
     loss = sim_coeff * invariance + std_coeff * variance + cov_coeff * covariance
     terms = {"invariance": invariance.detach(), "variance": variance.detach(),
              "covariance": covariance.detach()}

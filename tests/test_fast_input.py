@@ -18,14 +18,14 @@ from lgp_ds.data import device_augment
 from lgp_ds.data.crops import CropViews, jpeg_scale
 from lgp_ds.data.device_augment import augment
 from lgp_ds.data.photos import photo_jpegs
-from lgp_ds.data.shards import _image_and_label
+from lgp_ds.data.shards import image_and_label
 from lgp_ds.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, Crop, Photometric, View,
                                     moco_views, torchvision_view)
 from multirank import run_ranks
 
 
 def _open(data: bytes) -> Image.Image:
-    img, _ = _image_and_label({"jpg": data})
+    img, _ = image_and_label({"jpg": data})
     return img
 
 

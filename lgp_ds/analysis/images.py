@@ -11,14 +11,14 @@ import torch
 import webdataset as wds
 
 from lgp_ds import dist
-from lgp_ds.data.ordered import _raise_shard_error
-from lgp_ds.data.shards import DataError, _describe, _image_and_label
+from lgp_ds.data.ordered import raise_shard_error
+from lgp_ds.data.shards import DataError, describe_error, image_and_label
 
 
 def _samples_in_order(urls: list[str]):
     """Tar samples of ``urls``, in dataset order."""
     for url in urls:
-        yield from wds.tarfile_samples([{"url": url}], handler=partial(_raise_shard_error, url))
+        yield from wds.tarfile_samples([{"url": url}], handler=partial(raise_shard_error, url))
 
 
 def view_seed(seed: int, position: int, stream: int = 0) -> int:
@@ -31,12 +31,12 @@ def _views(sample: dict, transform, seed: int) -> tuple[tuple[torch.Tensor, ...]
     """(views, label) of one tar sample, drawn from the seed of its position."""
     where = f"sample {sample.get('__key__')!r} in {sample.get('__url__')}"
     try:
-        img, label = _image_and_label(sample)
+        img, label = image_and_label(sample)
         with torch.random.fork_rng(devices=[]):  # torchvision draws from the global RNG
             torch.manual_seed(seed)
             views = transform(img)
     except Exception as exn:
-        raise DataError(f"{where}: {_describe(exn)}") from exn
+        raise DataError(f"{where}: {describe_error(exn)}") from exn
     return (views if isinstance(views, tuple) else (views,)), label
 
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from lgp_ds import dist
-from lgp_ds.objectives import _off_diagonal
+from lgp_ds.objectives import off_diagonal
 
 TERMS = ("variance", "invariance", "covariance")
 
@@ -35,7 +35,7 @@ def pool_and_normalise(tokens: torch.Tensor, num_prefix_tokens: int = 1) -> torc
 def _covariance(z: torch.Tensor) -> torch.Tensor:
     z = z - z.mean(dim=0)
     cov = z.T @ z / (z.shape[0] - 1)
-    return _off_diagonal(cov).square().sum() / z.shape[1]
+    return off_diagonal(cov).square().sum() / z.shape[1]
 
 
 def vic_statistics(z1: torch.Tensor, z2: torch.Tensor) -> dict[str, float]:

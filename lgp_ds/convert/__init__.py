@@ -33,9 +33,9 @@ from lgp_ds.atomic import write_file
 from lgp_ds.models.moco import GraftModel
 from lgp_ds.models.vit import MAE_ONLY_PREFIXES
 
-from .deepspeed_ckpt import _read_lgp_ds
-from .timm_model import _VIT_KEYS, OFFICIAL_ARCHS, ModelSpec, _timm_defaults, model_spec
-from .weights import Weights, _strip
+from .deepspeed_ckpt import read_lgp_ds
+from .timm_model import OFFICIAL_ARCHS, VIT_KEYS, ModelSpec, model_spec, timm_defaults
+from .weights import Weights, strip_prefix
 
 __all__ = ["EXPECTED", "FORMATS_IN", "FORMATS_OUT", "OFFICIAL_ARCHS", "Comparison", "ModelSpec",
            "Weights", "build_output", "compare", "convert", "detect", "load_strict", "model_spec",
@@ -55,7 +55,7 @@ EXPECTED = {
 # -- reading --------------------------------------------------------------------------------------
 def _is_vit_state(obj) -> bool:
     return (isinstance(obj, dict) and all(torch.is_tensor(v) for v in obj.values())
-            and all(k in obj for k in _VIT_KEYS))
+            and all(k in obj for k in VIT_KEYS))
 
 
 def _layouts(obj) -> list[str]:
@@ -110,7 +110,7 @@ def _record_hint(name, kwargs) -> tuple[str | None, int | None]:
     if not isinstance(name, str):
         return None, None
     kwargs = json.loads(kwargs) if isinstance(kwargs, str) else dict(kwargs or {})
-    return name, kwargs.get("num_heads") or _timm_defaults(name)["num_heads"]
+    return name, kwargs.get("num_heads") or timm_defaults(name)["num_heads"]
 
 
 def read(path: str, fmt: str | None = None) -> Weights:
@@ -122,14 +122,15 @@ def read(path: str, fmt: str | None = None) -> Weights:
         _check_format(path, fmt, obj)
     fmt = fmt or detect(path, obj)
     if fmt == "lgp_ds":
-        return _read_lgp_ds(path)
+        return read_lgp_ds(path)
     record = checkpoint_file.safetensors_metadata(path) if path.endswith(".safetensors") else obj
     arch, heads = _record_hint(record.get("timm_model"), record.get("timm_kwargs"))
     if fmt == "moco":
         sd = obj["state_dict"]
-        sd = _strip(sd, "module.") if any(k.startswith("module.") for k in sd) else sd
-        return Weights(_strip(sd, "base_encoder."), _strip(sd, "momentum_encoder.") or None,
-                       _strip(sd, "predictor.") or None, arch or obj.get("arch"), heads)
+        sd = strip_prefix(sd, "module.") if any(k.startswith("module.") for k in sd) else sd
+        return Weights(strip_prefix(sd, "base_encoder."),
+                       strip_prefix(sd, "momentum_encoder.") or None,
+                       strip_prefix(sd, "predictor.") or None, arch or obj.get("arch"), heads)
     if fmt == "mae":
         sd = obj["model"] if isinstance(obj.get("model"), dict) else obj
         args = obj.get("args")  # MAE's training script saves its argparse.Namespace
@@ -192,7 +193,7 @@ def build_output(w: Weights, fmt: str, encoder: str = "base", dtype=None,
 def output_encoder(obj: dict, fmt: str) -> dict:
     """The (base) encoder state dict without projector inside an output of format ``fmt``."""
     if fmt == "moco":
-        sd = _strip(_strip(obj["state_dict"], "module."), "base_encoder.")
+        sd = strip_prefix(strip_prefix(obj["state_dict"], "module."), "base_encoder.")
     else:
         sd = obj["model"] if fmt in ("mae", "init") else obj
     return {k: v for k, v in sd.items() if not k.startswith("head.")}
@@ -239,13 +240,13 @@ def verify(obj: dict, fmt: str, spec: ModelSpec) -> dict:
     """Load ``obj`` strictly into the model ``spec`` names; return what a user wants to see."""
     what = f"the weights do not load into {spec.call()}"
     if fmt == "moco":
-        sd = _strip(obj["state_dict"], "module.")
-        base = _strip(sd, "base_encoder.")
+        sd = strip_prefix(obj["state_dict"], "module.")
+        base = strip_prefix(sd, "base_encoder.")
         dim, mlp = base["head.6.weight"].shape[0], base["head.0.weight"].shape[0]
         model = GraftModel(spec.create(), dim, mlp, cross_rank_bn=False)
         load_strict(model, {k: v for k, v in sd.items() if not k.startswith("momentum_encoder.")},
                      what)
-        load_strict(model.base_encoder, _strip(sd, "momentum_encoder."), what)
+        load_strict(model.base_encoder, strip_prefix(sd, "momentum_encoder."), what)
     else:
         sd = obj["model"] if fmt in ("mae", "init") else obj
         load_strict(spec.create(), sd, what)

@@ -1,6 +1,6 @@
 """Reading a DeepSpeed checkpoint folder written by lgp_ds (any ZeRO stage and world size).
 
-:func:`_read_lgp_ds` consolidates it to the exact fp32 master weights, whichever optimizer holds
+:func:`read_lgp_ds` consolidates it to the exact fp32 master weights, whichever optimizer holds
 them: DeepSpeed's ZeRO 1-3 optimizers (through DeepSpeed's own zero_to_fp32), its BF16_Optimizer
 (ZeRO 1 + bf16 + fp32 gradient accumulation), or ZeRO 0's masters in the model-states file.
 Buffers come from the module copy, frozen parameters from the exact copies lgp_ds saves next to
@@ -22,8 +22,8 @@ from lgp_ds import checkpoint_file
 
 from lgp_ds.models.vit import MAE_ONLY_PREFIXES
 
-from .timm_model import _timm_defaults
-from .weights import Weights, _strip
+from .timm_model import timm_defaults
+from .weights import Weights, strip_prefix
 
 
 def _deepspeed_record_types() -> tuple:
@@ -86,7 +86,7 @@ def _check_rank_files(folder: str) -> None:
                          f"{', '.join(missing)} are missing")
 
 
-def _read_lgp_ds(path: str) -> Weights:
+def read_lgp_ds(path: str) -> Weights:
     """Exact fp32 weights of an lgp_ds checkpoint of any method: masters, buffers, frozen
     parameters, momentum encoder, MAE decoder."""
     folder = _tag_folder(path)
@@ -101,15 +101,15 @@ def _read_lgp_ds(path: str) -> Weights:
              **states.get("frozen", {}), **masters}
     decoder = {k: v for k, v in model.items() if k.startswith(MAE_ONLY_PREFIXES)} or None
     if any(k.startswith("base_encoder.") for k in model):  # MoCo, VICReg and MTL models
-        base = _strip(model, "base_encoder.")
+        base = strip_prefix(model, "base_encoder.")
     else:  # an MAE model: official MAE keys, the encoder's at the top level
         base = {k: v for k, v in model.items() if not k.startswith(MAE_ONLY_PREFIXES)}
     if "momentum" in states:
         base = _with_frozen(base, states, folder)
     cfg = states["config"]
-    heads = cfg.get("num_heads") or _timm_defaults(cfg["arch"])["num_heads"]
-    return Weights(base, states.get("momentum"), _strip(model, "predictor.") or None, cfg["arch"],
-                   heads, notes, decoder, dict(cfg))
+    heads = cfg.get("num_heads") or timm_defaults(cfg["arch"])["num_heads"]
+    return Weights(base, states.get("momentum"), strip_prefix(model, "predictor.") or None,
+                   cfg["arch"], heads, notes, decoder, dict(cfg))
 
 
 def _fp32_masters(folder: str, states: dict) -> tuple[dict, list[str]]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-_VIT_KEYS = ("cls_token", "pos_embed", "patch_embed.proj.weight")
+VIT_KEYS = ("cls_token", "pos_embed", "patch_embed.proj.weight")
 
 # The official MoCo v3 (vits.py) and grafting-code (models/vits.py) architectures that their
 # files name in 'arch': (timm model, heads); None for the ones timm has no model for.
@@ -37,7 +37,7 @@ _SPEC_KEYS = ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_
 
 
 @functools.lru_cache(maxsize=None)
-def _timm_defaults(name: str) -> dict:
+def timm_defaults(name: str) -> dict:
     """The shapes and head count of timm's ``name`` (built on the meta device: no memory)."""
     import timm
     if not timm.is_model(name):
@@ -57,7 +57,7 @@ def _shape_spec(sd: dict) -> dict:
     """What the tensor shapes of a ViT state dict determine (all of ``_SPEC_KEYS`` but heads)."""
     if any(k.startswith("patch_embed.proj.0.") for k in sd):
         raise ValueError(f"the encoder has {_CONV_STEM}")
-    missing = [k for k in (*_VIT_KEYS, "blocks.0.mlp.fc1.weight") if k not in sd]
+    missing = [k for k in (*VIT_KEYS, "blocks.0.mlp.fc1.weight") if k not in sd]
     if missing:
         raise ValueError(f"not a ViT encoder: no {missing} (found {list(sd)[:8]})")
     width, patch = sd["cls_token"].shape[-1], sd["patch_embed.proj.weight"].shape[-1]
@@ -139,10 +139,10 @@ def model_spec(sd: dict, arch: str | None = None, num_heads: int | None = None,
         notes = [n for n in notes if n != _VIT_SMALL_NOTE]
     named = name is not None
     if not named:
-        same = [n for n in _TIMM_FAMILY if _timm_defaults(n)["embed_dim"] == shape["embed_dim"]]
-        same.sort(key=lambda n: _timm_defaults(n)["patch_size"] != shape["patch_size"])
+        same = [n for n in _TIMM_FAMILY if timm_defaults(n)["embed_dim"] == shape["embed_dim"]]
+        same.sort(key=lambda n: timm_defaults(n)["patch_size"] != shape["patch_size"])
         name = same[0] if same else "vit_base_patch16_224"
-    base = _timm_defaults(name)
+    base = timm_defaults(name)
     if num_heads is None and arch_heads is not None:
         num_heads = arch_heads
     if num_heads is None and named and base["embed_dim"] == shape["embed_dim"]:

@@ -31,5 +31,6 @@ class Weights:
         return {k: v for k, v in sd.items() if not k.startswith("head.")}
 
 
-def _strip(sd: dict, prefix: str) -> dict:
+def strip_prefix(sd: dict, prefix: str) -> dict:
+    """The entries of ``sd`` whose keys start with ``prefix``, the prefix taken off."""
     return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}

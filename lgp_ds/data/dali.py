@@ -32,8 +32,8 @@ from lgp_ds import dist
 
 from .crops import RATIO
 from .pipeline import other_shards, restart_note, shards_or_embedded
-from .shards import (_REMOTE, IMAGE_KEYS, DataError, _listed, _seed, label_of, rank_shards,
-                     shard_set)
+from .shards import (IMAGE_KEYS, REMOTE_PREFIXES, DataError, label_of, rank_shards, shard_set,
+                     shortlist, stable_seed)
 from .transforms import Crop
 
 _INTERPOLATION = {InterpolationMode.NEAREST: types.INTERP_NN,
@@ -76,7 +76,7 @@ def _crops_pipeline(shards: list[str], crops: list[Crop], size: int, shuffle_buf
 
 def _dali_seed(*parts) -> int:
     """A seed DALI takes (a non-negative 32-bit int) from ``parts``."""
-    return _seed(*parts) % 2 ** 31
+    return stable_seed(*parts) % 2 ** 31
 
 
 def _resolved(device: torch.device | None) -> torch.device:
@@ -111,14 +111,14 @@ class DaliTrainData:
                  device: torch.device | None = None):
         self.urls = shards_or_embedded(cfg.data, cfg.img_size, "train", num_workers=0)
         self.shard_set = shard_set(self.urls)  # once: it stats every shard
-        remote = [u for u in self.urls if u.startswith(_REMOTE)]
+        remote = [u for u in self.urls if u.startswith(REMOTE_PREFIXES)]
         if remote:
             raise ValueError(f"input_backend=dali reads local shard files; data= names remote "
-                             f"ones ({_listed(remote)}): use input_backend=webdataset")
+                             f"ones ({shortlist(remote)}): use input_backend=webdataset")
         world = dist.get_world_size()
         if len(self.urls) < world:
             raise ValueError(f"input_backend=dali gives each rank shards of its own: "
-                             f"{len(self.urls)} shard(s) ({_listed(self.urls)}) cannot feed "
+                             f"{len(self.urls)} shard(s) ({shortlist(self.urls)}) cannot feed "
                              f"{world} ranks; use more shards, or input_backend=webdataset with "
                              f"resampled_shards=true")
         for crop in crops:
@@ -178,7 +178,7 @@ class DaliTrainData:
             f"input_backend=dali, rank {dist.get_rank()}, epoch {self.epoch}, batch "
             f"{self.taken}: DALI stopped on data it cannot use ({_dali_problem(exn)}); it cannot "
             f"skip a corrupt sample (a truncated image, a sample without one). This rank's "
-            f"shards: {_listed(shards)}. Rewrite them with tools/make_shards.py (it leaves "
+            f"shards: {shortlist(shards)}. Rewrite them with tools/make_shards.py (it leaves "
             f"undecodable images out) or use input_backend=webdataset, which skips such samples")
 
     def _state(self) -> bytes | None:

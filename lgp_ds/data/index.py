@@ -17,7 +17,7 @@ An index covers the shards of its own folder; a run may read some of them (``tra
 import json
 import os
 
-from .shards import _REMOTE
+from .shards import REMOTE_PREFIXES
 
 INDEX_FILE = "index.json"
 INDEX_FORMAT = "lgp_ds shards 1"
@@ -51,7 +51,7 @@ def indexed_samples(urls: list[str]) -> int:
     folder's index does not list (the index belongs to another shard set) or whose size on disk
     is not the one indexed (the shard was rewritten since).
     """
-    remote = [u for u in urls if u.startswith(_REMOTE)]
+    remote = [u for u in urls if u.startswith(REMOTE_PREFIXES)]
     if remote:
         raise NoIndex(f"remote shards have no index to read (e.g. {remote[0]})")
     by_folder = {}
@@ -84,7 +84,7 @@ def check_same_classes(train_urls: list[str], val_urls: list[str]) -> None:
     folders = {}  # folder -> its class list (None: no index), train's folders first
     for url in [*train_urls, *val_urls]:
         folder = os.path.dirname(os.path.abspath(url))
-        if url.startswith(_REMOTE) or folder in folders:
+        if url.startswith(REMOTE_PREFIXES) or folder in folders:
             continue
         try:
             folders[folder] = read_index(folder)["classes"]

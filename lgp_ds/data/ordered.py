@@ -13,20 +13,20 @@ from functools import partial
 import torch
 import webdataset as wds
 
-from .shards import DataError, _describe, _image_and_label, ignore_stop_signal
+from .shards import DataError, describe_error, image_and_label, ignore_stop_signal
 
 SHARD_STRIDE = 2 ** 32
 
 
-def _raise_shard_error(url: str, exn: Exception) -> bool:
-    raise DataError(f"shard {url} could not be read: {_describe(exn)}") from exn
+def raise_shard_error(url: str, exn: Exception) -> bool:
+    raise DataError(f"shard {url} could not be read: {describe_error(exn)}") from exn
 
 
 def _reader_samples(urls: list[str], rank: int, world_size: int):
     """Tar samples of this reader's shards (rank, then worker), with ``__index__``."""
     numbered = list(enumerate(urls))[rank::world_size]
     for number, url in wds.split_by_worker(numbered):
-        samples = wds.tarfile_samples([{"url": url}], handler=partial(_raise_shard_error, url))
+        samples = wds.tarfile_samples([{"url": url}], handler=partial(raise_shard_error, url))
         for position, sample in enumerate(samples):
             sample["__index__"] = number * SHARD_STRIDE + position
             yield sample
@@ -37,10 +37,10 @@ def _decode(samples, transform):
     for sample in samples:
         where = f"sample {sample.get('__key__')!r} in {sample.get('__url__')}"
         try:
-            img, label = _image_and_label(sample)
+            img, label = image_and_label(sample)
             image = transform(img)
         except Exception as exn:
-            raise DataError(f"{where}: {_describe(exn)}") from exn
+            raise DataError(f"{where}: {describe_error(exn)}") from exn
         if label < 0:
             raise DataError(f"{where} has no integer class label (its cls: "
                             f"{sample.get('cls')!r}): evaluation scores every image against "

@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 # Sample keys (file extensions) that hold the image, matched in any case. Pillow decodes them all.
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
-_REMOTE = ("pipe:", "http://", "https://", "s3://", "gs://")
+REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://")
 
 
 class DataError(RuntimeError):
@@ -60,7 +60,7 @@ def expand_shards(patterns: list[str]) -> list[str]:
     urls = []
     for pattern in patterns:
         for url in braceexpand(pattern):
-            if url.startswith(_REMOTE):
+            if url.startswith(REMOTE_PREFIXES):
                 urls.append(url)
             elif any(c in url for c in "*?["):
                 found = sorted(glob.glob(url))
@@ -77,7 +77,7 @@ def expand_shards(patterns: list[str]) -> list[str]:
         raise FileNotFoundError(f"data={patterns}: no shards")
     seen, twice = set(), []
     for url in urls:
-        key = url if url.startswith(_REMOTE) else os.path.realpath(url)
+        key = url if url.startswith(REMOTE_PREFIXES) else os.path.realpath(url)
         if key in seen:
             twice.append(url)
         seen.add(key)
@@ -93,18 +93,18 @@ def check_readers(urls: list[str], world_size: int, num_workers: int,
     or ``resampled`` (every reader draws from all shards)."""
     readers = world_size * max(1, num_workers)
     if not resampled and len(urls) < readers:
-        raise ValueError(f"{len(urls)} shard(s) ({_listed(urls)}) cannot give each of "
+        raise ValueError(f"{len(urls)} shard(s) ({shortlist(urls)}) cannot give each of "
                          f"{world_size} rank(s) x {max(1, num_workers)} worker(s) its own shards: "
                          f"use more shards or fewer num_workers, or resampled_shards=true")
 
 
-def _listed(items: list[str], n: int = 5) -> str:
+def shortlist(items: list[str], n: int = 5) -> str:
     """The first ``n`` items, comma-separated, and how many more there are."""
     more = f" and {len(items) - n} more" if len(items) > n else ""
     return ", ".join(items[:n]) + more
 
 
-def _describe(exn: Exception) -> str:
+def describe_error(exn: Exception) -> str:
     """``TypeName: message``. webdataset appends the stream and URL to ``args``, so a string first
     argument is the message on its own."""
     first = exn.args[0] if exn.args else ""
@@ -125,7 +125,7 @@ def shard_set(urls: list[str]) -> str:
     last."""
     digest = hashlib.sha256()
     for url in urls:
-        local = not url.startswith(_REMOTE)
+        local = not url.startswith(REMOTE_PREFIXES)
         digest.update(f"{os.path.basename(url) if local else url}:"
                       f"{os.path.getsize(url) if local else ''};".encode())
     return f"{len(urls)} shards, {digest.hexdigest()[:12]}"
@@ -134,10 +134,10 @@ def shard_set(urls: list[str]) -> str:
 def rank_shards(urls: list[str], seed: int, epoch: int, rank: int, world_size: int) -> list[str]:
     """The shards ``rank`` reads in ``epoch``: its share of the epoch's seeded order of ``urls``,
     every ``world_size``-th from its place (dealt anew each epoch, so unequal shards even out)."""
-    return _shuffled(urls, _seed(seed, epoch))[rank::world_size]
+    return _shuffled(urls, stable_seed(seed, epoch))[rank::world_size]
 
 
-def _seed(*parts) -> int:
+def stable_seed(*parts) -> int:
     """A seed in [0, 2**63) from ``parts`` (ints and tags): the same in every process (Python's
     ``hash`` of a string is not) and unrelated for different parts (sums of multiples such as
     ``seed * 10_007 + epoch`` collide)."""
@@ -147,7 +147,7 @@ def _seed(*parts) -> int:
 
 def _skip_shard_data(url: str, problems: dict, exn: Exception) -> bool:
     """Tar handler: warn, note what was wrong with shard ``url`` in ``problems``, keep going."""
-    problems[url] = _describe(exn)
+    problems[url] = describe_error(exn)
     log.warning("skipping unreadable data in shard %s: %s", url, problems[url])
     return True
 
@@ -192,7 +192,7 @@ def _reader_samples(shards: list[str], rng: random.Random, resampled: bool,
                         "without any: use fewer num_workers, or resampled_shards=true"
                         if subset is not None else "")
                 raise DataError(f"no sample in a whole pass over the {len(shards)} shard(s) of "
-                                f"{where}: {_listed(what)}{hint}")
+                                f"{where}: {shortlist(what)}{hint}")
 
 
 class _NoImage(ValueError):
@@ -207,7 +207,7 @@ def _open_image(data: bytes) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def _image_and_label(sample: dict):
+def image_and_label(sample: dict):
     """Tar sample -> (RGB PIL image, see :func:`_open_image`; label: the integer in ``cls``, or
     -1 without one).
 
@@ -262,23 +262,23 @@ def _decode_views(numbered, transform, max_corrupt_run: int, seed: int, labelled
     """
     run = []  # shard URLs of the corrupt samples since the last good one
     for n, sample in numbered:
-        _seed_global_rngs(_seed(seed, n))
+        _seed_global_rngs(stable_seed(seed, n))
         try:
-            img, label = _image_and_label(sample)
+            img, label = image_and_label(sample)
             if labelled and label < 0:
                 raise _NoLabel(f"has no integer class label (cls: {sample.get('cls')!r})")
             views = transform(img)
         except Exception as exn:  # a corrupt or incomplete sample: count it and go on
             key, url = sample.get("__key__"), sample.get("__url__")
             problem = (str(exn) if isinstance(exn, (_NoImage, _NoLabel))
-                       else f"could not be decoded: {_describe(exn)}")
+                       else f"could not be decoded: {describe_error(exn)}")
             log.warning("skipping corrupt sample %s in %s: %s", key, url, problem)
             run.append(url)
             if len(run) >= max_corrupt_run:
                 raise DataError(
                     f"{len(run)} samples in a row could not be used (max_corrupt_run="
                     f"{max_corrupt_run}): the last, {key!r} in {url}, {problem}; shard(s) of "
-                    f"the run: {_listed(list(dict.fromkeys(run)))}") from None
+                    f"the run: {shortlist(list(dict.fromkeys(run)))}") from None
             continue
         yield *views, label, len(run)
         run = []
@@ -316,12 +316,13 @@ def _reader_batches(urls: list[str], transform, batch_per_rank: int, rank: int, 
     # without resampling: the rank's share of the epoch's shard order, and the reader's of that
     shards = (urls if resampled
               else rank_shards(urls, seed, epoch, rank, world_size)[reader::readers])
-    samples = _reader_samples(shards, random.Random(_seed(*key, "shards")), resampled, subset,
+    samples = _reader_samples(shards, random.Random(stable_seed(*key, "shards")), resampled, subset,
                               f"rank {rank}, DataLoader worker {worker}")
     samples = wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 1000),
-                          seed=_seed(*key, "buffer"))(samples)
+                          seed=stable_seed(*key, "buffer"))(samples)
     numbered = itertools.islice(enumerate(samples), consumed[reader], None)
-    views = _decode_views(numbered, transform, max_corrupt_run, _seed(*key, "views"), labelled)
+    views = _decode_views(numbered, transform, max_corrupt_run, stable_seed(*key, "views"),
+                          labelled)
     return wds.batched(batch_per_rank, partial=False)(views)
 
 
