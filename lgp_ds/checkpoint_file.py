@@ -12,10 +12,10 @@ import contextlib
 import hashlib
 import os
 import re
-import zipfile
 
 import torch
 
+ZIP_MAGIC = b"PK\x03\x04"  # how torch.save's zip format starts (a legacy pickle does not)
 PLAIN_TYPES = (argparse.Namespace,)  # rebuilt from their attributes alone: no code runs
 # torch.load as imported: lgp_ds.convert points torch.load at load() while DeepSpeed's
 # zero_to_fp32 reads its files
@@ -53,8 +53,11 @@ def load(path: str, mmap: bool | None = None):
     ``mmap``: map a pickle file's tensors instead of reading them (``torch.load(mmap=True)``);
     None: where the file is in torch.save's zip format (not the legacy one). Mapped, what a
     reader never touches (an MAE file's optimizer state) is never read, and the ranks of a node
-    share one copy in the page cache instead of each holding its own (copy-on-write: writes
-    to the tensors stay in the process).
+    share one copy in the page cache instead of each holding its own. Writes to the tensors
+    stay in the process (copy-on-write); a file deleted or replaced by a rename while mapped
+    is safe, but one rewritten in place (``torch.save`` to the same path) changes what the
+    mapping reads, or ends the process if it shrinks: lgp_ds holds what it maps only while it
+    builds the model.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file")
@@ -63,7 +66,8 @@ def load(path: str, mmap: bool | None = None):
         if path.endswith(".safetensors"):
             return load_file(path)
         if mmap is None:
-            mmap = zipfile.is_zipfile(path)  # (a damaged file may raise here too)
+            with open(path, "rb") as f:
+                mmap = f.read(4) == ZIP_MAGIC
         with allowed_types():
             return _TORCH_LOAD(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # a damaged file raises anything: KeyError, struct.error, ...

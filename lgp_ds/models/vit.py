@@ -97,7 +97,7 @@ def set_checkpointing(vit: VisionTransformer, grad_ckpt: bool | int) -> None:
     lowest ``grad_ckpt``.
 
     A checkpointed block keeps its input (2 bytes per token and width in bf16) instead of its
-    activations (about 34) and costs one more forward of itself in backward, so checkpointing
+    activations (about 32) and costs one more forward of itself in backward, so checkpointing
     only as many blocks as memory needs saves that share of the recompute. Blocks that record
     nothing for autograd (frozen, with nothing trained below them: mim2cl_frozen's lower stages,
     ``freeze_blocks``) keep no activations either way. ``vit.blocks`` becomes a

@@ -15,8 +15,9 @@
   partition plus one gathered fp32 prefetch bucket.
 - activations: what a timm block saves for backward per token and view, in bf16 with fused
   attention (no token-by-token matrix): 8 values of the block's width (the two LayerNorms'
-  inputs, the qkv and projection inputs, q, k, v and the attention output) and 2 of the MLP's
-  hidden width (the GELU's input and output): 2 x (8 + 2 x 4) = 32 bytes per token and width at
+  inputs and outputs, the latter the qkv and first MLP layer's inputs; q, k and v; the attention
+  output, of which the projection's input is a view) and 2 of the MLP's hidden width (the
+  GELU's input and output): 2 x (8 + 2 x 4) = 32 bytes per token and width at
   MLP ratio 4 (Korthikanti et al. 2022's 34 without their dropout masks; measured by
   tests/test_scaling.py with torch's saved-tensor hooks). A checkpointed block keeps its
   input (2 bytes) and rebuilds the rest in backward (see :func:`activation_bytes`). The
@@ -37,9 +38,12 @@ def activation_bytes(m: ModelCounts, batch: float) -> float:
     block = BF16 * m.tokens * (8 * m.width + 2 * m.mlp_width)
     kept = m.depth - m.ckpt_blocks
     # The lowest blocks are checkpointed, so backward rebuilds them last, one at a time, once the
-    # kept blocks' activations are freed: the peak is at the start of backward, or at a rebuild
-    # where every block is checkpointed (so checkpointing the top block too saves nothing).
-    per_view = m.ckpt_blocks * BF16 * m.tokens * m.width + max(kept, m.ckpt_blocks > 0) * block
+    # kept blocks' activations are freed: the peak is at the start of backward (the checkpointed
+    # blocks' inputs, the kept blocks' activations). Where every block is checkpointed it is the
+    # top block's rebuild, whose activations include its input: as with all but the top block
+    # checkpointed, which is why checkpointing the top block too saves nothing.
+    inputs = min(m.ckpt_blocks, m.depth - 1)
+    per_view = inputs * BF16 * m.tokens * m.width + max(kept, 1) * block
     return VIEWS * batch * per_view
 
 
