@@ -151,16 +151,17 @@ def read_metrics(output_dir: str) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
-def resume_job(stage, bf16, data, out_dir, keys=None):
+def resume_job(stage, bf16, data, out_dir, keys=None, option=""):
     """4 steps straight vs 3 steps whose last checkpoint (step 3) never completed, then
     resume=auto from step 2 and 2 more steps; on the real data pipeline with corrupt samples.
-    ``keys``: the method's config keys (default: graft). 3 steps per epoch."""
+    ``keys``: the method's config keys (default: graft); ``option``: of OPTIONS. 3 steps per
+    epoch."""
     common = dict(samples_per_epoch=24, save_every=2, seed=3, data=[data], **(keys or {}))
 
     def run(name, max_steps, resume=None):
         cfg = tiny_config(output_dir=os.path.join(out_dir, name), max_steps=max_steps,
                           resume=resume, **common)
-        trainer = Trainer(cfg, ds_config(cfg, stage, bf16), build_method(cfg))
+        trainer = Trainer(cfg, ds_config(cfg, stage, bf16, option), build_method(cfg))
         trainer.fit()
         return trainer
 
@@ -179,10 +180,10 @@ def resume_job(stage, bf16, data, out_dir, keys=None):
 
 
 def resume_jobs(cases, data, out_dir):
-    """:func:`resume_job` per (stage, bf16, keys) of ``cases``, in out_dir/<index>: one process
-    start for all."""
-    return [resume_job(stage, bf16, data, os.path.join(out_dir, str(i)), keys)
-            for i, (stage, bf16, keys) in enumerate(cases)]
+    """:func:`resume_job` per (stage, bf16, keys, option) of ``cases``, in out_dir/<index>: one
+    process start for all."""
+    return [resume_job(stage, bf16, data, os.path.join(out_dir, str(i)), keys, option)
+            for i, (stage, bf16, keys, option) in enumerate(cases)]
 
 
 def resume_choice_jobs(out_dir):

@@ -20,7 +20,9 @@ MTL = dict(method="mtl", frozen_patch_embed=False, num_stages=1, stage_blrs=[1e-
            decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2, num_workers=1)
 
 
-CASES = [(2, True, {}), (3, False, {}), (2, False, MTL)]  # (zero stage, bf16, config keys)
+# (zero stage, bf16, config keys, jobs.OPTIONS key): ZeRO-Offload's masters, Adam state and
+# (offload_param) parameter partitions live on the host, and come back from the checkpoint there
+CASES = [(2, True, {}, ""), (3, False, {}, ""), (2, False, MTL, ""), (3, True, {}, "offload_param")]
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +32,8 @@ def resumed_runs(tmp_path_factory):
     return run_ranks(jobs.resume_jobs, CASES, data, str(tmp)), tmp
 
 
-@pytest.mark.parametrize("case", range(len(CASES)), ids=["zero2-bf16", "zero3-fp32", "mtl-zero2-fp32"])
+@pytest.mark.parametrize("case", range(len(CASES)),
+                         ids=["zero2-bf16", "zero3-fp32", "mtl-zero2-fp32", "zero3-bf16-offload"])
 def test_resume_continues_exactly(resumed_runs, case):
     ranks, tmp = resumed_runs
     out = [rank[case] for rank in ranks]
