@@ -4,7 +4,7 @@ from lgp_ds import dist
 from lgp_ds.engine.construct import build_model
 from lgp_ds.engine.init_weights import read_init
 from lgp_ds.methods import build_method
-from lgp_ds.models.partitioned import whole_copy
+from lgp_ds.models.partitioned import whole_copies
 from method_jobs import METHODS
 
 
@@ -19,7 +19,7 @@ def built_job(names, init):
         model = build_model(method, cfg, ds_config(cfg, 3, True))
         if name == "graft":
             method.load_init(model, read_init(init))
-        out[name] = {"weights": {n: whole_copy(p) for n, p in model.named_parameters()},
+        out[name] = {"weights": whole_copies(dict(model.named_parameters())),
                      "dtypes": {p.ds_tensor.dtype for p in model.parameters()},
                      "held": sum(p.ds_tensor.numel() for p in model.parameters()),
                      "numel": sum(p.ds_numel for p in model.parameters()),

@@ -32,7 +32,7 @@ def flops_per_image(method, cfg) -> float:
         if isinstance(m, Attention):
             m.fused_attn = False
         if isinstance(m, CheckpointedBlocks):
-            m.checkpointed = 0
+            m.configure(False)  # the MAE decoder's blocks too
     views = tuple(torch.zeros(2, 3, cfg.img_size, cfg.img_size)
                   for _ in sample_views(method, cfg.img_size))
     flops = 3 * _forward_flops(model, views)

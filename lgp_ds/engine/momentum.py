@@ -28,7 +28,7 @@ import torch.nn as nn
 from deepspeed.accelerator import get_accelerator
 
 from lgp_ds import dist
-from lgp_ds.models.partitioned import whole_copy
+from lgp_ds.models.partitioned import whole_copies
 
 from .master import MasterSlice, on_device
 
@@ -127,8 +127,7 @@ class MomentumEncoder:
         if not self.zero3:
             return {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()
                     if params or k not in self.params}
-        out = {name: whole_copy(p, keep=params) for name, p in self.params.items()}
-        out = {name: v for name, v in out.items() if v is not None}
+        out = whole_copies(self.params, keep=params)
         for name, b in self.module.named_buffers():
             out[name] = b.detach().cpu().clone()
         return out

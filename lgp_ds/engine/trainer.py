@@ -26,7 +26,7 @@ from lgp_ds import dist
 from lgp_ds.checkpoint_file import tensor_digest
 from lgp_ds.config import Config, offloads_optimizer, precision, run_identity
 from lgp_ds.data.pipeline import build_train_data, samples_per_epoch
-from lgp_ds.models.partitioned import is_partitioned, whole_copy
+from lgp_ds.models.partitioned import is_partitioned, whole_copies
 
 from . import checkpoint, run_dir
 from .anchor import MIMAnchor
@@ -145,9 +145,9 @@ class Trainer:
         # those the fp32 momentum encoder already holds.
         held = tuple(f"base_encoder.{n}" for n, _ in model.base_encoder.named_parameters()
                      ) if self.momentum is not None else ()
-        frozen = {n: whole_copy(p, keep=self.saves_whole) for n, p in model.named_parameters()
-                  if not p.requires_grad and n not in held}
-        self.frozen = {n: v for n, v in frozen.items() if v is not None}
+        self.frozen = whole_copies({n: p for n, p in model.named_parameters()
+                                    if not p.requires_grad and n not in held},
+                                   keep=self.saves_whole)
         cast_partitions(model, self.dtype)
 
         schedule = partial(lr_factor, total_steps=self.total_steps, warmup_steps=warmup_steps)

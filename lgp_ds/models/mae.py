@@ -17,6 +17,7 @@ from functools import partial
 import torch
 import torch.nn as nn
 from timm.models.vision_transformer import Block
+
 from lgp_ds.objectives import mae_loss
 
 from .partitioned import apply_gathered, full_shape, writable

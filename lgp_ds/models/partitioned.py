@@ -79,8 +79,13 @@ def copy_whole(p: torch.Tensor, value: torch.Tensor) -> None:
     part.copy_(value.reshape(-1)[start:start + part.numel()])
 
 
-def whole_copy(p: torch.Tensor, keep: bool = True) -> torch.Tensor | None:
-    """Collective where ``p`` is partitioned: a copy of the whole tensor on the host; None where
-    ``keep`` is False (the rank takes part in the gather and keeps nothing)."""
-    with deepspeed.zero.GatheredParameters([p], enabled=is_partitioned(p)):
-        return p.detach().to("cpu", copy=True) if keep else None
+def whole_copies(named: dict[str, torch.Tensor], keep: bool = True) -> dict[str, torch.Tensor]:
+    """{name: a copy of the whole tensor on the host} of ``named``, one tensor gathered at a
+    time (collective where they are partitioned); ``keep=False``: this rank takes part in the
+    gathers and keeps none."""
+    out = {}
+    for name, p in named.items():
+        with deepspeed.zero.GatheredParameters([p], enabled=is_partitioned(p)):
+            if keep:
+                out[name] = p.detach().to("cpu", copy=True)
+    return out

@@ -75,6 +75,14 @@ class CheckpointedBlocks(nn.Sequential):
     checkpointed = 0
     every = False  # grad_ckpt: true, which checkpoints the MAE decoder's blocks too
 
+    def configure(self, grad_ckpt: bool | int) -> None:
+        """Checkpoint every block (True), none (False) or the lowest ``grad_ckpt``."""
+        count = len(self) if grad_ckpt is True else int(grad_ckpt)
+        if not 0 <= count <= len(self):
+            raise ValueError(f"config key grad_ckpt={grad_ckpt} must lie in [0, {len(self)}], "
+                             f"the model's depth")
+        self.checkpointed, self.every = count, grad_ckpt is True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return run_blocks(self, x, self.checkpointed)
 
@@ -103,16 +111,10 @@ def set_checkpointing(vit: VisionTransformer, grad_ckpt: bool | int) -> None:
     ``freeze_blocks``) keep no activations either way. ``vit.blocks`` becomes a
     :class:`CheckpointedBlocks`; timm's all-or-nothing ``grad_checkpointing`` is left off.
     """
-    depth = len(vit.blocks)
-    count = depth if grad_ckpt is True else int(grad_ckpt)
-    if not 0 <= count <= depth:
-        raise ValueError(f"config key grad_ckpt={grad_ckpt} must lie in [0, {depth}], the "
-                         f"model's depth")
     if getattr(vit, "grad_checkpointing", False):
         vit.grad_checkpointing = False  # timm's forward would checkpoint every block again
     vit.blocks.__class__ = CheckpointedBlocks
-    vit.blocks.checkpointed = count
-    vit.blocks.every = grad_ckpt is True
+    vit.blocks.configure(grad_ckpt)
 
 
 def checkpointed_blocks(vit: nn.Module) -> int:
