@@ -22,7 +22,10 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import deepspeed  # noqa: E402
 
+import lgp_ds  # noqa: E402
+
 import jobs  # noqa: E402
+from lgp_ds.benchmark.step import synthetic_batch  # noqa: E402
 from lgp_ds.config import resolve_ds_config  # noqa: E402
 from lgp_ds.engine.trainer import Trainer  # noqa: E402
 from lgp_ds.methods import build_method  # noqa: E402
@@ -146,6 +149,68 @@ def check_anchor(out, precision="fp16"):
     assert anchors[0] == 0.0 and t.applied_steps() > 1 and anchors[-1] > 0, anchors
     print(f"{precision} zero2 anchor: fp32 gradient accumulation, anchor {anchors[0]} -> "
           f"{anchors[-1]:.3g} over {t.applied_steps()} applied steps", flush=True)
+
+
+def synchronising_calls(step) -> tuple[list[str], int]:
+    """Run ``step()`` under CUDA's sync debug mode: ("file:line" of each call in lgp_ds that made
+    the host wait for the device, how many others did: DeepSpeed's, the test's). A wait is
+    lgp_ds's when the innermost frame outside torch is in the lgp_ds package."""
+    import traceback
+    import warnings
+    package = os.path.dirname(os.path.abspath(lgp_ds.__file__)) + os.sep
+    ours, others = [], 0
+    torch_dir = os.path.dirname(torch.__file__) + os.sep
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        nonlocal others
+        if "synchronizing CUDA operation" not in str(message):
+            return
+        frames = [f for f in traceback.extract_stack()[:-1] if not f.filename.startswith(torch_dir)
+                  and f.filename != warnings.__file__]
+        where = frames[-1] if frames else None
+        if where is not None and where.filename.startswith(package):
+            ours.append(f"{os.path.relpath(where.filename, os.path.dirname(package[:-1]))}:"
+                        f"{where.lineno}")
+        else:
+            others += 1
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return ours, others
+
+
+def check_no_host_sync(out):
+    """A training step (forward, backward, the fault check, the anchor, DeepSpeed's step, the
+    momentum EMA) makes the host wait for the device nowhere in lgp_ds's code: the device stays
+    busy while the host queues the next work (issue 10). Grafting with the MIM anchor under the
+    shipped bf16 ZeRO 2 and 3 configs, and MAE under ZeRO 2."""
+    cfg = jobs.tiny_config(batch_size=16)
+    mim = os.path.join(out, "mim_sync.pth")
+    encoder = create_vit(cfg.arch, img_size=cfg.img_size, patch_size=cfg.patch_size,
+                         embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads)
+    torch.save({"model": encoder.state_dict()}, mim)
+    setups = [("graft", "zero2_bf16.json", dict(init=mim, anchor_weight=1e-4, anchor_blocks=2)),
+              ("graft", "zero3_bf16.json", dict(init=mim, anchor_weight=1e-4, anchor_blocks=2)),
+              ("mae", "zero2_bf16.json", dict(method="mae", decoder_embed_dim=16,
+                                              decoder_depth=1, decoder_num_heads=2))]
+    report = []
+    for method, shipped, keys in setups:
+        cfg = jobs.tiny_config(output_dir=os.path.join(out, f"sync_{method}_{shipped}"),
+                               batch_size=16, warmup_epochs=0, **keys)
+        t = Trainer(cfg, jobs.shipped_ds_config(cfg, shipped), build_method(cfg))
+        views, _ = synthetic_batch(t.method, cfg, cfg.batch_size, t.device)
+        for _ in range(2):  # first steps allocate and build
+            t.train_step(*views)
+        ours, others = synchronising_calls(lambda: t.train_step(*views))
+        assert not ours, f"{method} {shipped}: lgp_ds waits for the device at {ours}"
+        report.append(f"{method} {shipped} ({others} elsewhere)")
+    print(f"no host synchronisation in lgp_ds's step: {', '.join(report)}", flush=True)
 
 
 def check_offload(out):
@@ -340,6 +405,7 @@ if __name__ == "__main__":
     check_bf16_zero3(sys.argv[1])
     check_zero3_construction()
     check_anchor(sys.argv[1])
+    check_no_host_sync(sys.argv[1])
     check_offload(sys.argv[1])
     check_methods_fp16(sys.argv[1])
     check_finetune_fp16(sys.argv[1])

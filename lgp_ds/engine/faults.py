@@ -16,8 +16,9 @@
   once, a hang after ``collective_timeout_s``); :func:`collective_errors` turns that into
   :class:`CollectiveError`, naming the collective and the timeout.
 
-Each optimizer step costs one all-reduce of two numbers and one wait for it on the host, at
-the accumulation boundary only (DeepSpeed's own step waits for the device there as well).
+Each optimizer step costs one all-reduce of two numbers, started after the boundary
+micro-batch's forward pass, and one wait for its result on the host after the backward pass is
+queued, when the device has long finished the forward: the device never idles for it.
 """
 import contextlib
 import os
@@ -63,16 +64,18 @@ def collective_errors(timeout_s: float):
 class FaultGuard:
     """Per optimizer step: the non-finite check, the skip, and the stop request, for all ranks.
 
-    Use: :meth:`watch` each micro-batch's loss; at the accumulation boundary
-    ``bad, stop = guard.flags()`` (collective), ``with guard.skip_if(bad, engine):
-    engine.step()``, then :meth:`count`.
+    Use: :meth:`watch` each micro-batch's loss before its backward pass; at the accumulation
+    boundary, after the backward pass, ``bad, stop = guard.flags()``, ``with guard.skip_if(bad,
+    engine): engine.step()``, then :meth:`count`.
     """
 
     def __init__(self, max_nonfinite_steps: int, stop_grace_s: float, device):
         self.max_nonfinite_steps = max_nonfinite_steps
         self.stop_grace_s = stop_grace_s  # how long a process asked to stop may take to end
-        self.device = device
+        self.device = torch.device(device)
         self.bad_loss = torch.zeros((), dtype=torch.bool, device=device)  # since the last step
+        self._flags = None  # this step's [bad, stop] on the host, once watch() saw its boundary
+        self._flags_copied = None  # on a GPU: the event of their copy to the host
         self.nonfinite_steps = 0  # over the whole run
         self.nonfinite_in_a_row = 0
         self.stop_requested = False  # this process got SIGTERM
@@ -109,17 +112,33 @@ class FaultGuard:
         self._deadline.start()
 
     # -- non-finite steps ----------------------------------------------------------------------
-    def watch(self, loss: torch.Tensor) -> None:
-        """Note whether this micro-batch's loss (a scalar) is finite; no wait for the device."""
+    def watch(self, loss: torch.Tensor, boundary: bool) -> None:
+        """Note whether this micro-batch's loss (a scalar) is finite; at the accumulation
+        ``boundary`` (collective) start reducing the step's flags over the ranks. Call it before
+        the backward pass: nothing here waits for the device, and :meth:`flags` finds the result
+        ready once the backward pass is queued."""
         self.bad_loss |= ~torch.isfinite(loss.detach())
+        if not boundary:
+            return
+        # torch.full, not torch.tensor: a copy from the host would wait for the device
+        stop = torch.full((), int(self.stop_requested), dtype=torch.int64, device=self.device)
+        local = dist.all_reduce_max(torch.stack([self.bad_loss.to(torch.int64), stop]))
+        self.bad_loss = torch.zeros_like(self.bad_loss)
+        if self.device.type == "cuda":  # to pinned memory, behind the forward pass on the stream
+            if self._flags is None:
+                self._flags = torch.empty(2, dtype=torch.int64, pin_memory=True)
+                self._flags_copied = torch.cuda.Event()
+            self._flags.copy_(local, non_blocking=True)
+            self._flags_copied.record()
+        else:
+            self._flags = local
 
     def flags(self) -> tuple[bool, bool]:
-        """Collective, at the accumulation boundary: (some rank's loss of this step was not
-        finite, some rank was asked to stop), the same on every rank."""
-        local = torch.stack([self.bad_loss.to(torch.int64),
-                             torch.tensor(int(self.stop_requested), device=self.device)])
-        self.bad_loss = torch.zeros_like(self.bad_loss)
-        bad, stop = (bool(v) for v in dist.all_reduce_max(local).tolist())
+        """At the accumulation boundary, after :meth:`watch` of its micro-batch: (some rank's loss
+        of this step was not finite, some rank was asked to stop), the same on every rank."""
+        if self._flags_copied is not None:
+            self._flags_copied.synchronize()
+        bad, stop = (bool(v) for v in self._flags.tolist())
         return bad, stop
 
     @contextlib.contextmanager

@@ -267,10 +267,10 @@ class Trainer:
         with self._forward_rng():  # the device augmentation draws from it too
             views = self.method.device_views(views)
             loss, terms = self.method.loss(self.engine, views, self.momentum, labels)
+        boundary = self.engine.is_gradient_accumulation_boundary()  # backward leaves it as is
+        self.faults.watch(loss, boundary)
         self.engine.backward(loss)
-        self.faults.watch(loss)
         anchor = 0.0
-        boundary = self.engine.is_gradient_accumulation_boundary()
         bad, stop = self.faults.flags() if boundary else (False, False)
         if boundary and self.anchor is not None:
             anchor = self.anchor.add_gradient(self.slices,

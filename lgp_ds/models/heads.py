@@ -28,7 +28,8 @@ class CrossRankBatchNorm1d(nn.BatchNorm1d):
         # E[x^2] - E[x]^2 cancels catastrophically when a channel's mean is large against its
         # spread (5% error at mean/std 300), which is where projector features of near-identical
         # images sit.
-        count_and_sum = torch.cat([xf.new_tensor([xf.shape[0]]), xf.sum(0)])  # [1 + C]
+        # new_full, not new_tensor: a copy from the host would wait for the device
+        count_and_sum = torch.cat([xf.new_full((1,), xf.shape[0]), xf.sum(0)])  # [1 + C]
         count_and_sum = dist.all_reduce_sum_with_grad(count_and_sum)
         n, mean = count_and_sum[0], count_and_sum[1:] / count_and_sum[0]
         centred = xf - mean
