@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from lgp_ds.benchmark.measure import busy_us, host_waits
 from multirank import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -19,9 +20,9 @@ def test_bench_reports_step_and_data_throughput(tmp_path):
     base = [sys.executable, "tools/bench.py", "--deepspeed_config", "ds_configs/cpu_demo.json",
             "--steps", "2", "--warmup", "1"]
     env = dict(os.environ, LGP_DS_CACHE=str(tmp_path), MASTER_PORT=str(free_port()))
-    out = tmp_path / "bench.json"
-    step = subprocess.run(base + TINY + ["--json", str(out)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    out, prof = tmp_path / "bench.json", tmp_path / "prof"
+    step = subprocess.run(base + TINY + ["--json", str(out), "--profile", str(prof)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
     assert step.returncode == 0, step.stderr[-3000:]
     assert re.search(r"batch 8/rank x 1 rank\(s\) on cpu; bf16 matmul peak [\d.]+ TFLOP/s "
                      r"\(measured\)", step.stdout), step.stdout
@@ -38,6 +39,16 @@ def test_bench_reports_step_and_data_throughput(tmp_path):
         assert r["tflops_per_device"] == pytest.approx(
             record["flops_per_image"] * r["img_per_s"] / 1e12)
         assert r["peak_memory_gib"] > 0
+    # --profile: a trace of the profiled steps, the report, and its figures in the JSON
+    trace = json.loads((prof / "trace_rank0.json").read_text())
+    assert {"lgp_ds step 0", "lgp_ds step 2"} <= {e.get("name") for e in trace["traceEvents"]}
+    assert ("profile of lgp_ds's step: 3 steps after 1 under torch.profiler; the top 15 ops by "
+            "self CPU time (all steps); trace " + str(prof / "trace_rank0.json")) in step.stdout
+    assert re.search(r"per step: wall [\d.]+ ms \(device busy time and host-device "
+                     r"synchronisations are counted on a GPU only\)", step.stdout), step.stdout
+    profile = record["profile"]
+    assert profile["wall_ms"] > 0 and profile["trace"] == str(prof / "trace_rank0.json")
+    assert (profile["steps"], profile["device_busy_ms"], profile["syncs"]) == (3, None, None)
     data = subprocess.run(base + TINY + ["--data_only", "--images", "16"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     assert data.returncode == 0, data.stderr[-3000:]
@@ -79,3 +90,23 @@ def test_bench_runs_every_kind_of_method(tmp_path):
         assert f"{method} vit_base_patch16_224 16px batch 8/rank x 1 rank(s) on cpu" in proc.stdout
         assert re.search(r"\| official style \(.*\) \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+% \| "
                          r"[\d.]+ GiB \| 1.00x \|", proc.stdout), proc.stdout
+
+
+def test_profile_counts_device_busy_time_and_host_waits():
+    """--profile's GPU figures, on a made-up trace: overlapping device intervals count once, and
+    only the host's waits inside the steps count (a DtoH cudaMemcpyAsync, not an HtoD one)."""
+    def x(cat, name, ts, dur, corr=None):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur,
+                "args": {} if corr is None else {"correlation": corr}}
+    events = [x("kernel", "gemm", 0, 10), x("kernel", "gemm", 5, 10),  # 0-15
+              x("gpu_memcpy", "Memcpy DtoH (Device -> Pageable)", 20, 2, corr=7),
+              x("gpu_memcpy", "Memcpy HtoD (Pageable -> Device)", 30, 1, corr=8),
+              x("gpu_memset", "Memset (Device)", 40, 3), x("gpu_user_annotation", "s", 0, 50),
+              x("user_annotation", "lgp_ds step 0", 0, 100),
+              x("cuda_runtime", "cudaMemcpyAsync", 18, 1, corr=7),
+              x("cuda_runtime", "cudaMemcpyAsync", 28, 1, corr=8),
+              x("cuda_runtime", "cudaStreamSynchronize", 19, 3),
+              x("cuda_runtime", "cudaLaunchKernel", 1, 1),
+              x("cuda_runtime", "cudaDeviceSynchronize", 150, 1)]  # after the step
+    assert busy_us(events) == 15 + 2 + 1 + 3
+    assert host_waits(events) == {"cudaMemcpyAsync DtoH": 1, "cudaStreamSynchronize": 1}

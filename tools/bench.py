@@ -2,7 +2,7 @@
 
     deepspeed --num_gpus N tools/bench.py --deepspeed_config ds_configs/zero2_bf16.json \
         [--config RECIPE] [--steps 20] [--warmup 5] [--no_reference] [--json OUT.json] \
-        [--data_only] [key=value ...]
+        [--profile DIR] [--data_only] [key=value ...]
 
 The step benchmark feeds synthetic views already on the device, so it measures model,
 optimizer, momentum encoder, MIM anchor, communication and, with ``augment_on=device``, the
@@ -15,6 +15,13 @@ is timed on the same batch, so every speed-up is a same-run ratio. Each row give
 TFLOP/s per device (:mod:`lgp_ds.benchmark.flops` states the counting rule), MFU against a bf16
 matmul peak measured in the same run, and peak memory; ``--json`` writes them with the device,
 versions and command.
+
+``--profile DIR``, after the timed steps (so their figures are the same), runs lgp_ds's step 3
+more times (whole optimizer steps) after one more under ``torch.profiler``, writes
+``DIR/trace_rank{R}.json`` (a Chrome trace; open it in Perfetto) and prints the top ops by self
+device time and, per step, the wall time, the time the device was busy and idle, and the host's
+waits for the device (:func:`lgp_ds.benchmark.measure.profile_step`); ``--json`` holds these
+under ``"profile"``.
 
 ``--data_only`` measures the input pipeline of this rank alone (shards -> decode -> views ->
 batches, with ``num_workers`` DataLoader workers) for MoCo v3's two views and MAE's one, made by
@@ -42,7 +49,7 @@ import torch
 
 from lgp_ds import dist, scaling
 from lgp_ds.benchmark.flops import flops_per_image
-from lgp_ds.benchmark.measure import device_name, matmul_peak_tflops
+from lgp_ds.benchmark.measure import device_name, matmul_peak_tflops, profile_step
 from lgp_ds.benchmark.pipeline import pipeline_table
 from lgp_ds.benchmark.step import (row, synthetic_batch, table, time_reference, time_trainer,
                                    write_stand_in)
@@ -61,6 +68,8 @@ def main() -> None:
     p.add_argument("--no_reference", action="store_true",
                    help="leave out the official-style step (its model is a second copy in memory)")
     p.add_argument("--json", help="also write the results to this file (rank 0)")
+    p.add_argument("--profile", metavar="DIR",
+                   help="then profile lgp_ds's step: a Chrome trace per rank in DIR, a report")
     p.add_argument("--data_only", action="store_true", help="the input pipeline alone")
     p.add_argument("--images", type=int, default=256,
                    help="--data_only without data=: photo-like JPEGs to write and read")
@@ -99,7 +108,8 @@ def main() -> None:
 
 
 def bench_step(args, cfg, ds_config: dict, method) -> None:
-    """Time the official-style step, then lgp_ds's; print the table and write ``--json``."""
+    """Time the official-style step, then lgp_ds's (and profile it with ``--profile``); print
+    the table and write ``--json``."""
     batch, stage = ds_config["train_micro_batch_size_per_gpu"], \
         ds_config.get("zero_optimization", {}).get("stage", 0)
     # whole optimizer steps: both steps update at their accumulation boundary only
@@ -121,12 +131,16 @@ def bench_step(args, cfg, ds_config: dict, method) -> None:
     rows.insert(0, row(f"lgp_ds (ZeRO {stage}, {precision(ds_config)}, {cfg.optimizer})",
                        time_trainer(trainer, views, labels, steps, warmup),
                        batch, flops, peak))
+    profile, report = None, ""
+    if args.profile:  # after the timed steps, whole optimizer steps again
+        profile, report = profile_step(lambda: trainer.train_step(*views, labels=labels),
+                                       args.profile, steps=-(-3 // gas) * gas, warmup=gas)
     world = dist.get_world_size()
     head = (f"{cfg.method} {cfg.arch} {cfg.img_size}px batch {batch}/rank x {world} rank(s) on "
             f"{device_name()}; bf16 matmul peak {peak:.1f} TFLOP/s (measured), "
             f"{flops / 1e9:.3g} GFLOP per image; {steps} timed micro-batches after {warmup}, "
             f"accumulation {gas}")
-    dist.print_main(head + "\n" + table(rows))
+    dist.print_main(head + "\n" + table(rows) + ("\n\n" + report if report else ""))
     if args.json and dist.is_main():
         record = {"command": sys.argv, "device": device_name(), "ranks": world,
                   "torch": torch.__version__, "deepspeed": deepspeed.__version__,
@@ -135,7 +149,7 @@ def bench_step(args, cfg, ds_config: dict, method) -> None:
                   "precision": precision(ds_config), "bf16_matmul_peak_tflops": peak,
                   "flops_per_image": flops, "micro_batches": steps, "warmup": warmup,
                   "gradient_accumulation_steps": gas,
-                  "rows": rows}
+                  "rows": rows, "profile": profile}
         with open(args.json, "w") as f:
             json.dump(record, f, indent=1)
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 10's benchmark matrix on one GPU: one tools/bench.py run per row, each writing
-# OUT/NAME.json and OUT/NAME.log, the official-style baseline in the same run where it fits in
-# memory. No row starts when less than a minute of BUDGET_S (seconds, for the whole matrix) is
+# OUT/NAME.json and OUT/NAME.log (and OUT/profile_NAME/ where the row profiles), the
+# official-style baseline in the same run where it fits in memory. No row starts when less than a minute of BUDGET_S (seconds, for the whole matrix) is
 # left, and a row is cut at what is left. EXTRA: key=value overrides for every row.
 #
 #   OUT=/tmp/bench BUDGET_S=420 bash tools/bench_matrix.sh
@@ -25,21 +25,23 @@ row() {  # NAME DS_CONFIG ARGS...
         --json "$OUT/$name.json" "$@" $EXTRA > "$OUT/$name.log" 2>&1
     echo "$name: exit $?"
     grep -A4 "^| step " "$OUT/$name.log"
+    grep "^per step: " "$OUT/$name.log"  # with --profile: device busy and idle, the host's waits
 }
 
-# ViT-L/16 grafting step, batch 128: ZeRO 2 and 3 against the official style, then compiled.
-# Without activation checkpointing, which the recipe turns on: at 128 images ViT-L fits without
-# it on paper (docs/scaling.md, 44 GB), and each image then needs 20% fewer FLOPs.
+# ViT-L/16 grafting step, batch 128: ZeRO 2 eager against the official style, then as the
+# recipe ships it (compiled blocks), then ZeRO 3. Without activation checkpointing, which the
+# recipe turns on: at 128 images ViT-L fits without it (44.6 GiB measured on an H100), and each
+# image then needs 20% fewer FLOPs.
 row vit_l_graft_zero2 zero2_bf16.json --config vit_l_graft batch_size=128 grad_ckpt=false \
-    --steps 10 --warmup 3
-row vit_l_graft_zero3 zero3_bf16.json --config vit_l_graft batch_size=128 grad_ckpt=false \
-    --steps 10 --warmup 3
+    compile_blocks=false --steps 10 --warmup 3 --profile "$OUT/profile_vit_l_graft_zero2"
 row vit_l_graft_zero2_compiled zero2_bf16.json --config vit_l_graft batch_size=128 \
-    grad_ckpt=false compile_blocks=true --steps 10 --warmup 5 --no_reference
+    grad_ckpt=false --steps 10 --warmup 5 --no_reference
+row vit_l_graft_zero3 zero3_bf16.json --config vit_l_graft batch_size=128 grad_ckpt=false \
+    compile_blocks=false --steps 10 --warmup 3
 # MAE step i, ViT-L/16, batch 256, without checkpointing (the encoder sees a quarter of the
 # patches: about 18 GB of activations on paper)
 row vit_l_mae zero2_bf16.json --config vit_l_mae batch_size=256 grad_ckpt=false --steps 10 \
-    --warmup 3
+    --warmup 3 --profile "$OUT/profile_vit_l_mae"
 # ViT-g/14 grafting step, micro-batch 32 under ZeRO 3 with the recipe's activation checkpointing
 row vit_g_graft_zero3 zero3_bf16.json --config vit_g_graft batch_size=32 --steps 5 --warmup 2 \
     --no_reference
