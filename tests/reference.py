@@ -49,13 +49,18 @@ def peak_lr(cfg, name: str, depth: int) -> float:
     return cfg.stage_blrs[stage_of(name, depth, cfg.num_stages)] * cfg.batch_size / 256
 
 
+def queries(model, x1, x2):
+    """q1, q2 as the official MoCo v3 code computes them: one pass per view, plain BatchNorm."""
+    return model.predictor(model.base_encoder(x1)), model.predictor(model.base_encoder(x2))
+
+
 def relu_margin(model, x1, x2) -> float:
     """Smallest |input| of any ReLU: below ~1e-5, fp32 rounding can flip the unit."""
     margins = []
     hooks = [m.register_forward_pre_hook(lambda m, i: margins.append(i[0].abs().min().item()))
              for m in model.modules() if isinstance(m, torch.nn.ReLU)]
     with torch.no_grad():
-        model(x1, x2)
+        queries(model, x1, x2)
     for h in hooks:
         h.remove()
     return min(margins)
@@ -88,7 +93,7 @@ def train(cfg, steps: int, make_batch, margin: float = 1e-4) -> dict:
         batches.append((x1, x2))
         for group, (n, _) in zip(opt.param_groups, named):
             group["lr"] = peak_lr(cfg, n, depth) * lr_factor(t, total, warmup)
-        q1, q2 = model(x1, x2)
+        q1, q2 = queries(model, x1, x2)
         with torch.no_grad():
             k1, k2 = mom(x1), mom(x2)
         loss = ctr(q1, k2, cfg.tau) + ctr(q2, k1, cfg.tau)

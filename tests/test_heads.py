@@ -155,3 +155,49 @@ def test_cross_rank_expander_equals_batchnorm_over_the_global_batch(two_ranks):
         err = (got[k].double() - exact[k]).abs().max().item()
         # + 1e-6: the hidden biases' gradients are exactly 0 (BN removes them), rounding ~1e-7
         assert err <= 2 * floor + 1e-6, (k, err, floor)
+
+
+# ---- two views in one pass ------------------------------------------------------------------
+
+def test_views_in_one_pass_equal_a_pass_per_view():
+    """GraftModel runs both views through the encoder and heads in one pass, BatchNorm per view
+    (views_apart): the queries, every gradient and the running statistics are those of one pass
+    per view, as the official MoCo v3 code makes them (fp32, in which the layer computes its
+    statistics: only the order of summation differs; five BatchNorms in a row amplify its
+    rounding to about 2e-6 of each tensor's largest entry)."""
+    import copy
+
+    from lgp_ds.models.moco import build_graft_model
+    torch.manual_seed(0)
+    model = build_graft_model(jobs.tiny_config()).train()
+    apart = copy.deepcopy(model)
+    x1, x2 = (torch.randn(6, 3, 16, 16) + i for i in range(2))
+    q1, q2 = model(x1, x2)
+    r1, r2 = (apart.predictor(apart.base_encoder(x)) for x in (x1, x2))
+    g = torch.randn(2, *q1.shape)
+    (q1 * g[0] + q2 * g[1]).sum().backward()
+    (r1 * g[0] + r2 * g[1]).sum().backward()
+    close = lambda a, b: (a - b).abs().max() <= 1e-5 * b.abs().max()  # noqa: E731
+    assert close(q1, r1) and close(q2, r2)
+    grads = [torch.cat([p.grad.flatten() for p in m.parameters() if p.requires_grad])
+             for m in (model, apart)]  # as one vector: some are 0 but for rounding (norm.bias)
+    assert close(*grads)
+    # two BN calls' worth of running statistics (one vector: a BN's input that a BN made has
+    # running means of 0 but for rounding)
+    stats = [torch.cat([b.flatten().float() for n, b in m.named_buffers() if "running" in n])
+             for m in (model, apart)]
+    assert close(*stats)
+    counts = [[int(b) for n, b in m.named_buffers() if n.endswith("num_batches_tracked")]
+              for m in (model, apart)]
+    assert counts[0] == counts[1] == [2] * len(counts[0])
+    assert all(not hasattr(m, "views") or m.views == 1 for m in model.modules()
+               if isinstance(m, CrossRankBatchNorm1d))  # the block left them as they were
+
+
+def test_views_in_one_pass_refuse_plain_batchnorm():
+    from lgp_ds.models.moco import build_graft_model
+    model = build_graft_model(jobs.tiny_config(), cross_rank_bn=False)
+    x = torch.randn(4, 3, 16, 16)
+    with pytest.raises(ValueError, match=r"2 views in one pass: base_encoder.head.1 is a "
+                                         r"BatchNorm1d, which would normalise them together"):
+        model(x, x)

@@ -16,6 +16,7 @@ import torch
 import method_jobs
 from jobs import tiny_config
 from lgp_ds.engine.init_weights import read_init
+from lgp_ds.engine.momentum import MomentumEncoder
 from lgp_ds.methods import build_method
 from lgp_ds.models.vit import MAE_ONLY_PREFIXES
 from multirank import run_ranks, run_ranks_each
@@ -139,9 +140,9 @@ def test_mtl_loss_is_the_weighted_sum_of_the_moco_and_mae_losses():
     alone on view 3), each computed by its own method on a model holding the same weights."""
     torch.manual_seed(0)
     mtl, model = _single_process("mtl", cl_weight=0.7, mim_weight=1.3)
-    momentum = copy.deepcopy(model.base_encoder)
+    momentum = MomentumEncoder(copy.deepcopy(model.base_encoder), {}, torch.float32)
     with torch.no_grad():  # a momentum encoder away from the base encoder
-        for p in momentum.parameters():
+        for p in momentum.module.parameters():
             p.add_(0.01 * torch.randn_like(p))
     x1, x2, x3 = (torch.randn(8, 3, 16, 16) for _ in range(3))
     torch.manual_seed(5)  # the MAE mask's noise

@@ -143,16 +143,17 @@ def test_key_gather_and_zero3_gathers(tiny):
     keys = comms["contrastive key all-gather"]
     assert keys.size == 2 * n * batch * counts.key_dim * 4  # two gathers of [n * batch, D] fp32
     assert bytes_per_rank(keys, n) == (n - 1) / n * keys.size
-    # ZeRO 3 without persistent tensors: each view's forward gathers every parameter, its
-    # backward the trained ones (the tiny config has no activation checkpointing)
+    # ZeRO 3 without persistent tensors: the forward pass (both views at once) gathers every
+    # parameter, the backward pass the trained ones (the tiny config has no activation
+    # checkpointing); the momentum encoder's one forward all of it, in fp32
     params = list(model.parameters())
     forward = sum(p.numel() for p in params)
     backward = sum(p.numel() for p in params if p.requires_grad)
     assert comms["parameter all-gathers in forward and backward"].size == \
-        2 * VIEWS * (forward + backward)
+        2 * (forward + backward)
     assert comms["persistent parameter all-gather after the step"].size == 0
     assert comms["momentum encoder all-gathers in its forward"].size == \
-        4 * VIEWS * sum(p.numel() for p in model.base_encoder.parameters())
+        4 * sum(p.numel() for p in model.base_encoder.parameters())
 
 
 def test_more_gpus_lower_efficiency(sizes):

@@ -28,13 +28,15 @@ import torch.nn as nn
 from deepspeed.accelerator import get_accelerator
 
 from lgp_ds import dist
+from lgp_ds.models.heads import views_apart
 from lgp_ds.models.partitioned import whole_copies
 
 from .master import MasterSlice, on_device
 
 
 class MomentumEncoder:
-    """forward(x [N,3,H,W]) -> keys [N, dim] without gradient; ``update`` does the EMA step.
+    """(x1, x2, ... [N,3,H,W]) -> keys (k1, k2, ... [N, dim]) without gradient; ``update`` does
+    the EMA step.
 
     ``module`` (which it takes over) holds the initial weights in fp32: a copy of the base
     encoder; under ZeRO-3 built partitioned as :func:`momentum_zero3_config` says, for a run
@@ -60,12 +62,14 @@ class MomentumEncoder:
         self._optimizer, self._flats = None, []
 
     @torch.no_grad()
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, *views: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """views [N,3,H,W] -> their keys [N, dim], all views in one pass (BatchNorm per view,
+        :func:`lgp_ds.models.heads.views_apart`): under ZeRO 3 one gather of the encoder."""
         device = get_accelerator().device_name()
         autocast = (torch.autocast(device, dtype=self.compute_dtype)
                     if self.compute_dtype != torch.float32 else contextlib.nullcontext())
-        with autocast:
-            return self._forward(x)
+        with autocast, views_apart(self.module, len(views)):
+            return self._forward(torch.cat(views)).chunk(len(views))
 
     @torch.no_grad()
     def update(self, slices: list[MasterSlice], m: float) -> None:

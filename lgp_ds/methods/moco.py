@@ -27,5 +27,5 @@ class MoCo(Method):
     def loss(self, engine, views, momentum, labels=None):
         x1, x2 = views
         q1, q2 = engine(x1, x2)
-        k1, k2 = momentum(x1), momentum(x2)
+        k1, k2 = momentum(x1, x2)
         return moco_loss(q1, q2, k1, k2, self.cfg.tau), {}

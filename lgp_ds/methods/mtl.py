@@ -49,7 +49,7 @@ class MTL(Method):
         cfg = self.cfg
         x1, x2, x3 = views
         q1, q2, pred, mask = engine(x1, x2, x3)
-        cl = moco_loss(q1, q2, momentum(x1), momentum(x2), cfg.tau)
+        cl = moco_loss(q1, q2, *momentum(x1, x2), cfg.tau)
         mim = mae_loss(pred, x3, mask, self.patch_size, cfg.norm_pix_loss)
         return cfg.cl_weight * cl + cfg.mim_weight * mim, {"loss_cl": cl.detach(),
                                                            "loss_mim": mim.detach()}

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from lgp_ds.data.transforms import moco_views
-from lgp_ds.models.heads import build_expander
+from lgp_ds.models.heads import build_expander, views_apart
 from lgp_ds.models.vit import vit_from_config
 from lgp_ds.objectives import vicreg_loss
 
@@ -15,7 +15,8 @@ from .base import Method
 
 
 class VICRegModel(nn.Module):
-    """forward(x1 [N,3,H,W], x2 [N,3,H,W]) -> (z1, z2) [N, dim]: encoder + expander (its head)."""
+    """forward(x1 [N,3,H,W], x2 [N,3,H,W]) -> (z1, z2) [N, dim]: encoder + expander (its head),
+    both views in one pass as in :class:`lgp_ds.models.moco.GraftModel`."""
 
     def __init__(self, encoder: nn.Module, dim: int, mlp_dim: int):
         super().__init__()
@@ -24,7 +25,8 @@ class VICRegModel(nn.Module):
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor):
         dtype = self.base_encoder.patch_embed.proj.weight.dtype  # as GraftModel
-        return self.base_encoder(x1.to(dtype)), self.base_encoder(x2.to(dtype))
+        with views_apart(self, 2):
+            return self.base_encoder(torch.cat([x1, x2]).to(dtype)).chunk(2)
 
 
 class GraftVICReg(Method):

@@ -19,8 +19,9 @@ One step on each rank (micro-batch ``batch``, two views, no gradient accumulatio
   backward; ZeRO 3 a reduce-scatter during backward.
 - parameters, bf16: ZeRO 1/2 all-gather the updated trained parameters after the step. ZeRO 3
   gathers every tensor over ``stage3_param_persistence_threshold`` elements where it is used:
-  forward of each view, backward of each view (trained tensors only: the frozen patch projection
-  has no backward), and with activation checkpointing again for the recomputed forward; the
+  in the forward pass, which takes both views at once (:func:`lgp_ds.models.heads.views_apart`),
+  in the backward pass (trained tensors only: the frozen patch projection has no backward), and
+  with activation checkpointing again for the recomputed forward; the
   persistent small tensors are all-gathered after the step instead. Counted per use, this is an
   upper bound: DeepSpeed keeps a gathered tensor whose next use lies within
   ``stage3_max_reuse_distance`` elements (1e9 by default, as the shipped config leaves it) or
@@ -32,7 +33,7 @@ One step on each rank (micro-batch ``batch``, two views, no gradient accumulatio
   every rank the whole encoder. The sharded alternative (not built): each rank keeps the fp32
   EMA of its own partition only and all-gathers a bf16 compute copy, half that traffic, at the
   price of bf16 LayerNorm weights in the momentum encoder. ZeRO 3: the momentum encoder is a
-  ZeRO-3 engine in fp32 with persistence threshold 0, so each of its two forwards (one per view)
+  ZeRO-3 engine in fp32 with persistence threshold 0, so its forward (both views at once)
   all-gathers all of it in fp32; its EMA needs no communication.
 - the MIM anchor (recipes with ``anchor_weight`` > 0) under ZeRO 1-3: one fp64 all-reduce of
   the anchored tensors' partial norms.
@@ -56,6 +57,7 @@ PERSISTENCE_THRESHOLD = 100_000  # stage3_param_persistence_threshold
 PREFETCH_BUCKET = 50_000_000  # stage3_prefetch_bucket_size, also DeepSpeed's default (the
 # momentum encoder's engine)
 VIEWS = 2
+PASSES = 1  # both views through each encoder in one pass (lgp_ds.models.heads.views_apart)
 PARAM_GROUPS = 6  # a weight-decay and a no-decay group per stage, 3 stages (ZeRO 1/2 flat groups)
 
 # Compute that a collective may run under (a share of the step's compute; see timing.py)
@@ -123,12 +125,12 @@ def step_comms(m: ModelCounts, setup: Setup, n: int, batch: float,
     """The collectives of one step of model ``m`` on ``n`` ranks with ``batch`` images per rank
     (ZeRO 3: the engine's ``stage3_param_persistence_threshold``)."""
     stage, trained, big = setup.stage, m.engine.trained, persistence_threshold
-    bn_engine = sum(2 * c + 1 for c in m.engine_bn)  # elements of one call's two all-reduces
+    bn_engine = sum(2 * c + 1 for c in m.engine_bn)  # one view's elements in a call's two
     bn_momentum = sum(2 * c + 1 for c in m.momentum_bn)
     comms = [
-        Comm("BatchNorm syncs", "all-reduce", "fp32",
+        Comm("BatchNorm syncs", "all-reduce", "fp32",  # each call: both views' statistics
              FP32 * VIEWS * (2 * bn_engine + bn_momentum),
-             VIEWS * 2 * (2 * len(m.engine_bn) + len(m.momentum_bn))),
+             PASSES * 2 * (2 * len(m.engine_bn) + len(m.momentum_bn))),
         Comm("contrastive key all-gather", "all-gather", "fp32",
              FP32 * VIEWS * n * batch * m.key_dim, VIEWS),
     ]
@@ -152,16 +154,16 @@ def step_comms(m: ModelCounts, setup: Setup, n: int, batch: float,
         backward = m.engine.over(big, trained_only=True)
         recomputed = m.recompute * backward  # the checkpointed blocks' forward, again
         # DeepSpeed gathers one prefetch bucket of tensors at a time
-        calls = VIEWS * sum(_buckets(elements, PREFETCH_BUCKET)
+        calls = PASSES * sum(_buckets(elements, PREFETCH_BUCKET)
                             for elements in (m.engine.over(big), backward, recomputed) if elements)
         comms += [
             Comm("parameter all-gathers in forward and backward", "all-gather", "bf16",
-                 BF16 * VIEWS * (m.engine.over(big) + backward + recomputed), calls, ENGINE),
+                 BF16 * PASSES * (m.engine.over(big) + backward + recomputed), calls, ENGINE),
             Comm("persistent parameter all-gather after the step", "all-gather", "bf16",
                  BF16 * (m.engine.total - m.engine.over(big)), 1),
             Comm("momentum encoder all-gathers in its forward", "all-gather", "fp32",
-                 FP32 * VIEWS * m.momentum.total,
-                 VIEWS * _buckets(m.momentum.total, PREFETCH_BUCKET), MOMENTUM),
+                 FP32 * PASSES * m.momentum.total,
+                 PASSES * _buckets(m.momentum.total, PREFETCH_BUCKET), MOMENTUM),
         ]
     if stage > 0 and m.anchored_tensors:
         comms.append(Comm("MIM anchor partial norms", "all-reduce", "fp64",
