@@ -154,19 +154,23 @@ def check_anchor(out, precision="fp16"):
 def synchronising_calls(step) -> tuple[list[str], int]:
     """Run ``step()`` under CUDA's sync debug mode: ("file:line" of each call in lgp_ds that made
     the host wait for the device, how many others did: DeepSpeed's, the test's). A wait is
-    lgp_ds's when the innermost frame outside torch is in the lgp_ds package."""
+    lgp_ds's when the innermost frame outside torch and DeepSpeed's accelerator (which lgp_ds
+    may call to synchronise) is in the lgp_ds package. Autograd runs the backward pass on this
+    thread, so that waits in lgp_ds's backward functions show their frames too."""
     import traceback
     import warnings
     package = os.path.dirname(os.path.abspath(lgp_ds.__file__)) + os.sep
+    passed_through = (os.path.dirname(torch.__file__) + os.sep,
+                      os.path.join(os.path.dirname(deepspeed.__file__), "accelerator") + os.sep,
+                      warnings.__file__)
     ours, others = [], 0
-    torch_dir = os.path.dirname(torch.__file__) + os.sep
 
     def record(message, category, filename, lineno, file=None, line=None):
         nonlocal others
         if "synchronizing CUDA operation" not in str(message):
             return
-        frames = [f for f in traceback.extract_stack()[:-1] if not f.filename.startswith(torch_dir)
-                  and f.filename != warnings.__file__]
+        frames = [f for f in traceback.extract_stack()[:-1]
+                  if not f.filename.startswith(passed_through)]
         where = frames[-1] if frames else None
         if where is not None and where.filename.startswith(package):
             ours.append(f"{os.path.relpath(where.filename, os.path.dirname(package[:-1]))}:"
@@ -174,7 +178,7 @@ def synchronising_calls(step) -> tuple[list[str], int]:
         else:
             others += 1
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), torch.autograd.set_multithreading_enabled(False):
         warnings.simplefilter("always")
         warnings.showwarning = record
         torch.cuda.set_sync_debug_mode("warn")
@@ -189,7 +193,9 @@ def check_no_host_sync(out):
     """A training step (forward, backward, the fault check, the anchor, DeepSpeed's step, the
     momentum EMA) makes the host wait for the device nowhere in lgp_ds's code: the device stays
     busy while the host queues the next work (issue 10). Grafting with the MIM anchor under the
-    shipped bf16 ZeRO 2 and 3 configs, and MAE under ZeRO 2."""
+    shipped bf16 ZeRO 2 and 3 configs, and MAE under ZeRO 2, on one rank (whose collectives
+    return early: the NCCL all-reduces are not covered). The fault check's one wait per step,
+    an event's, is by design and not reported by the sync debug mode."""
     cfg = jobs.tiny_config(batch_size=16)
     mim = os.path.join(out, "mim_sync.pth")
     encoder = create_vit(cfg.arch, img_size=cfg.img_size, patch_size=cfg.patch_size,

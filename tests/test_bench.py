@@ -94,19 +94,22 @@ def test_bench_runs_every_kind_of_method(tmp_path):
 
 def test_profile_counts_device_busy_time_and_host_waits():
     """--profile's GPU figures, on a made-up trace: overlapping device intervals count once, and
-    only the host's waits inside the steps count (a DtoH cudaMemcpyAsync, not an HtoD one)."""
+    only the host's waits inside the steps count (a cudaMemcpyAsync to pageable host memory, not
+    one to pinned memory nor one to the device)."""
     def x(cat, name, ts, dur, corr=None):
         return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur,
                 "args": {} if corr is None else {"correlation": corr}}
     events = [x("kernel", "gemm", 0, 10), x("kernel", "gemm", 5, 10),  # 0-15
               x("gpu_memcpy", "Memcpy DtoH (Device -> Pageable)", 20, 2, corr=7),
               x("gpu_memcpy", "Memcpy HtoD (Pageable -> Device)", 30, 1, corr=8),
+              x("gpu_memcpy", "Memcpy DtoH (Device -> Pinned)", 35, 1, corr=9),
               x("gpu_memset", "Memset (Device)", 40, 3), x("gpu_user_annotation", "s", 0, 50),
               x("user_annotation", "lgp_ds step 0", 0, 100),
               x("cuda_runtime", "cudaMemcpyAsync", 18, 1, corr=7),
               x("cuda_runtime", "cudaMemcpyAsync", 28, 1, corr=8),
+              x("cuda_runtime", "cudaMemcpyAsync", 33, 1, corr=9),
               x("cuda_runtime", "cudaStreamSynchronize", 19, 3),
               x("cuda_runtime", "cudaLaunchKernel", 1, 1),
               x("cuda_runtime", "cudaDeviceSynchronize", 150, 1)]  # after the step
-    assert busy_us(events) == 15 + 2 + 1 + 3
+    assert busy_us(events) == 15 + 2 + 1 + 1 + 3
     assert host_waits(events) == {"cudaMemcpyAsync DtoH": 1, "cudaStreamSynchronize": 1}

@@ -161,7 +161,7 @@ def test_cross_rank_expander_equals_batchnorm_over_the_global_batch(two_ranks):
 
 def test_views_in_one_pass_equal_a_pass_per_view():
     """GraftModel runs both views through the encoder and heads in one pass, BatchNorm per view
-    (views_apart): the queries, every gradient and the running statistics are those of one pass
+    (apply_to_views): the queries, every gradient and the running statistics are those of one pass
     per view, as the official MoCo v3 code makes them (fp32, in which the layer computes its
     statistics: only the order of summation differs; five BatchNorms in a row amplify its
     rounding to about 2e-6 of each tensor's largest entry)."""
@@ -194,10 +194,17 @@ def test_views_in_one_pass_equal_a_pass_per_view():
                if isinstance(m, CrossRankBatchNorm1d))  # the block left them as they were
 
 
-def test_views_in_one_pass_refuse_plain_batchnorm():
+def test_views_in_one_pass_refuse_what_would_mix_them():
+    """Plain BatchNorm (its statistics would cover both views) and views of two shapes (the
+    stacked batch would be split wrongly) are refused; a pass per view takes either."""
     from lgp_ds.models.moco import build_graft_model
     model = build_graft_model(jobs.tiny_config(), cross_rank_bn=False)
     x = torch.randn(4, 3, 16, 16)
     with pytest.raises(ValueError, match=r"2 views in one pass: base_encoder.head.1 is a "
                                          r"BatchNorm1d, which would normalise them together"):
         model(x, x)
+    model.one_pass = False  # the official style: a pass per view
+    assert [q.shape for q in model(x, x[:2])] == [(4, 16), (2, 16)]
+    with pytest.raises(ValueError, match=r"views in one pass must have one shape, got "
+                                         r"\[\[4, 3, 16, 16\], \[2, 3, 16, 16\]\]"):
+        build_graft_model(jobs.tiny_config())(x, x[:2])

@@ -132,9 +132,11 @@ def bench_step(args, cfg, ds_config: dict, method) -> None:
                        time_trainer(trainer, views, labels, steps, warmup),
                        batch, flops, peak))
     profile, report = None, ""
-    if args.profile:  # after the timed steps, whole optimizer steps again
-        profile, report = profile_step(lambda: trainer.train_step(*views, labels=labels),
-                                       args.profile, steps=-(-3 // gas) * gas, warmup=gas)
+    if args.profile:  # after the timed steps; a profiled step is a whole optimizer step
+        def optimizer_step():
+            for _ in range(gas):
+                trainer.train_step(*views, labels=labels)
+        profile, report = profile_step(optimizer_step, args.profile, steps=3, warmup=1)
     world = dist.get_world_size()
     head = (f"{cfg.method} {cfg.arch} {cfg.img_size}px batch {batch}/rank x {world} rank(s) on "
             f"{device_name()}; bf16 matmul peak {peak:.1f} TFLOP/s (measured), "

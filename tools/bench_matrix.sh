@@ -28,8 +28,8 @@ row() {  # NAME DS_CONFIG ARGS...
     grep "^per step: " "$OUT/$name.log"  # with --profile: device busy and idle, the host's waits
 }
 
-# ViT-L/16 grafting step, batch 128: ZeRO 2 eager against the official style, then as the
-# recipe ships it (compiled blocks), then ZeRO 3. Without activation checkpointing, which the
+# ViT-L/16 grafting step, batch 128: ZeRO 2 eager against the official style, then with the
+# recipe's compiled blocks, then ZeRO 3. Without activation checkpointing, which the
 # recipe turns on: at 128 images ViT-L fits without it (47.9 GB peak measured on one H100),
 # and each image then needs 20% fewer FLOPs.
 row vit_l_graft_zero2 zero2_bf16.json --config vit_l_graft batch_size=128 grad_ckpt=false \
@@ -46,6 +46,7 @@ row vit_l_mae zero2_bf16.json --config vit_l_mae batch_size=256 grad_ckpt=false 
 row vit_g_graft_zero3 zero3_bf16.json --config vit_g_graft batch_size=32 --steps 5 --warmup 2 \
     --no_reference
 # The fused optimizer that measures faster: DeepSpeed's FusedAdam against torch's fused AdamW
-# (the compiled row's), on the recipe as shipped (its JIT build takes a minute unless built)
+# (the compiled row's), with the recipe's compiled blocks (its JIT build takes a minute unless
+# built)
 row vit_l_graft_zero2_fused_adam zero2_bf16.json --config vit_l_graft batch_size=128 \
     grad_ckpt=false optimizer=fused_adam --steps 10 --warmup 5 --no_reference

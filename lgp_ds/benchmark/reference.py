@@ -5,7 +5,8 @@ What makes it "official style" (MoCo v3's main_moco.py / builder.py, MAE's engin
 - a plain module (no DeepSpeed engine), fp32 weights, fp16 autocast with a GradScaler;
 - unfused attention (explicit softmax(q k^T) v) and no activation checkpointing;
 - torch's AdamW in its default implementation (foreach on a GPU, not the fused kernel);
-- the momentum encoder updated one parameter at a time (``p_m = p_m * m + p_b * (1 - m)``).
+- the momentum encoder updated one parameter at a time (``p_m = p_m * m + p_b * (1 - m)``);
+- a pass through the encoders per view (lgp_ds stacks the views in one pass).
 
 The model, views and loss are lgp_ds's own (:meth:`Method.loss` on the plain module), so the
 baseline differs from lgp_ds's step in exactly those choices. Left out: MAE's loss scaler also
@@ -29,8 +30,8 @@ class _OfficialMomentum:
         self.module = copy.deepcopy(base_encoder).requires_grad_(False)
 
     @torch.no_grad()
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.module(x)
+    def __call__(self, *views: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(self.module(x) for x in views)  # a pass per view
 
     @torch.no_grad()
     def update(self, m: float) -> None:
@@ -53,6 +54,8 @@ class OfficialStyleStep:
         self.method = build_method(cfg)
         torch.manual_seed(cfg.seed)
         self.model = self.method.build_model().to(device)
+        if hasattr(self.model, "one_pass"):  # the two-view models: a pass per view
+            self.model.one_pass = False
         depth = len(self.method.encoder(self.model).blocks)
         lrs = [blr * cfg.batch_size / 256 for blr in cfg.stage_blrs]
         groups = self.method.param_groups(self.model, depth, lrs)

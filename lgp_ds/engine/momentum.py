@@ -28,7 +28,7 @@ import torch.nn as nn
 from deepspeed.accelerator import get_accelerator
 
 from lgp_ds import dist
-from lgp_ds.models.heads import views_apart
+from lgp_ds.models.heads import apply_to_views
 from lgp_ds.models.partitioned import whole_copies
 
 from .master import MasterSlice, on_device
@@ -64,12 +64,12 @@ class MomentumEncoder:
     @torch.no_grad()
     def __call__(self, *views: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """views [N,3,H,W] -> their keys [N, dim], all views in one pass (BatchNorm per view,
-        :func:`lgp_ds.models.heads.views_apart`): under ZeRO 3 one gather of the encoder."""
+        :func:`lgp_ds.models.heads.apply_to_views`): under ZeRO 3 one gather of the encoder."""
         device = get_accelerator().device_name()
         autocast = (torch.autocast(device, dtype=self.compute_dtype)
                     if self.compute_dtype != torch.float32 else contextlib.nullcontext())
-        with autocast, views_apart(self.module, len(views)):
-            return self._forward(torch.cat(views)).chunk(len(views))
+        with autocast:
+            return apply_to_views(self.module, self._forward, views)
 
     @torch.no_grad()
     def update(self, slices: list[MasterSlice], m: float) -> None:

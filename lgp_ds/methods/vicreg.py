@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from lgp_ds.data.transforms import moco_views
-from lgp_ds.models.heads import build_expander, views_apart
+from lgp_ds.models.heads import apply_to_views, build_expander
 from lgp_ds.models.vit import vit_from_config
 from lgp_ds.objectives import vicreg_loss
 
@@ -23,10 +23,12 @@ class VICRegModel(nn.Module):
         encoder.head = build_expander(encoder.embed_dim, mlp_dim, dim)
         self.base_encoder = encoder
 
+    one_pass = True  # as GraftModel's
+
     def forward(self, x1: torch.Tensor, x2: torch.Tensor):
         dtype = self.base_encoder.patch_embed.proj.weight.dtype  # as GraftModel
-        with views_apart(self, 2):
-            return self.base_encoder(torch.cat([x1, x2]).to(dtype)).chunk(2)
+        return apply_to_views(self, lambda x: self.base_encoder(x.to(dtype)), (x1, x2),
+                              self.one_pass)
 
 
 class GraftVICReg(Method):

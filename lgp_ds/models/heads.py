@@ -3,8 +3,6 @@
 torch.nn.SyncBatchNorm only runs on CUDA tensors; :class:`CrossRankBatchNorm1d` sums the batch
 statistics with a differentiable all-reduce that works on gloo (CPU) and NCCL alike.
 """
-import contextlib
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -17,10 +15,10 @@ class CrossRankBatchNorm1d(nn.BatchNorm1d):
 
     Statistics are computed in fp32 whatever the input dtype, so the layer also runs when
     DeepSpeed keeps parameters in bf16 and the running buffers in fp32. Output: input dtype.
-    Inside :func:`views_apart` the batch holds ``views`` views stacked, each normalised with its
-    own statistics.
+    Inside :func:`apply_to_views` the batch holds ``views`` views stacked, each normalised with
+    its own statistics.
     """
-    views = 1  # equal slices of the batch normalised apart (views_apart sets it)
+    views = 1  # equal slices of the batch normalised apart (apply_to_views sets it)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [N, C], or [views x N, C]
         xf = x.float()
@@ -51,31 +49,38 @@ class CrossRankBatchNorm1d(nn.BatchNorm1d):
         return y.flatten(0, 1).to(x.dtype)
 
 
-@contextlib.contextmanager
-def views_apart(module: nn.Module, views: int):
-    """Within the block, ``module`` takes ``views`` views stacked along the batch ([views x N,
-    ...]) and its BatchNorm layers normalise each view with its own statistics, as they would
-    if each view went through ``module`` in a call of its own (MoCo v3 and VICReg normalise
-    views apart). So the views share one pass through the encoder: one ZeRO-3 gather of each
-    parameter per pass instead of one per view, half the kernel launches.
+def apply_to_views(module: nn.Module, fn, views: tuple[torch.Tensor, ...],
+                   one_pass: bool = True) -> tuple[torch.Tensor, ...]:
+    """``fn`` (which runs ``module``) on each of ``views`` (each [N, ...]) -> its outputs, one per
+    view, with BatchNorm statistics per view as MoCo v3 and VICReg take them.
 
-    Only :class:`CrossRankBatchNorm1d` knows of views: ValueError for ``module``s with another
-    BatchNorm, whose statistics would mix them.
+    ``one_pass``: the views stacked along the batch ([views x N, ...]) go through ``fn`` once,
+    and the :class:`CrossRankBatchNorm1d` layers of ``module`` normalise each view's slice with
+    its own statistics, as they would in a call per view: one ZeRO-3 gather of each parameter
+    instead of one per view, and half the hooks and kernel launches. ValueError for a
+    ``module`` with another BatchNorm, whose statistics would mix the views, and for views of
+    different shapes. Else one call per view, as the official code does.
     """
+    if not one_pass or len(views) == 1:
+        return tuple(fn(v) for v in views)
+    shapes = [[int(d) for d in v.shape] for v in views]  # ints under jit tracing (fvcore's)
+    if any(shape != shapes[0] for shape in shapes):
+        raise ValueError(f"views in one pass must have one shape, got {shapes}")
     mixing = [n for n, m in module.named_modules() if isinstance(m, nn.modules.batchnorm._NormBase)
               and not isinstance(m, CrossRankBatchNorm1d)]
-    if views > 1 and mixing:
-        raise ValueError(f"{views} views in one pass: {mixing[0]} is a "
+    if mixing:
+        raise ValueError(f"{len(views)} views in one pass: {mixing[0]} is a "
                          f"{type(module.get_submodule(mixing[0])).__name__}, which would normalise "
                          f"them together (build the heads with cross_rank_bn=True)")
     layers = [m for m in module.modules() if isinstance(m, CrossRankBatchNorm1d)]
+    before = [m.views for m in layers]
     for m in layers:
-        m.views = views
+        m.views = len(views)
     try:
-        yield
+        return fn(torch.cat(views)).chunk(len(views))
     finally:
-        for m in layers:
-            del m.views  # the class's 1 again
+        for m, v in zip(layers, before):
+            m.views = v
 
 
 def hidden_layers(units: int, in_dim: int, hidden_dim: int, bn: type = CrossRankBatchNorm1d,

@@ -8,7 +8,7 @@ an EMA of ``base_encoder``, is kept outside the DeepSpeed engine (``lgp_ds.engin
 import torch
 import torch.nn as nn
 
-from .heads import build_mlp, views_apart
+from .heads import apply_to_views, build_mlp
 from .vit import vit_from_config
 
 
@@ -16,8 +16,9 @@ class GraftModel(nn.Module):
     """forward(x1 [N,3,H,W], x2 [N,3,H,W]) -> (q1 [N,dim], q2 [N,dim]), predictor outputs.
 
     Images of any float dtype are cast to the model's (DeepSpeed's bf16/fp16 has no autocast).
-    Both views go through the encoder in one pass (:func:`views_apart`), which needs the heads'
-    cross-rank BatchNorm (``cross_rank_bn=False`` builds a model for its weights only).
+    Both views go through the encoder in one pass (:func:`apply_to_views`), which needs the
+    heads' cross-rank BatchNorm (``cross_rank_bn=False`` builds a model for its weights, or for
+    ``one_pass = False``).
     """
 
     def __init__(self, encoder: nn.Module, dim: int = 256, mlp_dim: int = 4096,
@@ -28,10 +29,12 @@ class GraftModel(nn.Module):
         self.base_encoder = encoder
         self.predictor = build_mlp(2, dim, mlp_dim, dim, cross_rank_bn)
 
+    one_pass = True  # both views through the encoder at once (False: the official pass each)
+
     def forward(self, x1: torch.Tensor, x2: torch.Tensor):
         dtype = self.base_encoder.patch_embed.proj.weight.dtype
-        with views_apart(self, 2):  # one pass of both views [2N,3,H,W]; BN per view
-            return self.predictor(self.base_encoder(torch.cat([x1, x2]).to(dtype))).chunk(2)
+        return apply_to_views(self, lambda x: self.predictor(self.base_encoder(x.to(dtype))),
+                              (x1, x2), self.one_pass)
 
 
 def build_graft_model(cfg, cross_rank_bn: bool = True) -> GraftModel:

@@ -19,9 +19,10 @@ One step on each rank (micro-batch ``batch``, two views, no gradient accumulatio
   backward; ZeRO 3 a reduce-scatter during backward.
 - parameters, bf16: ZeRO 1/2 all-gather the updated trained parameters after the step. ZeRO 3
   gathers every tensor over ``stage3_param_persistence_threshold`` elements where it is used:
-  in the forward pass, which takes both views at once (:func:`lgp_ds.models.heads.views_apart`),
-  in the backward pass (trained tensors only: the frozen patch projection has no backward), and
-  with activation checkpointing again for the recomputed forward; the
+  in the forward pass, which takes both views at once
+  (:func:`lgp_ds.models.heads.apply_to_views`), in the backward pass (trained tensors only: the
+  frozen patch projection has no backward), and with activation checkpointing again for the
+  recomputed forward; the
   persistent small tensors are all-gathered after the step instead. Counted per use, this is an
   upper bound: DeepSpeed keeps a gathered tensor whose next use lies within
   ``stage3_max_reuse_distance`` elements (1e9 by default, as the shipped config leaves it) or
@@ -57,7 +58,7 @@ PERSISTENCE_THRESHOLD = 100_000  # stage3_param_persistence_threshold
 PREFETCH_BUCKET = 50_000_000  # stage3_prefetch_bucket_size, also DeepSpeed's default (the
 # momentum encoder's engine)
 VIEWS = 2
-PASSES = 1  # both views through each encoder in one pass (lgp_ds.models.heads.views_apart)
+PASSES = 1  # both views through each encoder in one pass (lgp_ds.models.heads.apply_to_views)
 PARAM_GROUPS = 6  # a weight-decay and a no-decay group per stage, 3 stages (ZeRO 1/2 flat groups)
 
 # Compute that a collective may run under (a share of the step's compute; see timing.py)
