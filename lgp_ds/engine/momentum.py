@@ -14,7 +14,7 @@ fp32 master weights (:mod:`lgp_ds.engine.master`) after each step that DeepSpeed
 - ZeRO 3: the momentum encoder is partitioned like the base encoder (a ZeRO-3 engine without an
   optimizer, same shapes hence the same sharding; built partitioned, never whole). Each rank
   updates its own partition from its own master partition: no communication, no gathering of
-  the whole model.
+  the whole model. Its forward gathers a transformer block at a time (DeepSpeed's leaf modules).
 
 With ``offload_optimizer`` the masters are on the host: one copy per flat group brings this
 rank's fp32 partition to the device each step (the EMA's PCIe traffic).
@@ -26,6 +26,8 @@ import deepspeed.comm as ds_comm
 import torch
 import torch.nn as nn
 from deepspeed.accelerator import get_accelerator
+from deepspeed.utils import set_z3_leaf_modules
+from timm.models.vision_transformer import Block
 
 from lgp_ds import dist
 from lgp_ds.models.heads import apply_to_views
@@ -52,6 +54,11 @@ class MomentumEncoder:
         self.zero3 = zero_stage == 3
         self.sharded_master = zero_stage in (1, 2)  # else every rank holds whole masters
         if self.zero3:
+            # A gather per transformer block, not per Linear and LayerNorm: DeepSpeed's hooks on
+            # every submodule cost more host time than the gathers themselves (on the CPU this
+            # halved the momentum encoder's forward). Only a module used once per backward may be
+            # a leaf (DeepSpeed reduces a leaf's gradients at each use): this engine has none.
+            set_z3_leaf_modules(module, [Block])
             engine, *_ = deepspeed.initialize(model=module, config=momentum_zero3_config(ds_config))
             self.module, self._forward = engine.module, engine
         else:
