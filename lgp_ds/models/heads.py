@@ -66,13 +66,14 @@ def apply_to_views(module: nn.Module, fn, views: tuple[torch.Tensor, ...],
     shapes = [[int(d) for d in v.shape] for v in views]  # ints under jit tracing (fvcore's)
     if any(shape != shapes[0] for shape in shapes):
         raise ValueError(f"views in one pass must have one shape, got {shapes}")
-    mixing = [n for n, m in module.named_modules() if isinstance(m, nn.modules.batchnorm._NormBase)
-              and not isinstance(m, CrossRankBatchNorm1d)]
-    if mixing:
-        raise ValueError(f"{len(views)} views in one pass: {mixing[0]} is a "
-                         f"{type(module.get_submodule(mixing[0])).__name__}, which would normalise "
-                         f"them together (build the heads with cross_rank_bn=True)")
-    layers = [m for m in module.modules() if isinstance(m, CrossRankBatchNorm1d)]
+    layers = []  # one walk of the modules: this runs every step
+    for name, m in module.named_modules():
+        if isinstance(m, CrossRankBatchNorm1d):
+            layers.append(m)
+        elif isinstance(m, nn.modules.batchnorm._NormBase):
+            raise ValueError(f"{len(views)} views in one pass: {name} is a {type(m).__name__}, "
+                             f"which would normalise them together (build the heads with "
+                             f"cross_rank_bn=True)")
     before = [m.views for m in layers]
     for m in layers:
         m.views = len(views)
