@@ -72,13 +72,15 @@ def methods_job(out_dir):
 
 
 def bf16_job(out_dir, mae_dir):
-    """In bf16: mim2cl_frozen from ``mae_dir`` under ZeRO 1, 2 and 3, and MAE under ZeRO 1 and 2
-    (its ZeRO 3 run is methods_job's): weights before and after."""
+    """In bf16: mim2cl_frozen from ``mae_dir`` under ZeRO 1, 2 and 3, MAE under ZeRO 1 and 2
+    (its ZeRO 3 run is methods_job's) and MTL, whose encoder runs twice per step, under ZeRO 3:
+    weights before and after."""
     out = {("mim2cl_frozen", stage): _run(_trainer("mim2cl_frozen", out_dir, stage, True,
                                                    f"frozen-z{stage}", init=mae_dir))
            for stage in (1, 2, 3)}
     out.update({("mae", stage): _run(_trainer("mae", out_dir, stage, True, f"mae-z{stage}"))
                 for stage in (1, 2)})
+    out[("mtl", 3)] = _run(_trainer("mtl", out_dir, 3, True, "mtl-z3"))
     return out
 
 

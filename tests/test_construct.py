@@ -2,9 +2,10 @@
 half of every tensor, and gathered they are the models built whole in one process, bit for bit."""
 import pytest
 import torch
+from deepspeed.utils import z3_leaf_module
 
 import jobs
-from lgp_ds.engine.construct import build_model
+from lgp_ds.engine.construct import build_model, gather_blocks_whole
 from lgp_ds.methods import build_method
 from method_jobs import METHODS
 from multirank import run_ranks
@@ -53,3 +54,34 @@ def test_init_weights_load_into_partitions(built):
         for k, v in state.items():
             if not k.startswith("head."):
                 assert torch.equal(r["graft"]["weights"][f"base_encoder.{k}"], v), k
+
+
+def _leaves(model) -> list[str]:
+    gather_blocks_whole(model)
+    return [n for n, m in model.named_modules() if z3_leaf_module(m)]
+
+
+def test_blocks_are_gathered_whole_where_their_input_needs_a_gradient():
+    """ZeRO 3's gather per block (a DeepSpeed leaf module) holds for every block whose input
+    needs a gradient, and for frozen ones; not for a trainable block fed only by frozen ones,
+    whose gradients would come after DeepSpeed reduced them (a shape error in backward)."""
+    blocks = [f"base_encoder.blocks.{i}" for i in range(3)]
+    model = build_model(build_method(jobs.tiny_config()), jobs.tiny_config())
+    assert _leaves(model) == blocks  # everything trains: the embeddings feed block 0
+    model = build_model(build_method(jobs.tiny_config()), jobs.tiny_config())
+    model.base_encoder.patch_embed.requires_grad_(False)  # MoCo v3's frozen patch projection:
+    assert _leaves(model) == blocks  # the cls token still feeds block 0
+    for frozen in (1, 2):  # the embeddings and the lowest blocks frozen (mim2cl_frozen, cl2mim)
+        model = build_model(build_method(jobs.tiny_config()), jobs.tiny_config())
+        encoder = model.base_encoder
+        for m in (encoder.patch_embed, encoder.cls_token, encoder.pos_embed,
+                  *encoder.blocks[:frozen]):
+            m.requires_grad_(False)
+        assert _leaves(model) == blocks[:frozen] + blocks[frozen + 1:]
+    model = build_model(build_method(jobs.tiny_config()), jobs.tiny_config())
+    model.base_encoder.blocks[1].attn.requires_grad_(False)  # a block of both kinds: never;
+    assert _leaves(model) == [blocks[0], blocks[2]]  # its output still needs a gradient
+    cfg = jobs.tiny_config(**{**METHODS["mae"], "decoder_depth": 2})
+    model = build_model(build_method(cfg), cfg)  # MAE: the decoder's blocks too
+    assert _leaves(model) == ["blocks.0", "blocks.1", "blocks.2", "decoder_blocks.0",
+                              "decoder_blocks.1"]

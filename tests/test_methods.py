@@ -110,6 +110,17 @@ def test_mae_trains_in_bf16_under_zero_1_and_2(bf16_runs, stage):
         assert torch.equal(after, bf16_runs[1][("mae", stage)]["after"][key]), key
 
 
+def test_mtl_trains_under_zero3(bf16_runs):
+    """MTL runs each encoder block twice per backward (the MoCo views, then the MAE view), which
+    rules out ZeRO 3's gathering of a block at a time: it trains with a gather per submodule."""
+    runs = [bf16_runs[rank][("mtl", 3)] for rank in (0, 1)]
+    assert all(math.isfinite(r["loss"]) for r in runs[0]["records"])
+    for key, before in runs[0]["masters_before"].items():
+        assert not torch.equal(runs[0]["masters"][key], before), key
+    for key, after in runs[0]["after"].items():
+        assert torch.equal(after, runs[1]["after"][key]), key
+
+
 def test_frozen_stages_stay_bit_identical_under_zero_1_2_3(bf16_runs):
     per_rank = bf16_runs
     for stage in (1, 2, 3):

@@ -16,6 +16,8 @@ import deepspeed
 import torch
 import torch.nn as nn
 from deepspeed.accelerator import get_accelerator
+from deepspeed.utils import set_z3_leaf_module
+from timm.models.vision_transformer import Block
 
 from lgp_ds.models.partitioned import is_partitioned, local_part
 from lgp_ds.models.vit import compile_blocks
@@ -62,3 +64,42 @@ def cast_partitions(model: nn.Module, dtype: torch.dtype) -> None:
             # offload_param's host partitions are pinned, for asynchronous copies to the device
             p.ds_tensor.data = part.pin_memory() if p.ds_tensor.is_pinned() else part
             p.data = p.data.to(dtype)  # the empty placeholder: gathers allocate in its dtype
+
+
+# What feeds the first block of a stack, by the stack's attribute name (timm's ViT and MAE's
+# encoder; MAE's decoder): where one of these trains, that block's input needs a gradient.
+_FEEDERS = {"blocks": ("patch_embed", "cls_token", "pos_embed", "reg_token"),
+            "decoder_blocks": ("decoder_embed", "mask_token")}
+
+
+def gather_blocks_whole(model: nn.Module) -> int:
+    """ZeRO 3: have DeepSpeed gather each transformer block of ``model`` in one go, as a "leaf
+    module", instead of hooking every Linear and LayerNorm in it; returns how many blocks.
+
+    Per-submodule hooks cost more host time than the gathers themselves, and inside a regionally
+    compiled block each hooked submodule breaks the graph. Call before ``deepspeed.initialize``,
+    and only for a model that runs each block once per backward: DeepSpeed 0.19.8 reduces a
+    leaf's gradients when its backward ends and fails on a second use
+    (:attr:`lgp_ds.methods.base.Method.reuses_blocks`).
+
+    That reduction runs from a full backward hook, which fires before the block's own backward
+    when none of its inputs needs a gradient: the gradients then come after it (a shape error).
+    So a block with trainable parameters becomes a leaf only where its input needs a gradient:
+    above another trainable block, or first in its stack with a trainable feeder (``_FEEDERS``).
+    A frozen block, whose parameters nothing reduces, always; a block with both kinds never.
+    """
+    count = 0
+    for parent in model.modules():
+        for name, stack in parent.named_children():
+            if name not in _FEEDERS:
+                continue
+            feeders = [getattr(parent, f, None) for f in _FEEDERS[name]]
+            below = any(p.requires_grad for f in feeders if f is not None
+                        for p in ([f] if isinstance(f, nn.Parameter) else f.parameters()))
+            for block in stack.children():
+                trains = {p.requires_grad for p in block.parameters()}
+                if isinstance(block, Block) and (trains == {False} or trains == {True} and below):
+                    set_z3_leaf_module(block, True)
+                    count += 1
+                below = below or True in trains
+    return count

@@ -26,13 +26,12 @@ import deepspeed.comm as ds_comm
 import torch
 import torch.nn as nn
 from deepspeed.accelerator import get_accelerator
-from deepspeed.utils import set_z3_leaf_modules
-from timm.models.vision_transformer import Block
 
 from lgp_ds import dist
 from lgp_ds.models.heads import apply_to_views
 from lgp_ds.models.partitioned import whole_copies
 
+from .construct import gather_blocks_whole
 from .master import MasterSlice, on_device
 
 
@@ -54,11 +53,7 @@ class MomentumEncoder:
         self.zero3 = zero_stage == 3
         self.sharded_master = zero_stage in (1, 2)  # else every rank holds whole masters
         if self.zero3:
-            # A gather per transformer block, not per Linear and LayerNorm: DeepSpeed's hooks on
-            # every submodule cost more host time than the gathers themselves (on the CPU this
-            # halved the momentum encoder's forward). Only a module used once per backward may be
-            # a leaf (DeepSpeed reduces a leaf's gradients at each use): this engine has none.
-            set_z3_leaf_modules(module, [Block])
+            gather_blocks_whole(module)  # a gather per block: it has no backward
             engine, *_ = deepspeed.initialize(model=module, config=momentum_zero3_config(ds_config))
             self.module, self._forward = engine.module, engine
         else:
@@ -160,9 +155,10 @@ class MomentumEncoder:
 
 # The run's ZeRO-3 settings for how a forward gathers partitions (prefetch, the budget of live
 # parameters) and where they are kept (offload_param: on the host, beside offloaded masters)
-# hold for the momentum encoder too.
+# hold for the momentum encoder too; so does memory_efficient_linear, whose default swaps
+# torch's F.linear for DeepSpeed's for the whole process once any zero.Init runs with it.
 _INHERITED = ("stage3_prefetch_bucket_size", "stage3_max_live_parameters",
-              "stage3_max_reuse_distance", "offload_param")
+              "stage3_max_reuse_distance", "offload_param", "memory_efficient_linear")
 
 
 def momentum_zero3_config(ds_config: dict) -> dict:

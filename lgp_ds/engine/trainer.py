@@ -30,7 +30,7 @@ from lgp_ds.models.partitioned import is_partitioned, whole_copies
 
 from . import checkpoint, run_dir
 from .anchor import MIMAnchor
-from .construct import build_model, cast_partitions, local_values
+from .construct import build_model, cast_partitions, gather_blocks_whole, local_values
 from .faults import FaultGuard
 from .init_weights import read_init
 from .master import master_slices
@@ -150,6 +150,8 @@ class Trainer:
                                    keep=self.saves_whole)
         cast_partitions(model, self.dtype)
 
+        if zero3 and not method.reuses_blocks:
+            gather_blocks_whole(model)
         schedule = partial(lr_factor, total_steps=self.total_steps, warmup_steps=warmup_steps)
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=build_optimizer(cfg, groups, ds_config), config=ds_config,

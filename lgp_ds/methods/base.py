@@ -19,8 +19,10 @@ metrics. A method owns only what differs:
   (fine-tuning: its held-out shards), before training, so that bad paths fail at once;
 - ``evaluate(trainer)``: metrics of the model during and after training (fine-tuning: top-1);
 - switches for the shared components: ``momentum_encoder`` (MoCo's EMA encoder of
-  ``model.base_encoder``) and ``encoder_prefix`` (where the ViT's parameters live, for the stage
-  rule, frozen stages and the MIM anchor).
+  ``model.base_encoder``), ``encoder_prefix`` (where the ViT's parameters live, for the stage
+  rule, frozen stages and the MIM anchor) and ``reuses_blocks`` (the model runs a transformer
+  block more than once per forward, which rules out ZeRO 3's gathering of a block at a time:
+  :func:`lgp_ds.engine.construct.gather_blocks_whole`).
 """
 import torch
 import torch.nn as nn
@@ -37,6 +39,7 @@ class Method:
     name = ""
     encoder_prefix = "base_encoder."
     momentum_encoder = False
+    reuses_blocks = False
 
     def __init__(self, cfg):
         self.cfg = cfg

@@ -36,6 +36,7 @@ class MTLModel(GraftModel):
 
 class MTL(Method):
     momentum_encoder = True
+    reuses_blocks = True  # the encoder runs on the MoCo views and on the MAE view apart
 
     def build_model(self):
         model = MTLModel(vit_from_config(self.cfg), self.cfg)
