@@ -12,7 +12,20 @@ EXTRA=${EXTRA:-}
 mkdir -p "$OUT"
 start=$(date +%s)
 
-row() {  # NAME DS_CONFIG ARGS...
+variant() {  # NAME BASE KEY=JSON...: OUT/ds_NAME.json, ds_configs/BASE with zero_optimization keys set
+    local name=$1 base=$2
+    shift 2
+    python - "ds_configs/$base" "$OUT/ds_$name.json" "$@" <<'PY'
+import json, sys
+config = json.load(open(sys.argv[1]))
+for item in sys.argv[3:]:
+    key, value = item.split("=", 1)
+    config["zero_optimization"][key] = json.loads(value)
+json.dump(config, open(sys.argv[2], "w"), indent=2)
+PY
+}
+
+row() {  # NAME DS_CONFIG ARGS... (DS_CONFIG: a file of ds_configs/, or a path)
     local name=$1 ds=$2 left
     shift 2
     left=$((BUDGET_S - ($(date +%s) - start)))
@@ -21,7 +34,8 @@ row() {  # NAME DS_CONFIG ARGS...
         return
     fi
     # shellcheck disable=SC2086  # EXTRA holds several key=value words
-    timeout "$left" python tools/bench.py --deepspeed_config "ds_configs/$ds" \
+    [ -f "$ds" ] || ds="ds_configs/$ds"
+    timeout "$left" python tools/bench.py --deepspeed_config "$ds" \
         --json "$OUT/$name.json" "$@" $EXTRA > "$OUT/$name.log" 2>&1
     echo "$name: exit $?"
     grep -A4 "^| step " "$OUT/$name.log"
@@ -38,15 +52,21 @@ row vit_l_graft_zero2_compiled zero2_bf16.json --config vit_l_graft batch_size=1
     grad_ckpt=false --steps 10 --warmup 5 --no_reference
 row vit_l_graft_zero3 zero3_bf16.json --config vit_l_graft batch_size=128 grad_ckpt=false \
     compile_blocks=false --steps 10 --warmup 3
+# ZeRO 3 with the recipe's compiled blocks and torch's own F.linear (DeepSpeed's default
+# memory-efficient one is an autograd.Function that breaks each compiled block's graph at every
+# Linear; torch's keeps the gathered weights of blocks that are not checkpointed until backward)
+variant zero3_torch_linear zero3_bf16.json memory_efficient_linear=false
+row vit_l_graft_zero3_compiled "$OUT/ds_zero3_torch_linear.json" --config vit_l_graft \
+    batch_size=128 grad_ckpt=false --steps 10 --warmup 5 --no_reference
 # MAE step i, ViT-L/16, batch 256, without checkpointing (the encoder sees a quarter of the
 # patches: about 18 GB of activations on paper)
 row vit_l_mae zero2_bf16.json --config vit_l_mae batch_size=256 grad_ckpt=false --steps 10 \
     --warmup 3 --profile "$OUT/profile_vit_l_mae"
-# ViT-g/14 grafting step, micro-batch 32 under ZeRO 3 with the recipe's activation checkpointing
-row vit_g_graft_zero3 zero3_bf16.json --config vit_g_graft batch_size=32 --steps 5 --warmup 2 \
-    --no_reference
 # The fused optimizer that measures faster: DeepSpeed's FusedAdam against torch's fused AdamW
 # (the compiled row's), with the recipe's compiled blocks (its JIT build takes a minute unless
 # built)
 row vit_l_graft_zero2_fused_adam zero2_bf16.json --config vit_l_graft batch_size=128 \
     grad_ckpt=false optimizer=fused_adam --steps 10 --warmup 5 --no_reference
+# ViT-g/14 grafting step, micro-batch 32 under ZeRO 3 with the recipe's activation checkpointing
+row vit_g_graft_zero3 zero3_bf16.json --config vit_g_graft batch_size=32 --steps 5 --warmup 2 \
+    --no_reference
