@@ -49,8 +49,10 @@ class Config(BaseModel):
     drop_path: Rate = 0.0
     fused_attn: StrictBool = True
     # activation checkpointing: every block (true: the encoder's, and the MAE decoder's), none, or
-    # the lowest N encoder blocks (only as many as memory needs: less recomputed in backward)
-    grad_ckpt: StrictBool | NonNegative = False
+    # the lowest N encoder blocks (only as many as memory needs: less recomputed in backward);
+    # auto: the fewest N that the memory model (lgp_ds.scaling.memory) fits in the device's
+    # memory for this run's ZeRO stage, world size and micro-batch (the grafting-step methods)
+    grad_ckpt: StrictBool | NonNegative | Literal["auto"] = False
     # regional torch.compile of the transformer blocks (models.vit.compile_blocks) with this
     # backend; aot_eager traces the blocks without generating code (debugging, CPU tests)
     compile_blocks: StrictBool = False
@@ -236,6 +238,9 @@ class Config(BaseModel):
              f"with data= needs knn_train_data= and knn_val_data= (the labelled images the kNN "
              f"monitor votes with and those it classifies; given: {self.knn_train_data!r} and "
              f"{self.knn_val_data!r}): the embedded digits set stands in only without data="),
+            ("grad_ckpt", self.grad_ckpt != "auto" or self.method in AUTO_CHECKPOINTING,
+             f"sizes checkpointing with the grafting step's memory model, which covers methods "
+             f"{', '.join(AUTO_CHECKPOINTING)}: give a number of blocks"),
             ("resume", self.resume in (None, "auto") or os.path.isdir(self.resume),
              "must be 'auto' or an existing checkpoint folder"),
         ]
@@ -244,6 +249,9 @@ class Config(BaseModel):
                 raise ValueError(f"config key {key}={getattr(self, key)!r} {why}")
         return self
 
+
+# Methods whose model the memory model of grad_ckpt=auto counts (a MoCo-style grafting model)
+AUTO_CHECKPOINTING = ("graft", "moco", "mim2cl_frozen")
 
 # Keys that only fine-tuning reads, with their defaults: another method refuses other values.
 FINETUNE_KEYS = {k: Config.model_fields[k].default for k in (

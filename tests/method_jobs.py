@@ -15,7 +15,7 @@ METHODS = {
     "mae": dict(method="mae", frozen_patch_embed=False, num_stages=1, stage_blrs=[1e-2],
                 betas=[0.9, 0.95], **DECODER),
     "moco": dict(method="moco", num_stages=1, stage_blrs=[1e-2]),
-    "graft": dict(method="graft", init="{mae}"),
+    "graft": dict(method="graft", init="{mae}", grad_ckpt="auto"),
     "mtl": dict(method="mtl", frozen_patch_embed=False, num_stages=1, stage_blrs=[1e-2],
                 cl_weight=1.0, mim_weight=0.5, **DECODER),
     "mim2cl_frozen": dict(method="mim2cl_frozen", init="{mae}", frozen_stages=2),

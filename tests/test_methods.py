@@ -12,6 +12,7 @@ import os
 
 import pytest
 import torch
+import yaml
 
 import method_jobs
 from jobs import tiny_config
@@ -63,6 +64,14 @@ def test_methods_log_their_loss_terms(runs):
     assert "momentum" in per_rank[0]["graft"]["records"][-1]
     assert "momentum" not in per_rank[0]["mae"]["records"][-1]
     assert set(per_rank[0]["mim2cl_frozen"]["records"][-1]["lr"]) == {"stage3", "stage3_no_wd"}
+
+
+def test_auto_checkpointing_is_resolved_into_the_run_folders_config(runs):
+    """grad_ckpt=auto (graft's keys here) becomes a number of blocks before the model is built,
+    and the run folder's config says which: the tiny model fits without any."""
+    _, out_dir = runs
+    with open(os.path.join(out_dir, "graft", "config.yaml")) as f:
+        assert yaml.safe_load(f)["grad_ckpt"] == 0
 
 
 def test_grafting_starts_from_the_lgp_ds_mae_checkpoint_folder(runs):

@@ -14,10 +14,12 @@ from timm.models.vision_transformer import Block
 import jobs
 from multirank import run_ranks
 from scaling_jobs import step_collectives_job
+from lgp_ds.config import load_config
 from lgp_ds.methods import build_method
 from lgp_ds.models.heads import CrossRankBatchNorm1d
 from lgp_ds.scaling.counts import ARCHS, count_config, count_model
-from lgp_ds.scaling.memory import activation_bytes, fewest_checkpointed, memory
+from lgp_ds.scaling.memory import (MEMORY_RESERVE_GB, activation_bytes, auto_checkpointing,
+                                   fewest_checkpointed, memory)
 from lgp_ds.scaling.report import Inputs, ModelScaling, add_arguments, inputs_from_args
 from lgp_ds.scaling.timing import Network
 from lgp_ds.scaling.traffic import (PERSISTENCE_THRESHOLD, PREFETCH_BUCKET, REDUCE_BUCKET, SETUPS,
@@ -91,6 +93,24 @@ def test_fewest_checkpointed_blocks_is_the_first_count_that_fits(sizes):
     assert fewest_checkpointed(m, Setup(2), 8, 128, total(m.depth - 1) - 1) is None
     cfg = jobs.tiny_config().model_copy(update={"grad_ckpt": 2})
     assert count_config(cfg).ckpt_blocks == 2  # as the built model checkpoints
+
+
+def test_auto_checkpointing_is_the_fewest_that_fit_the_device_less_the_reserve(sizes):
+    """grad_ckpt: auto picks what the checkpointing table of docs/scaling.md gives for the run's
+    stage, ranks and micro-batch in the device's memory less the reserve, and refuses a
+    micro-batch that nothing fits."""
+    cfg = load_config("vit_g_graft", ["grad_ckpt=auto"])
+    m = sizes["ViT-g/14"]
+    reserve = MEMORY_RESERVE_GB * 1e9
+    for setup, n, batch in ((Setup(2), 8, 128), (Setup(3), 8, 256), (Setup(3), 1, 32)):
+        for blocks in (0, 9, m.depth - 2):
+            need = sum(memory(dataclasses.replace(m, ckpt_blocks=blocks), setup, n,
+                              batch).values())
+            assert auto_checkpointing(cfg, setup.stage, n, batch, need + reserve) == blocks
+            assert auto_checkpointing(cfg, setup.stage, n, batch, need + reserve - 1) == blocks + 1
+    with pytest.raises(ValueError, match="grad_ckpt=auto: 32 images per rank do not fit even "
+                                         "with every block checkpointed"):
+        auto_checkpointing(cfg, 2, 1, 32, 35e9)  # ViT-g under ZeRO 2 on one GPU: 27 GB
 
 
 def test_activations_are_what_a_block_saves_for_backward(sizes):

@@ -27,6 +27,7 @@ from lgp_ds.checkpoint_file import tensor_digest
 from lgp_ds.config import Config, offloads_optimizer, precision, run_identity
 from lgp_ds.data.pipeline import build_train_data, samples_per_epoch
 from lgp_ds.models.partitioned import is_partitioned, whole_copies
+from lgp_ds.scaling.memory import auto_checkpointing
 
 from . import checkpoint, run_dir
 from .anchor import MIMAnchor
@@ -80,6 +81,11 @@ class Trainer:
                                      "fp32": "float32"}[precision(ds_config)])
         # ZeRO-3: partitioned as it is built, no rank ever holding the whole model
         zero3 = zero_stage == 3
+        if cfg.grad_ckpt == "auto":  # resolved here, so the run folder's config says how many
+            cfg.grad_ckpt = auto_checkpointing(cfg, zero_stage, dist.get_world_size(),
+                                               ds_config["train_micro_batch_size_per_gpu"],
+                                               get_accelerator().total_memory())
+            dist.print_main(f"grad_ckpt=auto: the lowest {cfg.grad_ckpt} blocks checkpointed")
         # Whole fp32 values (momentum encoder, frozen parameters) go into this rank's checkpoint
         # file where it may be the one read: DeepSpeed writes the client state from data-parallel
         # rank 0 (each node's first rank with node-local storage), and under ZeRO 3 from every

@@ -128,9 +128,13 @@ def checkpointed_blocks(vit: nn.Module) -> int:
 
 def vit_from_config(cfg, **overrides) -> VisionTransformer:
     """:func:`create_vit` with the model keys of an experiment config (``overrides`` win)."""
+    # grad_ckpt=auto: the trainer resolves it to a number before it builds the model it trains
+    # (lgp_ds.scaling.memory.auto_checkpointing); models built otherwise (FLOP counts, stand-in
+    # weights, frozen encoders) train nothing
+    grad_ckpt = 0 if cfg.grad_ckpt == "auto" else cfg.grad_ckpt
     kwargs = dict(img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim,
                   depth=cfg.depth, num_heads=cfg.num_heads, drop_path=cfg.drop_path,
-                  fused_attn=cfg.fused_attn, grad_ckpt=cfg.grad_ckpt,
+                  fused_attn=cfg.fused_attn, grad_ckpt=grad_ckpt,
                   sincos_pos_embed=cfg.sincos_pos_embed, frozen_patch_embed=cfg.frozen_patch_embed)
     return create_vit(cfg.arch, **{**kwargs, **overrides})
 

@@ -26,11 +26,14 @@
 """
 import dataclasses
 
-from .counts import ModelCounts
+from .counts import ModelCounts, count_config
 from .traffic import (BF16, FP32, PERSISTENCE_THRESHOLD, PREFETCH_BUCKET, REDUCE_BUCKET, VIEWS,
                       Setup)
 
 OPTIMIZER_BYTES = 12  # fp32 master, Adam's m and v
+# Left of a GPU's memory for what the model does not count: CUDA context, NCCL buffers, the
+# allocator's fragmentation
+MEMORY_RESERVE_GB = 10.0
 
 
 def activation_bytes(m: ModelCounts, batch: float) -> float:
@@ -89,3 +92,20 @@ def fewest_checkpointed(m: ModelCounts, setup: Setup, n: int, batch: float,
         if sum(counted.values()) <= budget:
             return blocks
     return None
+
+
+def auto_checkpointing(cfg, stage: int, n: int, batch: int, device_bytes: float) -> int:
+    """``grad_ckpt: auto``: :func:`fewest_checkpointed` for the model ``cfg`` builds (a grafting
+    step's) under ZeRO ``stage`` on ``n`` ranks of ``batch`` images each, in ``device_bytes`` less
+    :data:`MEMORY_RESERVE_GB`. Raises ValueError where checkpointing every block does not fit."""
+    m = count_config(cfg.model_copy(update={"grad_ckpt": False}))
+    budget = device_bytes - MEMORY_RESERVE_GB * 1e9
+    blocks = fewest_checkpointed(m, Setup(stage), n, batch, budget)
+    if blocks is None:
+        every = sum(memory(dataclasses.replace(m, ckpt_blocks=m.depth), Setup(stage), n,
+                           batch).values())
+        raise ValueError(f"config key grad_ckpt=auto: {batch} images per rank do not fit even "
+                         f"with every block checkpointed ({every / 1e9:.1f} GB predicted under "
+                         f"ZeRO {stage} on {n} ranks, {budget / 1e9:.1f} GB available): take a "
+                         f"smaller micro-batch, more ranks or ZeRO 3")
+    return blocks

@@ -4,7 +4,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from .counts import ARCHS, ModelCounts, count_model
-from .memory import fewest_checkpointed, memory
+from .memory import MEMORY_RESERVE_GB, fewest_checkpointed, memory
 from .timing import Compute, Network, Prediction, predict
 from .traffic import SETUPS, Setup, bytes_per_rank, refused, step_comms
 
@@ -16,9 +16,6 @@ MEASURED_IMG_PER_S = 364.0
 MEASURED_ZERO3_IMG_PER_S = 173.0
 MEASURED_BATCH = 128
 H200_HBM_GBS = 4800.0
-# Left of a GPU's memory for what the model does not count: CUDA context, NCCL buffers, the
-# allocator's fragmentation
-MEMORY_RESERVE_GB = 10.0
 
 
 @dataclass(frozen=True)
