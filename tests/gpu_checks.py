@@ -2,7 +2,8 @@
 
 fp16 with DeepSpeed's loss scaler and FusedAdam under ZeRO 2 (an overflow step is skipped,
 counted, and leaves the momentum encoder alone), FusedAdam's flat fp32 masters under bf16 ZeRO 0
-(exact start, the EMA, the checkpoint's conversion), bf16 under ZeRO 3, models built partitioned
+(exact start, the EMA, the checkpoint's conversion), bf16 under ZeRO 3 (blocks gathered whole
+against per submodule, and against ZeRO 2), models built partitioned
 on the GPU (zero.Init) equal to the whole builds, the MIM anchor under fp16
 ZeRO 2 (fp32 gradient accumulation), ZeRO-Offload under ZeRO 2 and 3 (host masters, the momentum
 EMA and the anchor across host and GPU), every method that needs no init= under fp16 ZeRO 2,
@@ -27,6 +28,8 @@ import lgp_ds  # noqa: E402
 import jobs  # noqa: E402
 from lgp_ds.benchmark.step import synthetic_batch  # noqa: E402
 from lgp_ds.config import resolve_ds_config  # noqa: E402
+import lgp_ds.engine.trainer as trainer_module  # noqa: E402
+from lgp_ds.engine.construct import gather_blocks_whole  # noqa: E402
 from lgp_ds.engine.trainer import Trainer  # noqa: E402
 from lgp_ds.methods import build_method  # noqa: E402
 from lgp_ds.models.vit import create_vit  # noqa: E402
@@ -100,13 +103,28 @@ def check_fused_adam_flat_masters(out):
 
 
 def check_bf16_zero3(out):
-    t = trainer(os.path.join(out, "bf16"), 3, "bf16", warmup_epochs=0)
-    losses = []
-    for step in range(4):
-        x1, x2 = jobs.global_batch(step, t.cfg)
-        losses.append(t.train_step(x1, x2)["loss"].item())
-    assert all(torch.isfinite(torch.tensor(losses))), losses
-    print(f"bf16 zero3: losses {losses}", flush=True)
+    """ZeRO 3 with its blocks gathered whole (DeepSpeed's leaf modules, whose gradients are
+    reduced from backward hooks, on the device's streams) trains what ZeRO 3 with a gather per
+    submodule trains from the same start on the same batches: the same arithmetic (on the CPU
+    the updates' cosine is 0.999999), where a gradient lost or reduced twice shows as O(1); and
+    what ZeRO 2 trains, to bf16's rounding of the steps (on the CPU: cosine 0.994)."""
+    updates = {}
+    for name, stage, whole in (("zero2", 2, True), ("zero3", 3, True), ("zero3_per_submodule", 3,
+                                                                        False)):
+        if not whole:
+            trainer_module.gather_blocks_whole = lambda model: 0
+        t = trainer(os.path.join(out, f"bf16_{name}"), stage, "bf16", warmup_epochs=0)
+        trainer_module.gather_blocks_whole = gather_blocks_whole
+        start = jobs.full_master_weights(t.engine)
+        losses = [t.train_step(*jobs.global_batch(step, t.cfg))["loss"].item() for step in range(4)]
+        assert all(torch.isfinite(torch.tensor(losses))), (name, losses)
+        after = jobs.full_master_weights(t.engine)
+        updates[name] = torch.cat([(after[k] - start[k]).flatten() for k in sorted(start)])
+    leaves = torch.cosine_similarity(updates["zero3"], updates["zero3_per_submodule"], dim=0)
+    stages = torch.cosine_similarity(updates["zero3"], updates["zero2"], dim=0)
+    assert leaves > 0.999 and stages > 0.95, (leaves.item(), stages.item())
+    print(f"bf16 zero3: 4 steps' updates, blocks gathered whole against per submodule: cosine "
+          f"{leaves:.6f}; against zero2: {stages:.4f}", flush=True)
 
 
 def check_zero3_construction():
