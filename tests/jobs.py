@@ -50,8 +50,11 @@ OPTIONS = {"": ({}, {}),
 
 def ds_config(cfg, stage: int, bf16: bool, option: str = "") -> dict:
     extra = OPTIONS[option][1]
+    # ZeRO 3 partitions every tensor, as it does a ViT-L's weights: the tiny model's are all
+    # below DeepSpeed's default persistence threshold (1e5), which would keep them whole
+    zero3 = {"stage3_param_persistence_threshold": 0} if stage == 3 else {}
     ds = {"bf16": {"enabled": bf16}, "steps_per_print": 10 ** 9, **extra,
-          "zero_optimization": {"stage": stage, **extra.get("zero_optimization", {})}}
+          "zero_optimization": {"stage": stage, **zero3, **extra.get("zero_optimization", {})}}
     return resolve_ds_config(ds, cfg, dist.get_world_size())
 
 

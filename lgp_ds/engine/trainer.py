@@ -156,7 +156,8 @@ class Trainer:
                                    keep=self.saves_whole)
         cast_partitions(model, self.dtype)
 
-        if zero3 and not method.reuses_blocks:
+        # a pass per view (a two-view model's one_pass off) runs each block twice per backward
+        if zero3 and not method.reuses_blocks and getattr(model, "one_pass", True):
             gather_blocks_whole(model)
         schedule = partial(lr_factor, total_steps=self.total_steps, warmup_steps=warmup_steps)
         self.engine, _, _, _ = deepspeed.initialize(

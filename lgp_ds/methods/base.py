@@ -21,7 +21,7 @@ metrics. A method owns only what differs:
 - switches for the shared components: ``momentum_encoder`` (MoCo's EMA encoder of
   ``model.base_encoder``), ``encoder_prefix`` (where the ViT's parameters live, for the stage
   rule, frozen stages and the MIM anchor) and ``reuses_blocks`` (the model runs a transformer
-  block more than once per forward, which rules out ZeRO 3's gathering of a block at a time:
+  block more than once per backward, which rules out ZeRO 3's gathering of a block at a time:
   :func:`lgp_ds.engine.construct.gather_blocks_whole`).
 """
 import torch
