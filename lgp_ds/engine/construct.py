@@ -72,9 +72,9 @@ _FEEDERS = {"blocks": ("patch_embed", "cls_token", "pos_embed", "reg_token"),
             "decoder_blocks": ("decoder_embed", "mask_token")}
 
 
-def gather_blocks_whole(model: nn.Module) -> int:
+def gather_blocks_whole(model: nn.Module) -> None:
     """ZeRO 3: have DeepSpeed gather each transformer block of ``model`` in one go, as a "leaf
-    module", instead of hooking every Linear and LayerNorm in it; returns how many blocks.
+    module", instead of hooking every Linear and LayerNorm in it.
 
     Per-submodule hooks cost more host time than the gathers themselves, and inside a regionally
     compiled block each hooked submodule breaks the graph. Call before ``deepspeed.initialize``,
@@ -88,7 +88,6 @@ def gather_blocks_whole(model: nn.Module) -> int:
     above another trainable block, or first in its stack with a trainable feeder (``_FEEDERS``).
     A frozen block, whose parameters nothing reduces, always; a block with both kinds never.
     """
-    count = 0
     for parent in model.modules():
         for name, stack in parent.named_children():
             if name not in _FEEDERS:
@@ -100,6 +99,4 @@ def gather_blocks_whole(model: nn.Module) -> int:
                 trains = {p.requires_grad for p in block.parameters()}
                 if isinstance(block, Block) and (trains == {False} or trains == {True} and below):
                     set_z3_leaf_module(block, True)
-                    count += 1
                 below = below or True in trains
-    return count
