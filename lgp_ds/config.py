@@ -460,6 +460,27 @@ def _check_offload(zero: dict) -> None:
                                  f"fp32 masters must be on the host); remove it")
 
 
+def _check_gradient_checks(ds: dict) -> None:
+    """Who finds non-finite gradients (lgp_ds.engine.faults): turning DeepSpeed's ZeRO 1/2
+    checks off (``compute_grad_norm``, ``bf16.check_grad_overflow``), as the shipped ZeRO 1/2
+    configs do, hands the check to lgp_ds, which reads the gradient partitions on the device:
+    not under ZeRO 0 or 3, where DeepSpeed refuses ``compute_grad_norm``, nor with
+    ``offload_optimizer``, where the gradients are on the host."""
+    zero = ds.get("zero_optimization", {})
+    stage, offload = zero.get("stage", 0), offloads_optimizer(ds)
+    if zero.get("compute_grad_norm", True) is False and (stage not in (1, 2) or offload):
+        where = f"ZeRO stage {stage}" if stage not in (1, 2) else "offload_optimizer"
+        raise ValueError(f"DeepSpeed config key zero_optimization.compute_grad_norm=false with "
+                         f"{where}: DeepSpeed computes the gradient norm there (it supports the "
+                         f"key under ZeRO 1/2 on the device only); remove the key")
+    bf16 = ds.get("bf16", ds.get("bfloat16", {}))
+    if stage in (1, 2) and offload and bf16.get("check_grad_overflow", True) is False:
+        raise ValueError("DeepSpeed config key bf16.check_grad_overflow=false with "
+                         "offload_optimizer: no one would check the gradients for NaN or "
+                         "infinity (lgp_ds checks them in DeepSpeed's stead on the device only); "
+                         "remove the key")
+
+
 def _anchor_precision(ds: dict, cfg: Config) -> dict:
     """``ds`` with fp32 gradient accumulation where the MIM anchor needs it.
 
@@ -467,8 +488,9 @@ def _anchor_precision(ds: dict, cfg: Config) -> dict:
     in the ViT-L recipe) added to a bf16 gradient of 1e-2 rounds away entirely, so under bf16/fp16
     the gradients must be held in fp32 (``data_types.grad_accum_dtype``): ZeRO 1 then runs
     DeepSpeed's BF16_Optimizer (its ZeRO 1 optimizer with offload_optimizer, which keeps fp32
-    gradients on the host), ZeRO 2/3 keep fp32 gradient partitions. ZeRO 0 has no fp32
-    gradient accumulation in low precision, so it is refused.
+    gradients on the host), ZeRO 2/3 keep fp32 gradient partitions. The BF16_Optimizer always
+    computes the gradient norm and refuses ``zero_optimization.compute_grad_norm``, which is
+    dropped for it. ZeRO 0 has no fp32 gradient accumulation in low precision, so it is refused.
     """
     low = precision(ds)
     if cfg.anchor_weight == 0 or low == "fp32":
@@ -484,7 +506,12 @@ def _anchor_precision(ds: dict, cfg: Config) -> dict:
         raise ValueError(f"DeepSpeed config key data_types.grad_accum_dtype={accum!r}: with "
                          f"anchor_weight={cfg.anchor_weight} gradients must be accumulated in fp32 "
                          f"(in {low} the anchor's gradient rounds away); remove the key or set fp32")
-    return {**ds, "data_types": {**ds.get("data_types", {}), "grad_accum_dtype": "fp32"}}
+    ds = {**ds, "data_types": {**ds.get("data_types", {}), "grad_accum_dtype": "fp32"}}
+    zero = ds.get("zero_optimization", {})
+    if low == "bf16" and stage == 1 and not offloads_optimizer(ds) and "compute_grad_norm" in zero:
+        # DeepSpeed's BF16_Optimizer, which always computes the norm (and refuses the key)
+        ds["zero_optimization"] = {k: v for k, v in zero.items() if k != "compute_grad_norm"}
+    return ds
 
 
 def resolve_ds_config(ds: dict, cfg: Config, world_size: int) -> dict:
@@ -500,6 +527,7 @@ def resolve_ds_config(ds: dict, cfg: Config, world_size: int) -> dict:
             raise ValueError(f"DeepSpeed config key {key!r}: lgp_ds builds it from the recipe "
                              f"({owner}); remove it from the DeepSpeed config")
     _check_offload(ds.get("zero_optimization", {}))
+    _check_gradient_checks(ds)
     if offloads_optimizer(ds) and cfg.optimizer != "adamw":
         raise ValueError(f"optimizer={cfg.optimizer} with DeepSpeed config key "
                          f"zero_optimization.offload_optimizer: the host steps the fp32 masters "

@@ -212,8 +212,10 @@ def check_no_host_sync(out):
     momentum EMA) makes the host wait for the device nowhere in lgp_ds's code: the device stays
     busy while the host queues the next work (issue 10). Grafting with the MIM anchor under the
     shipped bf16 ZeRO 2 and 3 configs, and MAE under ZeRO 2, on one rank (whose collectives
-    return early: the NCCL all-reduces are not covered). The fault check's one wait per step,
-    an event's, is by design and not reported by the sync debug mode."""
+    return early: the NCCL all-reduces are not covered). The fault check's waits, on events (for
+    the loss flags once the backward pass is queued; under the shipped ZeRO 1/2 configs for the
+    gradient check's flag at the end of the backward pass, where DeepSpeed's overlap_comm
+    synchronises the device anyway), are by design and not reported by the sync debug mode."""
     cfg = jobs.tiny_config(batch_size=16)
     mim = os.path.join(out, "mim_sync.pth")
     encoder = create_vit(cfg.arch, img_size=cfg.img_size, patch_size=cfg.patch_size,

@@ -285,12 +285,17 @@ def anchor_precision_job(stage, anchor_weight, persistence, offload, mim_path, o
     cfg = tiny_config(output_dir=os.path.join(out_dir, f"z{stage}"), init=mim_path,
                       anchor_weight=anchor_weight, anchor_norm="l1", anchor_blocks=2)
     name = f"zero{max(stage, 1)}_bf16.json"  # no zero0 file is shipped
-    zero = shipped_ds_config(cfg, name)["zero_optimization"]
+    shipped = shipped_ds_config(cfg, name)
+    zero, bf16 = shipped["zero_optimization"], shipped["bf16"]
     zero.update(stage=stage, **({} if persistence is None else
                                 {"stage3_param_persistence_threshold": persistence}),
                 **({"offload_optimizer": {"device": "cpu"}} if offload else {}))
+    if stage == 0 or offload:  # DeepSpeed checks the gradients there, lgp_ds cannot
+        zero.pop("compute_grad_norm", None)
+        bf16.pop("check_grad_overflow", None)
     trainer = Trainer(cfg, shipped_ds_config(cfg, name, gradient_accumulation_steps=2,
-                                             zero_optimization=zero, **(HOST_ADAM if offload else {})),
+                                             zero_optimization=zero, bf16=bf16,
+                                             **(HOST_ADAM if offload else {})),
                       build_method(cfg))
     engine = trainer.engine
     out = {"masters": full_master_weights(engine), "momentum": trainer.momentum.state_dict(),
@@ -407,3 +412,43 @@ def evaluation_after_resume_job(out_dir):
     return {"failed": failed, "resumed_step": trainer.step, "records": records,
             "logged_steps": [r["step"] for r in read_metrics(out_dir)]}
 
+
+
+def nonfinite_gradient_job(cases, mim_path, out_dir):
+    """For each (DeepSpeed config of ds_configs/, its extra keys, anchor weight): three grafting
+    steps; in step 2 rank 1's loss gains a term whose value is 0 and whose gradient is NaN (on
+    the first trainable tensor), so that only a check of the gradients can tell. Per case:
+    whether lgp_ds checked the gradients itself, the losses, whether each step changed the
+    full master weights and the momentum encoder, and the skipped and non-finite step counts and LRs after each step."""
+    results = {}
+    for i, (name, extra, anchor_weight) in enumerate(cases):
+        cfg = tiny_config(output_dir=os.path.join(out_dir, f"case{i}"), init=mim_path,
+                          anchor_weight=anchor_weight, anchor_blocks=2, warmup_epochs=0)
+        trainer = Trainer(cfg, shipped_ds_config(cfg, name, **extra), build_method(cfg))
+        weight = next(p for p in trainer.engine.module.parameters() if p.requires_grad)
+        loss = trainer.method.loss
+
+        def poisoned(*args, **kwargs):
+            value, terms = loss(*args, **kwargs)
+            if trainer.engine.global_steps + 1 == 2 and dist.get_rank() == 1:
+                value = value + 0 * (weight - weight.detach()).abs().sqrt().sum()
+            return value, terms
+        trainer.method.loss = poisoned
+        before, record = full_master_weights(trainer.engine), []
+        # the EMA's weights (BatchNorm running statistics follow every forward pass)
+        momentum_before = {n: p.clone() for n, p in trainer.momentum.params.items()}
+        for step in range(3):
+            x1, x2 = global_batch(step, cfg)
+            out = trainer.train_step(local(x1), local(x2))
+            after = full_master_weights(trainer.engine)
+            momentum = {n: p.clone() for n, p in trainer.momentum.params.items()}
+            record.append({"loss": out["loss"].float().item(),
+                           "changed": any(not torch.equal(after[n], before[n]) for n in after),
+                           "momentum_changed": any(not torch.equal(momentum[n], momentum_before[n])
+                                                   for n in momentum),
+                           "skipped": trainer.engine.skipped_steps,
+                           "nonfinite": trainer.faults.nonfinite_steps,
+                           "lr": trainer.engine.optimizer.param_groups[-1]["lr"]})
+            before, momentum_before = after, momentum
+        results[i] = {"checks_gradients": trainer.checks_gradients, "steps": record}
+    return results

@@ -125,6 +125,14 @@ def test_batch_size_has_one_source_of_truth():
      2, "zero_optimization.offload_optimizer.ratio=0.5: not supported"),
     ({"zero_optimization": {"stage": 2, "cpu_offload": True}}, 2,
      "zero_optimization.cpu_offload is deprecated"),
+    ({"zero_optimization": {"stage": 3, "compute_grad_norm": False}}, 2,
+     "zero_optimization.compute_grad_norm=false with ZeRO stage 3"),
+    ({"zero_optimization": {"stage": 2, "compute_grad_norm": False,
+                            "offload_optimizer": {"device": "cpu"}}}, 2,
+     "zero_optimization.compute_grad_norm=false with offload_optimizer"),
+    ({"bf16": {"enabled": True, "check_grad_overflow": False},
+      "zero_optimization": {"stage": 1, "offload_optimizer": {"device": "cpu"}}}, 2,
+     "bf16.check_grad_overflow=false with offload_optimizer: no one would check"),
 ])
 def test_deepspeed_config_conflicts(ds, world, message):
     with pytest.raises(ValueError, match=message):
@@ -142,6 +150,19 @@ def test_zero_offload_to_the_host_is_accepted(zero):
                                          "zero_optimization.offload_optimizer"):
         resolve_ds_config({"zero_optimization": zero},
                           build_config({"batch_size": 256, "optimizer": "fused_adam"}), 2)
+
+
+def test_bf16_zero1_anchor_drops_compute_grad_norm():
+    """The anchor's fp32 gradient accumulation puts bf16 ZeRO 1 on DeepSpeed's BF16_Optimizer,
+    which always computes (and checks) the norm and refuses the key the shipped file sets."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.path.join(root, "ds_configs", "zero1_bf16.json")
+    _, plain = load_run_config(None, ["batch_size=16"], path)
+    _, anchored = load_run_config(None, ["batch_size=16", "anchor_weight=1e-5", "init=x.pth"],
+                                  path)
+    assert plain["zero_optimization"]["compute_grad_norm"] is False
+    assert "compute_grad_norm" not in anchored["zero_optimization"]
+    assert anchored["data_types"]["grad_accum_dtype"] == "fp32"
 
 
 def test_the_shipped_offload_config_resolves():

@@ -64,8 +64,8 @@ def test_dead_and_hung_ranks_and_nonfinite_steps(tmp_path):
     waiter = threading.Thread(target=lambda: hung_end.update(log=_finish(hung), at=time.time()))
     waiter.start()
 
-    # ZeRO 0 in fp32: DeepSpeed does not check the gradients itself (ZeRO 2 does, through the
-    # gradient norm), so lgp_ds's own skip is what runs
+    # ZeRO 0 in fp32: no one checks the gradients (under ZeRO 1/2 DeepSpeed or lgp_ds would),
+    # so the loss check alone skips the step
     ds_config = tmp_path / "zero0.json"
     ds_config.write_text(json.dumps({"zero_optimization": {"stage": 0},
                                      "steps_per_print": 10 ** 9}))
@@ -158,3 +158,46 @@ def test_retention_keeps_the_newest_complete_checkpoints(tmp_path):
     assert checkpoint.prune(str(tmp_path), "step00000005", keep=1) == ["step00000004"]
     with pytest.raises(ValueError, match="complete"):
         checkpoint.prune(str(tmp_path), "step00000006", keep=1)
+
+
+# (ds_configs/ file, extra DeepSpeed keys, anchor weight) -> whether lgp_ds checks the gradients
+GRADIENT_CHECKS = [
+    (("zero2_bf16.json", {}, 0.0), True),  # bf16 gradient partitions
+    (("zero2_bf16.json", {}, 1e-3), True),  # fp32 ones (the anchor's accumulation), anchored
+    (("zero1_bf16.json", {}, 0.0), True),
+    (("zero1_bf16.json", {}, 1e-3), False),  # DeepSpeed's BF16_Optimizer checks its norm
+    (("cpu_demo.json", {}, 0.0), True),  # fp32
+    (("zero2_bf16.json", {"bf16": {"enabled": True, "check_grad_overflow": True}}, 0.0), False),
+]
+
+
+def test_nonfinite_gradients_skip_the_step_on_every_rank(tmp_path):
+    """A NaN gradient behind a finite loss on one rank (step 2 of 3): the step is skipped on
+    both ranks (no weight, momentum or LR change), counted, and the next step trains. The
+    shipped bf16 ZeRO 1/2 configs turn DeepSpeed's per-tensor checks off, so lgp_ds's own check
+    is what catches it there; with DeepSpeed's check on (or its BF16_Optimizer) the outcome is
+    the same."""
+    from lgp_ds.models.vit import create_vit
+    from multirank import run_ranks
+
+    import jobs
+    cfg = jobs.tiny_config()
+    encoder = create_vit(cfg.arch, img_size=cfg.img_size, patch_size=cfg.patch_size,
+                         embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads)
+    torch.save({"model": encoder.state_dict()}, tmp_path / "mim.pth")
+    cases = [case for case, _ in GRADIENT_CHECKS]
+    ranks = run_ranks(jobs.nonfinite_gradient_job, cases, str(tmp_path / "mim.pth"),
+                      str(tmp_path))
+    def agreed(result):  # what must be the same on every rank (each has its own loss)
+        return {i: [{k: v for k, v in s.items() if k != "loss"} for s in r["steps"]]
+                for i, r in result.items()}
+    assert agreed(ranks[0]) == agreed(ranks[1]), "the ranks disagree"
+    for i, (case, lgp_ds_checks) in enumerate(GRADIENT_CHECKS):
+        result = ranks[0][i]
+        assert result["checks_gradients"] == lgp_ds_checks, case
+        steps = result["steps"]
+        assert all(torch.isfinite(torch.tensor(s["loss"])) for s in steps), (case, steps)
+        assert [s["changed"] for s in steps] == [True, False, True], (case, steps)
+        assert [s["momentum_changed"] for s in steps] == [True, False, True], (case, steps)
+        assert [(s["skipped"], s["nonfinite"]) for s in steps] == [(0, 0), (1, 1), (1, 1)], case
+        assert steps[1]["lr"] == steps[0]["lr"], (case, steps)  # the schedule stood still

@@ -12,7 +12,7 @@ EXTRA=${EXTRA:-}
 mkdir -p "$OUT"
 start=$(date +%s)
 
-variant() {  # NAME BASE KEY=JSON...: OUT/ds_NAME.json, ds_configs/BASE with zero_optimization keys set
+variant() {  # NAME BASE SECTION.KEY=JSON...: OUT/ds_NAME.json, ds_configs/BASE with those keys set
     local name=$1 base=$2
     shift 2
     python - "ds_configs/$base" "$OUT/ds_$name.json" "$@" <<'PY'
@@ -20,7 +20,8 @@ import json, sys
 config = json.load(open(sys.argv[1]))
 for item in sys.argv[3:]:
     key, value = item.split("=", 1)
-    config["zero_optimization"][key] = json.loads(value)
+    section, key = key.split(".")
+    config.setdefault(section, {})[key] = json.loads(value)
 json.dump(config, open(sys.argv[2], "w"), indent=2)
 PY
 }
@@ -55,13 +56,19 @@ row vit_l_graft_zero3 zero3_bf16.json --config vit_l_graft batch_size=128 grad_c
 # ZeRO 3 with the recipe's compiled blocks and torch's own F.linear (DeepSpeed's default
 # memory-efficient one is an autograd.Function that breaks each compiled block's graph at every
 # Linear; torch's keeps the gathered weights of blocks that are not checkpointed until backward)
-variant zero3_torch_linear zero3_bf16.json memory_efficient_linear=false
+variant zero3_torch_linear zero3_bf16.json zero_optimization.memory_efficient_linear=false
 row vit_l_graft_zero3_compiled "$OUT/ds_zero3_torch_linear.json" --config vit_l_graft \
     batch_size=128 grad_ckpt=false --steps 10 --warmup 5 --no_reference
 # MAE step i, ViT-L/16, batch 256, without checkpointing (the encoder sees a quarter of the
 # patches: about 18 GB of activations on paper)
 row vit_l_mae zero2_bf16.json --config vit_l_mae batch_size=256 grad_ckpt=false --steps 10 \
     --warmup 3 --profile "$OUT/profile_vit_l_mae"
+# The same with DeepSpeed's own gradient checks (per-tensor overflow check and norm, then a
+# wait), which the shipped ZeRO 1/2 configs turn off for lgp_ds's single fused check
+variant zero2_deepspeed_checks zero2_bf16.json bf16.check_grad_overflow=true \
+    zero_optimization.compute_grad_norm=true
+row vit_l_mae_deepspeed_checks "$OUT/ds_zero2_deepspeed_checks.json" --config vit_l_mae \
+    batch_size=256 grad_ckpt=false --steps 10 --warmup 3 --no_reference
 # The fused optimizer that measures faster: DeepSpeed's FusedAdam against torch's fused AdamW
 # (the compiled row's), with the recipe's compiled blocks (its JIT build takes a minute unless
 # built)

@@ -1,14 +1,20 @@
 """What ends a run on a cluster, and how lgp_ds makes each end cleanly.
 
-- A non-finite loss (any micro-batch, any rank) or, where DeepSpeed checks them itself (fp16;
-  bf16 with ZeRO 1-3 through ``bf16.check_grad_overflow``; ZeRO 1/2 in fp32 through the
-  gradient norm), non-finite gradients: the optimizer step is skipped on every rank alike (no
-  update, no LR step, no momentum EMA; ``skipped_steps`` as for DeepSpeed's own skips) and
-  counted (``nonfinite_steps``); no checkpoint is written while such steps run in a row (the
-  newest checkpoint, which ``resume=auto`` takes, stays one from before), and after more than
-  ``max_nonfinite_steps`` in a row the run stops with :class:`NonFiniteError`. The skipped
-  steps' forward passes still update BatchNorm running statistics (only eval mode reads them).
-  fp16 loss-scale overflows with a finite loss are DeepSpeed's own business, not counted here.
+- A non-finite loss (any micro-batch, any rank) or non-finite gradients: the optimizer step is
+  skipped on every rank alike (no update, no LR step, no momentum EMA; ``skipped_steps`` as for
+  DeepSpeed's own skips) and counted (``nonfinite_steps``); no checkpoint is written while such
+  steps run in a row (the newest checkpoint, which ``resume=auto`` takes, stays one from
+  before), and after more than ``max_nonfinite_steps`` in a row the run stops with
+  :class:`NonFiniteError`. The skipped steps' forward passes still update BatchNorm running
+  statistics (only eval mode reads them). fp16 loss-scale overflows with a finite loss are
+  DeepSpeed's own business, not counted here. Who finds non-finite gradients:
+  DeepSpeed in fp16 (its loss scaler), under ZeRO 3 (through the gradient norm) and under ZeRO
+  1/2 while its config asks it to (``bf16.check_grad_overflow``; outside bf16,
+  ``zero_optimization.compute_grad_norm``); where a ZeRO 1/2 config turns both off, as the
+  shipped bf16 ones do, lgp_ds (:func:`lgp_ds_checks_gradients`): DeepSpeed's check runs
+  several kernels per tensor and its norm as many again, lgp_ds's one fused norm over the
+  partition. ZeRO 0 gradients, and ZeRO 1/2 ones with ``offload_optimizer`` and DeepSpeed's
+  check off, go unchecked (a non-finite loss is still caught).
 - SIGTERM (SLURM pre-emption, ``scancel``, the deepspeed launcher ending its children): the
   handler only sets a flag; every rank learns of it at the next optimizer step through the same
   all-reduce, so all stop at the same step, save a checkpoint and exit with status 0.
@@ -18,7 +24,9 @@
 
 Each optimizer step costs one all-reduce of two numbers, started after the boundary
 micro-batch's forward pass, and one wait for its result on the host after the backward pass is
-queued, when the device has long finished the forward: the device never idles for it.
+queued, when the device has long finished the forward: the device never idles for it. Checking
+gradients costs one more all-reduce (of one number) and a wait for the end of the backward
+pass, which DeepSpeed's ZeRO 1/2 (with ``overlap_comm``) waits for anyway.
 """
 import contextlib
 import os
@@ -28,6 +36,7 @@ import threading
 import traceback
 
 import torch
+from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
 from lgp_ds import dist
 
@@ -61,12 +70,25 @@ def collective_errors(timeout_s: float):
             f"says which; continue with resume=auto): {message}") from e
 
 
+def lgp_ds_checks_gradients(optimizer) -> bool:
+    """Whether lgp_ds must find non-finite gradients itself under the DeepSpeed engine's
+    ``optimizer`` (``engine.optimizer``): a ZeRO 1/2 optimizer on the device whose own checks
+    are off. It checks them when ``check_grad_overflow`` is on (bf16 by the config, fp16 always)
+    and, outside bf16, through the gradient norm it computes unless ``compute_grad_norm`` is off.
+    Its gradients are then :func:`lgp_ds.engine.master.zero12_gradients`."""
+    if not isinstance(optimizer, DeepSpeedZeroOptimizer) or optimizer.cpu_offload:
+        return False
+    return not (optimizer.check_grad_overflow
+                or optimizer.compute_grad_norm and optimizer.dtype != torch.bfloat16)
+
+
 class FaultGuard:
     """Per optimizer step: the non-finite check, the skip, and the stop request, for all ranks.
 
     Use: :meth:`watch` each micro-batch's loss before its backward pass; at the accumulation
-    boundary, after the backward pass, ``bad, stop = guard.flags()``, ``with guard.skip_if(bad,
-    engine): engine.step()``, then :meth:`count`.
+    boundary, after the backward pass, ``bad, stop = guard.flags()`` (and, where lgp_ds checks
+    gradients, :meth:`nonfinite_gradients`), ``with guard.skip_if(bad, engine): engine.step()``,
+    then :meth:`count`.
     """
 
     def __init__(self, max_nonfinite_steps: int, stop_grace_s: float, device):
@@ -76,6 +98,7 @@ class FaultGuard:
         self.bad_loss = torch.zeros((), dtype=torch.bool, device=device)  # since the last step
         self._flags = None  # this step's [bad, stop] on the host, once watch() saw its boundary
         self._flags_copied = None  # on a GPU: the event of their copy to the host
+        self._pinned = {}  # on a GPU: name -> (pinned host buffer, event of the copy into it)
         self.nonfinite_steps = 0  # over the whole run
         self.nonfinite_in_a_row = 0
         self.stop_requested = False  # this process got SIGTERM
@@ -124,14 +147,22 @@ class FaultGuard:
         stop = torch.full((), int(self.stop_requested), dtype=torch.int64, device=self.device)
         local = dist.all_reduce_max(torch.stack([self.bad_loss.to(torch.int64), stop]))
         self.bad_loss = torch.zeros_like(self.bad_loss)
-        if self.device.type == "cuda":  # to pinned memory, behind the forward pass on the stream
-            if self._flags is None:
-                self._flags = torch.empty(2, dtype=torch.int64, pin_memory=True)
-                self._flags_copied = torch.cuda.Event()
-            self._flags.copy_(local, non_blocking=True)
-            self._flags_copied.record()
-        else:
-            self._flags = local
+        self._flags, self._flags_copied = self._copy_to_host("flags", local)
+
+    def _copy_to_host(self, name: str, values: torch.Tensor):
+        """(host tensor, event or None): ``values`` copied to the host behind the work queued so
+        far, without waiting: on a GPU into a pinned buffer kept under ``name``, whose event
+        tells when the copy is done (waiting on it does not wait for later work, as
+        ``.item()`` would)."""
+        if self.device.type != "cuda":
+            return values, None
+        if name not in self._pinned:
+            self._pinned[name] = (torch.empty(values.shape, dtype=values.dtype, pin_memory=True),
+                                  torch.cuda.Event())
+        host, copied = self._pinned[name]
+        host.copy_(values, non_blocking=True)
+        copied.record()
+        return host, copied
 
     def flags(self) -> tuple[bool, bool]:
         """At the accumulation boundary, after :meth:`watch` of its micro-batch: (some rank's loss
@@ -140,6 +171,23 @@ class FaultGuard:
             self._flags_copied.synchronize()
         bad, stop = (bool(v) for v in self._flags.tolist())
         return bad, stop
+
+    @torch.no_grad()
+    def nonfinite_gradients(self, gradients: list[torch.Tensor]) -> bool:
+        """Collective, at the accumulation boundary after the backward pass: whether some rank's
+        ``gradients`` (its shards) hold a NaN or an infinity. One fused norm over them all
+        (torch's get_total_norm: a few kernels), one all-reduce and one wait for the device. A
+        norm beyond fp32's range (entries near 1e19) counts as non-finite too: no step survives
+        such gradients either."""
+        if gradients:
+            norm = torch.nn.utils.get_total_norm(gradients).to(self.device)
+        else:  # a rank may own no gradient of any group
+            norm = torch.zeros((), device=self.device)
+        bad = dist.all_reduce_max((~torch.isfinite(norm)).to(torch.int64).reshape(1))
+        host, copied = self._copy_to_host("gradients", bad)
+        if copied is not None:
+            copied.synchronize()
+        return bool(host[0])
 
     @contextlib.contextmanager
     def skip_if(self, bad: bool, engine):
@@ -166,10 +214,11 @@ class FaultGuard:
             for group, lr in zip(scheduler.optimizer.param_groups, lrs):
                 group["lr"] = lr
 
-    def count(self, bad: bool, skipped_by_deepspeed: bool, step: int) -> None:
+    def count(self, bad: bool, bad_gradients: bool, step: int) -> None:
         """Count the step just taken; NonFiniteError once more than ``max_nonfinite_steps`` in a
-        row were non-finite (``skipped_by_deepspeed``: a gradient overflow outside fp16)."""
-        if not (bad or skipped_by_deepspeed):
+        row were non-finite (``bad``: the loss; ``bad_gradients``: the gradients, as lgp_ds or
+        DeepSpeed outside fp16 found them)."""
+        if not (bad or bad_gradients):
             self.nonfinite_in_a_row = 0
             return
         self.nonfinite_steps += 1

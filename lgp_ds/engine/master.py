@@ -107,6 +107,14 @@ def master_slices(optimizer, named_params) -> list[MasterSlice]:
     return out
 
 
+def zero12_gradients(optimizer) -> list[torch.Tensor]:
+    """This rank's gradient partitions under DeepSpeed's ZeRO 1/2 optimizer on the device
+    (``engine.optimizer``), between the backward pass at the accumulation boundary and the step:
+    the tensors its own overflow check reads, the MIM anchor's gradient added."""
+    return [g for group in optimizer.averaged_gradients.values() if group is not None
+            for g in group if g is not None]
+
+
 def _zero3_partition(optimizer, param, grad: bool = False) -> torch.Tensor:
     """This rank's fp32 master partition of ZeRO-3 ``param`` (or, ``grad``, the gradient the
     optimizer steps with, kept there under ``offload_optimizer`` only): a live view into the

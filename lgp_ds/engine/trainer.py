@@ -32,9 +32,9 @@ from lgp_ds.scaling.memory import auto_checkpointing
 from . import checkpoint, run_dir
 from .anchor import MIMAnchor
 from .construct import build_model, cast_partitions, gather_blocks_whole, local_values
-from .faults import FaultGuard
+from .faults import FaultGuard, lgp_ds_checks_gradients
 from .init_weights import read_init
-from .master import master_slices
+from .master import master_slices, zero12_gradients
 from .momentum import MomentumEncoder, momentum_zero3_config
 from .monitoring import Meter, Progress, check_monitor_packages, peak_memory_gib
 from .param_groups import freeze_lower_stages
@@ -197,6 +197,9 @@ class Trainer:
         # A stop request may take a step and a checkpoint write, each bounded by the timeout.
         self.faults = FaultGuard(cfg.max_nonfinite_steps, 2 * cfg.collective_timeout_s,
                                  self.device)
+        # ZeRO 1/2 configs that turn DeepSpeed's per-tensor gradient checks off (the shipped bf16
+        # ones): lgp_ds finds non-finite gradients itself, in one pass
+        self.checks_gradients = lgp_ds_checks_gradients(self.engine.optimizer)
         if cfg.resume is not None:
             self._resume(zero_stage)
         run_dir.write_configs(cfg, ds_config)
@@ -284,11 +287,13 @@ class Trainer:
         if boundary and self.anchor is not None:
             anchor = self.anchor.add_gradient(self.slices,
                                               getattr(self.engine.optimizer, "loss_scale", 1.0))
-        with self.faults.skip_if(bad, self.engine):
+        bad_gradients = boundary and self.checks_gradients and self.faults.nonfinite_gradients(
+            zero12_gradients(self.engine.optimizer))
+        with self.faults.skip_if(bad or bad_gradients, self.engine):
             self.engine.step()
         if boundary:  # fp16 loss-scale overflows are DeepSpeed's own, not counted as non-finite
-            overflow = not self.engine.was_step_applied() and self.dtype != torch.float16
-            self.faults.count(bad, overflow, self.engine.global_steps)
+            skipped = not self.engine.was_step_applied() and self.dtype != torch.float16
+            self.faults.count(bad, bad_gradients or skipped, self.engine.global_steps)
         m = None
         if boundary and self.momentum is not None:
             m = momentum_at(self.applied_steps(), self.total_steps, self.cfg.momentum)

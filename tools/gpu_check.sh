@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# The whole GPU check on a one-GPU machine, in one call: tests/test_gpu.py, then
+# tools/bench_matrix.sh's rows, then (with ANCHORS=) the plain-PyTorch anchors of
+# anchor_bench.py (the step lgp_ds is compared with: eager, DeepSpeed ZeRO 2 and 3, compiled),
+# each part skipped when less than a minute of BUDGET_S (seconds, for the whole call) is left.
+# Results under OUT: test_gpu.log, matrix/ (a JSON and a log per row), matrix.txt, anchors.json,
+# anchors.log, nvidia-smi.txt.
+#
+#   OUT=/tmp/gpu BUDGET_S=560 MATRIX_S=330 [WHEELS=.whl] [ANCHORS=.gpu/anchor_bench.py] \
+#       bash tools/gpu_check.sh
+#
+# WHEELS: a folder of wheels installed (without dependencies) into /tmp/site first, for images
+# that lack DeepSpeed, webdataset or fvcore. MATRIX_S: the matrix's share of the budget (the
+# rest goes to the anchors). FusedAdam and CPU Adam are JIT-built in the background from the
+# start (tests/test_gpu.py and the FusedAdam row need them; about a minute).
+set -u
+OUT=${OUT:-runs/gpu_check}
+BUDGET_S=${BUDGET_S:-560}
+MATRIX_S=${MATRIX_S:-330}
+mkdir -p "$OUT"
+start=$(date +%s)
+left() { echo $((BUDGET_S - ($(date +%s) - start))); }
+
+if [ -n "${WHEELS:-}" ]; then
+    pip install -q --no-deps --target /tmp/site "$WHEELS"/*.whl > "$OUT/wheels.log" 2>&1
+    export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+fi
+# the image's "9.0a" breaks DeepSpeed's FusedAdam build
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} PYTHONUNBUFFERED=1
+nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
+python -c "from deepspeed.ops.op_builder import CPUAdamBuilder, FusedAdamBuilder
+FusedAdamBuilder().load(); CPUAdamBuilder().load()" > "$OUT/ops_build.log" 2>&1 &
+builder=$!
+
+if [ "$(left)" -ge 60 ]; then
+    wait "$builder"
+    timeout "$(left)" python -m pytest -q -rs tests/test_gpu.py > "$OUT/test_gpu.log" 2>&1
+    echo "tests/test_gpu.py: exit $? ($(tail -1 "$OUT/test_gpu.log"))"
+fi
+
+matrix=$(( $(left) < MATRIX_S ? $(left) : MATRIX_S ))
+OUT="$OUT/matrix" BUDGET_S=$matrix bash tools/bench_matrix.sh | tee "$OUT/matrix.txt"
+
+if [ -n "${ANCHORS:-}" ] && [ "$(left)" -ge 60 ]; then
+    timeout "$(left)" python - "$ANCHORS" "$OUT" "$(left)" > "$OUT/anchors.log" 2>&1 <<'PY'
+import importlib.util, json, sys, time
+import torch
+spec = importlib.util.spec_from_file_location("anchor_bench", sys.argv[1])
+a = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(a)
+deadline = time.time() + float(sys.argv[3])
+torch.backends.cuda.matmul.allow_tf32 = True
+peak = a.matmul_peak()
+print("bf16 matmul peak TFLOP/s", round(peak, 1), torch.cuda.get_device_name(), flush=True)
+L = "vit_large_patch16_224"
+plan = [("plain PyTorch eager bf16 bs128", L, 128, {}),
+        ("plain DeepSpeed ZeRO 2 bs128", L, 128, dict(ds=True)),
+        ("plain DeepSpeed ZeRO 3 bs128", L, 128, dict(ds=True, zero=3, steps=5)),
+        ("plain PyTorch torch.compile bs128", L, 128, dict(compile_=True))]
+for name, arch, batch, options in plan:
+    if time.time() > deadline - 60:
+        print("skipped (time)", name, flush=True)
+        continue
+    a.safe(name, arch, batch, torch.bfloat16, True, **options)
+for r in a.results:
+    if "error" not in r:
+        r["mfu_percent"] = round(100 * r["tflops"] / peak, 1)
+json.dump({"peak_tflops": peak, "results": a.results},
+          open(f"{sys.argv[2]}/anchors.json", "w"), indent=1)
+PY
+    echo "anchors: exit $?"
+    grep -h '^{' "$OUT/anchors.log"
+fi
+kill "$builder" 2> /dev/null  # still building only where every part was skipped
+echo "gpu_check: $(( $(date +%s) - start )) s"
