@@ -463,16 +463,29 @@ def _check_offload(zero: dict) -> None:
 def _check_gradient_checks(ds: dict) -> None:
     """Who finds non-finite gradients (lgp_ds.engine.faults): turning DeepSpeed's ZeRO 1/2
     checks off (``compute_grad_norm``, ``bf16.check_grad_overflow``), as the shipped ZeRO 1/2
-    configs do, hands the check to lgp_ds, which reads the gradient partitions on the device:
-    not under ZeRO 0 or 3, where DeepSpeed refuses ``compute_grad_norm``, nor with
-    ``offload_optimizer``, where the gradients are on the host."""
+    configs do, hands the check to lgp_ds, which reads the gradient partitions on the device
+    at the accumulation boundary: not under ZeRO 0 or 3, where DeepSpeed refuses
+    ``compute_grad_norm``, nor with ``offload_optimizer``, where the gradients are on the host.
+    lgp_ds steps (the check, the MIM anchor, the momentum EMA) at DeepSpeed's accumulation
+    boundary, which ``managed_gradient_accumulation: false`` moves into ``engine.step()``."""
+    if ds.get("managed_gradient_accumulation", True) is False:
+        raise ValueError("DeepSpeed config key managed_gradient_accumulation=false: lgp_ds "
+                         "adds the MIM anchor's gradient, checks the gradients and updates the "
+                         "momentum encoder at DeepSpeed's accumulation boundary, which that "
+                         "setting hides until engine.step(); remove it (gradient_accumulation_"
+                         "steps sets the accumulation)")
     zero = ds.get("zero_optimization", {})
     stage, offload = zero.get("stage", 0), offloads_optimizer(ds)
-    if zero.get("compute_grad_norm", True) is False and (stage not in (1, 2) or offload):
-        where = f"ZeRO stage {stage}" if stage not in (1, 2) else "offload_optimizer"
-        raise ValueError(f"DeepSpeed config key zero_optimization.compute_grad_norm=false with "
-                         f"{where}: DeepSpeed computes the gradient norm there (it supports the "
-                         f"key under ZeRO 1/2 on the device only); remove the key")
+    if zero.get("compute_grad_norm", True) is False:
+        if stage not in (1, 2) or offload:
+            where = f"ZeRO stage {stage}" if stage not in (1, 2) else "offload_optimizer"
+            raise ValueError(f"DeepSpeed config key zero_optimization.compute_grad_norm=false "
+                             f"with {where}: DeepSpeed computes the gradient norm there (it "
+                             f"supports the key under ZeRO 1/2 on the device only); remove it")
+        if ds.get("gradient_clipping", 0.0) > 0:
+            raise ValueError(f"DeepSpeed config key gradient_clipping={ds['gradient_clipping']} "
+                             f"with zero_optimization.compute_grad_norm=false: clipping needs "
+                             f"the norm; remove one of them")
     bf16 = ds.get("bf16", ds.get("bfloat16", {}))
     if stage in (1, 2) and offload and bf16.get("check_grad_overflow", True) is False:
         raise ValueError("DeepSpeed config key bf16.check_grad_overflow=false with "
@@ -488,9 +501,8 @@ def _anchor_precision(ds: dict, cfg: Config) -> dict:
     in the ViT-L recipe) added to a bf16 gradient of 1e-2 rounds away entirely, so under bf16/fp16
     the gradients must be held in fp32 (``data_types.grad_accum_dtype``): ZeRO 1 then runs
     DeepSpeed's BF16_Optimizer (its ZeRO 1 optimizer with offload_optimizer, which keeps fp32
-    gradients on the host), ZeRO 2/3 keep fp32 gradient partitions. The BF16_Optimizer always
-    computes the gradient norm and refuses ``zero_optimization.compute_grad_norm``, which is
-    dropped for it. ZeRO 0 has no fp32 gradient accumulation in low precision, so it is refused.
+    gradients on the host), ZeRO 2/3 keep fp32 gradient partitions. ZeRO 0 has no fp32
+    gradient accumulation in low precision, so it is refused.
     """
     low = precision(ds)
     if cfg.anchor_weight == 0 or low == "fp32":
@@ -506,11 +518,20 @@ def _anchor_precision(ds: dict, cfg: Config) -> dict:
         raise ValueError(f"DeepSpeed config key data_types.grad_accum_dtype={accum!r}: with "
                          f"anchor_weight={cfg.anchor_weight} gradients must be accumulated in fp32 "
                          f"(in {low} the anchor's gradient rounds away); remove the key or set fp32")
-    ds = {**ds, "data_types": {**ds.get("data_types", {}), "grad_accum_dtype": "fp32"}}
+    return {**ds, "data_types": {**ds.get("data_types", {}), "grad_accum_dtype": "fp32"}}
+
+
+def _bf16_optimizer_norm(ds: dict) -> dict:
+    """``ds`` without ``zero_optimization.compute_grad_norm`` where DeepSpeed runs its
+    BF16_Optimizer (bf16 ZeRO 1 with fp32 gradient accumulation on the device, which the MIM
+    anchor switches on): that optimizer always computes and checks the gradient norm, and
+    refuses the key that the shipped ZeRO 1 config sets."""
     zero = ds.get("zero_optimization", {})
-    if low == "bf16" and stage == 1 and not offloads_optimizer(ds) and "compute_grad_norm" in zero:
-        # DeepSpeed's BF16_Optimizer, which always computes the norm (and refuses the key)
-        ds["zero_optimization"] = {k: v for k, v in zero.items() if k != "compute_grad_norm"}
+    accum = ds.get("data_types", {}).get("grad_accum_dtype")
+    if (precision(ds) == "bf16" and zero.get("stage", 0) == 1 and accum == "fp32"
+            and not offloads_optimizer(ds) and "compute_grad_norm" in zero):
+        ds = {**ds, "zero_optimization": {k: v for k, v in zero.items()
+                                          if k != "compute_grad_norm"}}
     return ds
 
 
@@ -532,7 +553,7 @@ def resolve_ds_config(ds: dict, cfg: Config, world_size: int) -> dict:
         raise ValueError(f"optimizer={cfg.optimizer} with DeepSpeed config key "
                          f"zero_optimization.offload_optimizer: the host steps the fp32 masters "
                          f"with DeepSpeed's CPU AdamW; use optimizer=adamw")
-    ds = _anchor_precision(dict(ds), cfg)
+    ds = _bf16_optimizer_norm(_anchor_precision(dict(ds), cfg))
     gas = ds.get("gradient_accumulation_steps", 1)
     micro = ds.get("train_micro_batch_size_per_gpu")
     total = ds.get("train_batch_size")

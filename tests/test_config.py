@@ -1,4 +1,5 @@
 """Recipes, overrides and the DeepSpeed config: every bad input names what is wrong."""
+import json
 import os
 
 import pytest
@@ -133,6 +134,9 @@ def test_batch_size_has_one_source_of_truth():
     ({"bf16": {"enabled": True, "check_grad_overflow": False},
       "zero_optimization": {"stage": 1, "offload_optimizer": {"device": "cpu"}}}, 2,
      "bf16.check_grad_overflow=false with offload_optimizer: no one would check"),
+    ({"zero_optimization": {"stage": 2, "compute_grad_norm": False}, "gradient_clipping": 1.0},
+     2, "gradient_clipping=1.0 with zero_optimization.compute_grad_norm=false"),
+    ({"managed_gradient_accumulation": False}, 2, "managed_gradient_accumulation=false"),
 ])
 def test_deepspeed_config_conflicts(ds, world, message):
     with pytest.raises(ValueError, match=message):
@@ -152,17 +156,23 @@ def test_zero_offload_to_the_host_is_accepted(zero):
                           build_config({"batch_size": 256, "optimizer": "fused_adam"}), 2)
 
 
-def test_bf16_zero1_anchor_drops_compute_grad_norm():
-    """The anchor's fp32 gradient accumulation puts bf16 ZeRO 1 on DeepSpeed's BF16_Optimizer,
-    which always computes (and checks) the norm and refuses the key the shipped file sets."""
+def test_bf16_zero1_with_fp32_accumulation_drops_compute_grad_norm(tmp_path):
+    """fp32 gradient accumulation (the anchor's, or the user's) puts bf16 ZeRO 1 on DeepSpeed's
+    BF16_Optimizer, which always computes (and checks) the norm and refuses the key the shipped
+    file sets."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     path = os.path.join(root, "ds_configs", "zero1_bf16.json")
     _, plain = load_run_config(None, ["batch_size=16"], path)
     _, anchored = load_run_config(None, ["batch_size=16", "anchor_weight=1e-5", "init=x.pth"],
                                   path)
+    with open(path) as f:
+        accumulating = {**json.load(f), "data_types": {"grad_accum_dtype": "fp32"}}
+    (tmp_path / "fp32accum.json").write_text(json.dumps(accumulating))
+    _, fp32accum = load_run_config(None, ["batch_size=16"], str(tmp_path / "fp32accum.json"))
     assert plain["zero_optimization"]["compute_grad_norm"] is False
     assert "compute_grad_norm" not in anchored["zero_optimization"]
     assert anchored["data_types"]["grad_accum_dtype"] == "fp32"
+    assert "compute_grad_norm" not in fp32accum["zero_optimization"]
 
 
 def test_the_shipped_offload_config_resolves():
