@@ -38,35 +38,39 @@ class MasterSlice:
         # DeepSpeed's flat masters require grad, which forbids writing a view of them in place
         self.weight = self.weight.detach()
 
-    def add_to_grad(self, g: torch.Tensor) -> None:
-        """Add ``g`` [numel] to this slice's gradient; valid between backward and step.
+    def gradient(self) -> torch.Tensor | None:
+        """A live view of this slice's gradient [numel], valid between backward and step; None
+        under ZeRO 3 on the device, where DeepSpeed hands out copies (:meth:`add_to_grad`).
 
-        With ``offload_optimizer`` the gradient is the fp32 one on the host that the CPU
-        optimizer reads (ZeRO 1/2 copy it there during the reduction, ZeRO 3 as each partition
-        is reduced), added to in place: pass ``g`` on the host, after the device has finished
-        those copies (:meth:`MIMAnchor.add_gradient` waits for them once)."""
+        With ``offload_optimizer`` it is the fp32 gradient on the host that the CPU optimizer
+        reads (ZeRO 1/2 copy it there during the reduction, ZeRO 3 as each partition is reduced):
+        add to it after the device has finished those copies (:meth:`MIMAnchor.add_gradient`
+        waits for them once)."""
         if is_partitioned(self.param):
             optimizer = self.param._z3_optimizer
             if optimizer.offload_optimizer:
-                grad = _zero3_partition(optimizer, self.param, grad=True)[:self.numel]
-                grad += g.to(grad.device)
-                return
-            # on the device: the API's partition is the optimizer's own (copied onto itself)
+                return _zero3_partition(optimizer, self.param, grad=True)[:self.numel]
+            return None
+        mapping = getattr(self.param, "_hp_mapping", None)
+        if mapping is not None:
+            # ZeRO 1/2: a view of the gradient partition (on the host under offload)
+            grad = mapping.get_lp_grad_fragment(self.param._index_in_param_group).view(-1)
+            if grad.numel() == self.param.numel() != self.numel:  # a full accumulation buffer
+                grad = grad.narrow(0, self.start, self.numel)
+            return grad
+        if self.param.grad is None:
+            self.param.grad = torch.zeros_like(self.param)
+        return self.param.grad.view(-1)
+
+    def add_to_grad(self, g: torch.Tensor) -> None:
+        """Add ``g`` [numel] to this slice's gradient (see :meth:`gradient`)."""
+        grad = self.gradient()
+        if grad is None:  # ZeRO 3 on the device: the API's partition is the optimizer's own
             full = safe_get_local_grad(self.param)
             full[:self.numel] += g.to(full.dtype)
             safe_set_local_grad(self.param, full)
             return
-        mapping = getattr(self.param, "_hp_mapping", None)
-        if mapping is not None:
-            # ZeRO 1/2 offload: a view of the host fp32 gradient partition the CPU optimizer reads
-            grad = mapping.get_lp_grad_fragment(self.param._index_in_param_group).view(-1)
-            if grad.numel() == self.param.numel() != self.numel:  # a full accumulation buffer
-                grad = grad.narrow(0, self.start, self.numel)
-        else:
-            if self.param.grad is None:
-                self.param.grad = torch.zeros_like(self.param)
-            grad = self.param.grad.view(-1)
-        grad += g.to(grad.dtype)
+        grad += g.to(grad.device, grad.dtype)
 
 
 def master_slices(optimizer, named_params) -> list[MasterSlice]:
