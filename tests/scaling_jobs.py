@@ -12,7 +12,7 @@ from lgp_ds.config import resolve_ds_config
 from lgp_ds.engine.trainer import Trainer
 from lgp_ds.methods import build_method
 
-SCALARS = 2  # elements: DeepSpeed's overflow and norm checks, which the counts leave out
+SCALARS = 2  # elements: fault flags and gradient checks, which the counts leave out
 
 
 def _recorder(log: list):

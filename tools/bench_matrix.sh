@@ -2,7 +2,9 @@
 # Issue 10's benchmark matrix on one GPU: one tools/bench.py run per row, each writing
 # OUT/NAME.json and OUT/NAME.log (and OUT/profile_NAME/ where the row profiles), the
 # official-style baseline in the same run where it fits in memory. No row starts when less than a minute of BUDGET_S (seconds, for the whole matrix) is
-# left, and a row is cut at what is left. EXTRA: key=value overrides for every row.
+# left, and a row is cut at what is left. EXTRA: key=value overrides for every row. ONLY: a
+# regular expression; only the rows whose names match run (the ZeRO 3 tuning rows at the end
+# run with ONLY="prefetch|overlap" in a call of their own).
 #
 #   OUT=/tmp/bench BUDGET_S=420 bash tools/bench_matrix.sh
 set -u
@@ -29,6 +31,9 @@ PY
 row() {  # NAME DS_CONFIG ARGS... (DS_CONFIG: a file of ds_configs/, or a path)
     local name=$1 ds=$2 left
     shift 2
+    if [ -n "${ONLY:-}" ] && ! [[ $name =~ $ONLY ]]; then
+        return
+    fi
     left=$((BUDGET_S - ($(date +%s) - start)))
     if [ "$left" -lt 60 ]; then
         echo "$name: not started ($left s of the budget left)"
@@ -50,7 +55,8 @@ row() {  # NAME DS_CONFIG ARGS... (DS_CONFIG: a file of ds_configs/, or a path)
 row vit_l_graft_zero2 zero2_bf16.json --config vit_l_graft batch_size=128 grad_ckpt=false \
     compile_blocks=false --steps 10 --warmup 3 --profile "$OUT/profile_vit_l_graft_zero2"
 row vit_l_graft_zero2_compiled zero2_bf16.json --config vit_l_graft batch_size=128 \
-    grad_ckpt=false --steps 10 --warmup 5 --no_reference
+    grad_ckpt=false --steps 10 --warmup 5 --no_reference \
+    --profile "$OUT/profile_vit_l_graft_zero2_compiled"
 row vit_l_graft_zero3 zero3_bf16.json --config vit_l_graft batch_size=128 grad_ckpt=false \
     compile_blocks=false --steps 10 --warmup 3
 # ZeRO 3 with the recipe's compiled blocks and torch's own F.linear (DeepSpeed's default
@@ -77,3 +83,12 @@ row vit_l_graft_zero2_fused_adam zero2_bf16.json --config vit_l_graft batch_size
 # ViT-g/14 grafting step, micro-batch 32 under ZeRO 3 with the recipe's activation checkpointing
 row vit_g_graft_zero3 zero3_bf16.json --config vit_g_graft batch_size=32 --steps 5 --warmup 2 \
     --no_reference
+# ZeRO 3 tuning, eager: the shipped prefetch bucket (5e7 elements, about 4 of ViT-L's blocks)
+# against 2e8 and against none, and overlap_comm off (one GPU has nothing to overlap)
+variant zero3_prefetch_2e8 zero3_bf16.json zero_optimization.stage3_prefetch_bucket_size=200000000
+variant zero3_prefetch_0 zero3_bf16.json zero_optimization.stage3_prefetch_bucket_size=0
+variant zero3_no_overlap zero3_bf16.json zero_optimization.overlap_comm=false
+for tuned in zero3_prefetch_2e8 zero3_prefetch_0 zero3_no_overlap; do
+    row "vit_l_graft_$tuned" "$OUT/ds_$tuned.json" --config vit_l_graft batch_size=128 \
+        grad_ckpt=false compile_blocks=false --steps 10 --warmup 3 --no_reference
+done

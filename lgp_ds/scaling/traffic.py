@@ -39,7 +39,8 @@ One step on each rank (micro-batch ``batch``, two views, no gradient accumulatio
 - the MIM anchor (recipes with ``anchor_weight`` > 0) under ZeRO 1-3: one fp64 all-reduce of
   the anchored tensors' partial norms.
 
-A few scalar all-reduces per step (DeepSpeed's overflow and norm checks) are left out.
+A few scalar all-reduces per step (the fault flags, lgp_ds's or DeepSpeed's gradient check,
+DeepSpeed's norm) are left out.
 
 Collective algorithms assumed: ring all-reduce sends 2(n-1)/n x size per rank, reduce-scatter
 and all-gather (n-1)/n x size, where size is the whole tensor (all ranks' data). On 2 CPU ranks
