@@ -11,8 +11,11 @@
 #
 # WHEELS: a folder of wheels installed (without dependencies) into /tmp/site first, for images
 # that lack DeepSpeed, webdataset or fvcore. MATRIX_S: the matrix's share of the budget (the
-# rest goes to the anchors). FusedAdam and CPU Adam are JIT-built in the background from the
-# start (tests/test_gpu.py and the FusedAdam row need them; about a minute).
+# rest goes to the anchors). Both paths are relative to the checkout: on a machine that
+# receives the checkout alone, send those folders with it. FusedAdam and CPU Adam are JIT-built
+# in the background from the start (tests/test_gpu.py and the FusedAdam row need them; about a
+# minute); a build that an earlier call left unfinished leaves torch's lock file, which would
+# make this one wait forever, so stale locks are removed first.
 set -u
 OUT=${OUT:-runs/gpu_check}
 BUDGET_S=${BUDGET_S:-560}
@@ -28,12 +31,19 @@ fi
 # the image's "9.0a" breaks DeepSpeed's FusedAdam build
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} PYTHONUNBUFFERED=1
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
+find "${TORCH_EXTENSIONS_DIR:-$HOME/.cache/torch_extensions}" -name lock -delete 2> /dev/null
 python -c "from deepspeed.ops.op_builder import CPUAdamBuilder, FusedAdamBuilder
 FusedAdamBuilder().load(); CPUAdamBuilder().load()" > "$OUT/ops_build.log" 2>&1 &
 builder=$!
+while kill -0 "$builder" 2> /dev/null && [ "$(left)" -ge 60 ]; do
+    sleep 2
+done
+if ! kill -0 "$builder" 2> /dev/null; then
+    wait "$builder"
+    echo "FusedAdam and CPU Adam build: exit $? after $(( $(date +%s) - start )) s"
+fi
 
 if [ "$(left)" -ge 60 ]; then
-    wait "$builder"
     timeout "$(left)" python -m pytest -q -rs tests/test_gpu.py > "$OUT/test_gpu.log" 2>&1
     echo "tests/test_gpu.py: exit $? ($(tail -1 "$OUT/test_gpu.log"))"
 fi
@@ -62,14 +72,13 @@ for name, arch, batch, options in plan:
         print("skipped (time)", name, flush=True)
         continue
     a.safe(name, arch, batch, torch.bfloat16, True, **options)
-for r in a.results:
-    if "error" not in r:
-        r["mfu_percent"] = round(100 * r["tflops"] / peak, 1)
-json.dump({"peak_tflops": peak, "results": a.results},
-          open(f"{sys.argv[2]}/anchors.json", "w"), indent=1)
+    for r in a.results:  # written after each run: a run cut by the budget loses itself only
+        if "error" not in r:
+            r["mfu_percent"] = round(100 * r["tflops"] / peak, 1)
+    json.dump({"peak_tflops": peak, "results": a.results},
+              open(f"{sys.argv[2]}/anchors.json", "w"), indent=1)
 PY
     echo "anchors: exit $?"
     grep -h '^{' "$OUT/anchors.log"
 fi
-kill "$builder" 2> /dev/null  # still building only where every part was skipped
 echo "gpu_check: $(( $(date +%s) - start )) s"

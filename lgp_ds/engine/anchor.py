@@ -56,9 +56,9 @@ class MIMAnchor:
         device, and this runs every step).
 
         ``grad_scale`` is the loss scale of fp16 training (gradients are still scaled then).
-        A few multi-tensor (foreach) kernels for all of this rank's anchored slices, not a dozen
-        per tensor: ViT-L anchors about 150 tensors, and this runs between the backward pass and
-        the step, where the device waits for it.
+        Multi-tensor (foreach) operations over all of this rank's anchored slices, not a dozen
+        Python-level operations per tensor: ViT-L anchors about 150 tensors, and this runs
+        between the backward pass and the step, where the device waits for it.
         """
         if self.masters_on != self.device:
             # DeepSpeed may still be copying this step's gradients to the (pinned) host buffers
@@ -83,9 +83,12 @@ class MIMAnchor:
                 torch._foreach_mul_(diffs, scale)
             else:  # d / ||d|| per tensor, and 0 where a tensor still equals its MIM value
                 local_norms = norms.to(self.masters_on).float()[rows]
-                factors = torch.where(local_norms > 0, scale / local_norms.clamp_min(1e-30),
+                inverse = torch.where(local_norms > 0, 1 / local_norms.clamp_min(1e-30),
                                       torch.zeros_like(local_norms))
-                torch._foreach_mul_(diffs, list(factors.unbind(0)))
+                # a factor per tensor: one kernel each, launched from C++ (foreach kernels need
+                # equal shapes); then the scale, after the division, so that nothing overflows
+                torch._foreach_mul_(diffs, list(inverse.unbind(0)))
+                torch._foreach_mul_(diffs, scale)
             grads = [s.gradient() for s in mine]
             views = [(g, d) for g, d in zip(grads, diffs) if g is not None]
             if views:
