@@ -3,6 +3,8 @@
 # tools/bench_matrix.sh's rows, then (with ANCHORS=) the plain-PyTorch anchors of
 # anchor_bench.py (the step lgp_ds is compared with: eager, DeepSpeed ZeRO 2 and 3, compiled),
 # each part skipped when less than a minute of BUDGET_S (seconds, for the whole call) is left.
+# PARTS (default "tests matrix anchors") names the parts to run, for a second call (e.g.
+# PARTS=anchors, or PARTS=matrix ONLY="prefetch|overlap" for bench_matrix.sh's tuning rows).
 # Results under OUT: test_gpu.log, matrix/ (a JSON and a log per row), matrix.txt, anchors.json,
 # anchors.log, nvidia-smi.txt.
 #
@@ -20,6 +22,7 @@ set -u
 OUT=${OUT:-runs/gpu_check}
 BUDGET_S=${BUDGET_S:-560}
 MATRIX_S=${MATRIX_S:-330}
+PARTS=${PARTS:-tests matrix anchors}
 mkdir -p "$OUT"
 start=$(date +%s)
 left() { echo $((BUDGET_S - ($(date +%s) - start))); }
@@ -43,15 +46,19 @@ if ! kill -0 "$builder" 2> /dev/null; then
     echo "FusedAdam and CPU Adam build: exit $? after $(( $(date +%s) - start )) s"
 fi
 
-if [ "$(left)" -ge 60 ]; then
+part() { [[ " $PARTS " == *" $1 "* ]] && [ "$(left)" -ge 60 ]; }
+
+if part tests; then
     timeout "$(left)" python -m pytest -q -rs tests/test_gpu.py > "$OUT/test_gpu.log" 2>&1
     echo "tests/test_gpu.py: exit $? ($(tail -1 "$OUT/test_gpu.log"))"
 fi
 
-matrix=$(( $(left) < MATRIX_S ? $(left) : MATRIX_S ))
-OUT="$OUT/matrix" BUDGET_S=$matrix bash tools/bench_matrix.sh | tee "$OUT/matrix.txt"
+if part matrix; then
+    matrix=$(( $(left) < MATRIX_S ? $(left) : MATRIX_S ))
+    OUT="$OUT/matrix" BUDGET_S=$matrix bash tools/bench_matrix.sh | tee "$OUT/matrix.txt"
+fi
 
-if [ -n "${ANCHORS:-}" ] && [ "$(left)" -ge 60 ]; then
+if [ -n "${ANCHORS:-}" ] && part anchors; then
     timeout "$(left)" python - "$ANCHORS" "$OUT" "$(left)" > "$OUT/anchors.log" 2>&1 <<'PY'
 import importlib.util, json, sys, time
 import torch
