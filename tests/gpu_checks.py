@@ -334,6 +334,23 @@ def check_evaluation(out):
     print(f"evaluation on the GPU: {top1}", flush=True)
 
 
+def check_pinned_batches(out):
+    """The training stream and the evaluation's ordered one hand their batches over in pinned
+    host memory, so that the copies to the GPU are asynchronous (from pageable memory the
+    training thread would stage each batch itself)."""
+    import torchvision.transforms.functional as TF
+    from lgp_ds.data.ordered import ordered_batches
+    from lgp_ds.data.pipeline import build_train_data, embedded_shards
+    cfg = jobs.tiny_config(output_dir=os.path.join(out, "pinned"))
+    data = build_train_data(cfg, cfg.batch_size, build_method(cfg))
+    *views, labels, skipped = next(iter(data.batches(0, 1)))
+    assert all(t.is_pinned() for t in (*views, labels)), "training batches are not pinned"
+    urls = embedded_shards(cfg.img_size, "val")
+    index, images, labels = next(iter(ordered_batches(urls, TF.to_tensor, 8, 0, 1)))
+    assert images.is_pinned(), "evaluation batches are not pinned"
+    print("training and evaluation batches arrive pinned", flush=True)
+
+
 def check_dali(out):
     """input_backend=dali on the GPU: DALI's "mixed" decoder (nvJPEG) hands uint8 views to
     torch on the GPU; seeded alike, the CPU pipeline reads the same samples and draws the same
@@ -436,6 +453,7 @@ if __name__ == "__main__":
     check_methods_fp16(sys.argv[1])
     check_finetune_fp16(sys.argv[1])
     check_evaluation(sys.argv[1])
+    check_pinned_batches(sys.argv[1])
     check_dali(sys.argv[1])
     check_flash_attention()
     check_activation_memory()

@@ -60,7 +60,8 @@ def ordered_batches(urls: list[str], transform, batch_size: int, rank: int, worl
         wds.batched(batch_size, partial=True),
     )
     loader = wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers,
-                           persistent_workers=False, worker_init_fn=ignore_stop_signal)
+                           persistent_workers=False, worker_init_fn=ignore_stop_signal,
+                           pin_memory=torch.cuda.is_available())  # see shards.train_batches
     for index, images, labels, keys in loader:
         batch = torch.as_tensor(index, dtype=torch.int64), images, torch.as_tensor(labels)
         yield (*batch, list(keys)) if with_keys else batch
