@@ -8,14 +8,15 @@
   :class:`NonFiniteError`. The skipped steps' forward passes still update BatchNorm running
   statistics (only eval mode reads them). fp16 loss-scale overflows with a finite loss are
   DeepSpeed's own business, not counted here. Who finds non-finite gradients:
-  DeepSpeed in fp16 (its loss scaler), under ZeRO 3 and under ZeRO 0 in bf16 (through the
-  gradient norm), and under ZeRO 1/2 while its config asks it to (``bf16.check_grad_overflow``;
-  outside bf16, ``zero_optimization.compute_grad_norm``; its BF16_Optimizer, bf16 ZeRO 1 with
-  fp32 accumulation, always); where a ZeRO 1/2 config turns both off, as the shipped ones
-  do, lgp_ds (:func:`lgp_ds_checks_gradients`): DeepSpeed's check runs several kernels per
-  tensor and its norm as many again, lgp_ds's one fused norm over the partition. fp32 ZeRO 0
-  gradients go unchecked (a non-finite loss is still caught); so would ZeRO 1/2 ones with
-  ``offload_optimizer`` and DeepSpeed's check off, which the config refuses.
+
+  - DeepSpeed in fp16 (its loss scaler), under ZeRO 3 and under ZeRO 0 in bf16 (through the
+    gradient norm), in its BF16_Optimizer (bf16 ZeRO 1 with fp32 accumulation), and under ZeRO
+    1/2 while its config asks it to (``bf16.check_grad_overflow``; outside bf16,
+    ``zero_optimization.compute_grad_norm``), with several kernels per tensor and a wait;
+  - lgp_ds where a ZeRO 1/2 config turns both off, as the shipped ones do
+    (:func:`lgp_ds_checks_gradients`), with one fused norm over the rank's partition;
+  - no one for fp32 ZeRO 0 (a non-finite loss is still caught); ZeRO 1/2 with
+    ``offload_optimizer`` and DeepSpeed's check off would be unchecked too, and is refused.
 - SIGTERM (SLURM pre-emption, ``scancel``, the deepspeed launcher ending its children): the
   handler only sets a flag; every rank learns of it at the next optimizer step through the same
   all-reduce, so all stop at the same step, save a checkpoint and exit with status 0.
