@@ -393,9 +393,14 @@ _RECIPE_OWNED = {"optimizer": "optimizer / weight_decay / betas / stage_blrs",
                  "scheduler": "epochs / warmup_epochs (a per-iteration warmup-cosine schedule)"}
 
 
+def _bf16_section(ds: dict) -> dict:
+    """The DeepSpeed config's bf16 section (``bfloat16`` is DeepSpeed's older name for it)."""
+    return ds.get("bf16", ds.get("bfloat16", {}))
+
+
 def precision(ds: dict) -> str:
     """``"bf16"``, ``"fp16"`` or ``"fp32"``: the model's dtype under the DeepSpeed config ``ds``."""
-    if ds.get("bf16", ds.get("bfloat16", {})).get("enabled"):
+    if _bf16_section(ds).get("enabled"):
         return "bf16"
     return "fp16" if ds.get("fp16", {}).get("enabled") else "fp32"
 
@@ -486,8 +491,7 @@ def _check_gradient_checks(ds: dict) -> None:
             raise ValueError(f"DeepSpeed config key gradient_clipping={ds['gradient_clipping']} "
                              f"with zero_optimization.compute_grad_norm=false: clipping needs "
                              f"the norm; remove one of them")
-    bf16 = ds.get("bf16", ds.get("bfloat16", {}))
-    if stage in (1, 2) and offload and bf16.get("check_grad_overflow", True) is False:
+    if stage in (1, 2) and offload and _bf16_section(ds).get("check_grad_overflow") is False:
         raise ValueError("DeepSpeed config key bf16.check_grad_overflow=false with "
                          "offload_optimizer: no one would check the gradients for NaN or "
                          "infinity (lgp_ds checks them in DeepSpeed's stead on the device only); "

@@ -413,13 +413,13 @@ def evaluation_after_resume_job(out_dir):
             "logged_steps": [r["step"] for r in read_metrics(out_dir)]}
 
 
-
 def nonfinite_gradient_job(cases, mim_path, out_dir):
     """For each (DeepSpeed config of ds_configs/, its extra keys, anchor weight): three grafting
     steps; in step 2 rank 1's loss gains a term whose value is 0 and whose gradient is NaN (on
     the first trainable tensor), so that only a check of the gradients can tell. Per case:
     whether lgp_ds checked the gradients itself, the losses, whether each step changed the
-    full master weights and the momentum encoder, and the skipped and non-finite step counts and LRs after each step."""
+    full master weights and the momentum encoder, and the skipped and non-finite step counts
+    and LRs after each step."""
     results = {}
     for i, (name, extra, anchor_weight) in enumerate(cases):
         cfg = tiny_config(output_dir=os.path.join(out_dir, f"case{i}"), init=mim_path,
