@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Issue 10's benchmark matrix on one GPU: one tools/bench.py run per row, each writing
 # OUT/NAME.json and OUT/NAME.log (and OUT/profile_NAME/ where the row profiles), the
-# official-style baseline in the same run where it fits in memory. No row starts when less than a minute of BUDGET_S (seconds, for the whole matrix) is
-# left, and a row is cut at what is left. EXTRA: key=value overrides for every row. ONLY: a
+# official-style baseline in the same run where it fits in memory. No row starts when less
+# than a minute of BUDGET_S (seconds, for the whole matrix) is left, and a row is cut at what
+# is left. EXTRA: key=value overrides for every row. ONLY: a
 # regular expression; only the rows whose names match run (the ZeRO 3 tuning rows at the end
-# run with ONLY="prefetch|overlap" in a call of their own).
+# run with ONLY="torch_linear|prefetch|overlap" in a call of their own).
 #
 #   OUT=/tmp/bench BUDGET_S=420 bash tools/bench_matrix.sh
 set -u
@@ -76,7 +77,7 @@ row vit_l_mae_deepspeed_checks "$OUT/ds_zero2_deepspeed_checks.json" --config vi
 # block's graph at every Linear; torch's keeps the gathered weights of blocks that are not
 # checkpointed until backward)
 row vit_l_graft_zero3 zero3_bf16.json --config vit_l_graft batch_size=128 grad_ckpt=false \
-    compile_blocks=false --steps 10 --warmup 3
+    compile_blocks=false --steps 10 --warmup 3 --profile "$OUT/profile_vit_l_graft_zero3"
 variant zero3_torch_linear zero3_bf16.json zero_optimization.memory_efficient_linear=false
 row vit_l_graft_zero3_compiled "$OUT/ds_zero3_torch_linear.json" --config vit_l_graft \
     batch_size=128 grad_ckpt=false --steps 10 --warmup 5 --no_reference
@@ -88,12 +89,13 @@ row vit_l_graft_zero2_fused_adam zero2_bf16.json --config vit_l_graft batch_size
 # ViT-g/14 grafting step, micro-batch 32 under ZeRO 3 with the recipe's activation checkpointing
 row vit_g_graft_zero3 zero3_bf16.json --config vit_g_graft batch_size=32 --steps 5 --warmup 2 \
     --no_reference
-# ZeRO 3 tuning, eager: the shipped prefetch bucket (5e7 elements, about 4 of ViT-L's blocks)
-# against 2e8 and against none, and overlap_comm off (one GPU has nothing to overlap)
+# ZeRO 3 tuning, eager: torch's F.linear alone (a fused bias epilogue, no autograd.Function per
+# Linear); the shipped prefetch bucket (5e7 elements, about 4 of ViT-L's blocks) against 2e8
+# and against none; overlap_comm off (one GPU has nothing to overlap)
 variant zero3_prefetch_2e8 zero3_bf16.json zero_optimization.stage3_prefetch_bucket_size=200000000
 variant zero3_prefetch_0 zero3_bf16.json zero_optimization.stage3_prefetch_bucket_size=0
 variant zero3_no_overlap zero3_bf16.json zero_optimization.overlap_comm=false
-for tuned in zero3_prefetch_2e8 zero3_prefetch_0 zero3_no_overlap; do
+for tuned in zero3_torch_linear zero3_prefetch_2e8 zero3_prefetch_0 zero3_no_overlap; do
     row "vit_l_graft_$tuned" "$OUT/ds_$tuned.json" --config vit_l_graft batch_size=128 \
         grad_ckpt=false compile_blocks=false --steps 10 --warmup 3 --no_reference
 done

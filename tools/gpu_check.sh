@@ -4,7 +4,8 @@
 # anchor_bench.py (the step lgp_ds is compared with: eager, DeepSpeed ZeRO 2 and 3, compiled),
 # each part skipped when less than a minute of BUDGET_S (seconds, for the whole call) is left.
 # PARTS (default "tests matrix anchors") names the parts to run, for a second call (e.g.
-# PARTS=anchors, or PARTS=matrix ONLY="prefetch|overlap" for bench_matrix.sh's tuning rows).
+# PARTS=anchors, or PARTS=matrix ONLY="torch_linear|prefetch|overlap" for bench_matrix.sh's
+# tuning rows).
 # Results under OUT: test_gpu.log, matrix/ (a JSON and a log per row), matrix.txt, anchors.json,
 # anchors.log, nvidia-smi.txt.
 #
