@@ -27,7 +27,7 @@ import lgp_ds  # noqa: E402
 
 import jobs  # noqa: E402
 from lgp_ds.benchmark.step import synthetic_batch  # noqa: E402
-from lgp_ds.config import resolve_ds_config  # noqa: E402
+from lgp_ds.ds_config import resolve_ds_config  # noqa: E402
 import lgp_ds.engine.trainer as trainer_module  # noqa: E402
 from lgp_ds.engine.construct import gather_blocks_whole  # noqa: E402
 from lgp_ds.engine.trainer import Trainer  # noqa: E402

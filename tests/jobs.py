@@ -12,7 +12,8 @@ import torch
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
 
 from lgp_ds import dist
-from lgp_ds.config import build_config, resolve_ds_config
+from lgp_ds.config import build_config
+from lgp_ds.ds_config import resolve_ds_config
 from lgp_ds.engine import checkpoint
 from lgp_ds.engine.trainer import Trainer
 from lgp_ds.methods import build_method

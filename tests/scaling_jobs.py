@@ -8,7 +8,7 @@ import torch
 import torch.distributed as tdist
 
 import jobs
-from lgp_ds.config import resolve_ds_config
+from lgp_ds.ds_config import resolve_ds_config
 from lgp_ds.engine.trainer import Trainer
 from lgp_ds.methods import build_method
 

@@ -4,8 +4,8 @@ import os
 
 import pytest
 
-from lgp_ds.config import (RECIPES_DIR, build_config, load_config, load_run_config,
-                           parse_overrides, resolve_ds_config)
+from lgp_ds.config import RECIPES_DIR, build_config, load_config, parse_overrides
+from lgp_ds.ds_config import load_run_config, resolve_ds_config
 
 
 RECIPES = sorted(f[:-5] for f in os.listdir(RECIPES_DIR) if f.endswith(".yaml"))

@@ -10,7 +10,8 @@ from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoin
 
 import elastic_jobs
 import jobs
-from lgp_ds.config import build_config, resolve_ds_config
+from lgp_ds.config import build_config
+from lgp_ds.ds_config import resolve_ds_config
 from lgp_ds.engine import checkpoint, universal
 from lgp_ds.engine.schedules import lr_factor, momentum_at
 from multirank import run_ranks

@@ -26,7 +26,8 @@ from timm.models.vision_transformer import VisionTransformer
 import feature_jobs
 import jobs
 from lgp_ds import convert
-from lgp_ds.config import build_config, resolve_ds_config
+from lgp_ds.config import build_config
+from lgp_ds.ds_config import resolve_ds_config
 from lgp_ds.data.transforms import eval_transform
 from lgp_ds.engine.trainer import Trainer
 from lgp_ds.eval.features import cached_features, extract_features, load_encoder

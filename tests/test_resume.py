@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import jobs
-from lgp_ds.config import build_config, resolve_ds_config, run_identity
+from lgp_ds.config import build_config
+from lgp_ds.ds_config import resolve_ds_config, run_identity
 from lgp_ds.engine import checkpoint
 from lgp_ds.methods import build_method
 from multirank import run_ranks

@@ -5,7 +5,7 @@ ranks are done; a crash then leaves a half-written checkpoint that looks complet
 rank writes, all ranks meet at a barrier, and only then does rank 0 put a completion marker in
 the tag folder and atomically replace ``latest``. Resuming accepts marked checkpoints only.
 
-The marker records the world size and what defines the run (:func:`lgp_ds.config.run_identity`),
+The marker records the world size and what defines the run (:func:`lgp_ds.ds_config.run_identity`),
 so a resume that cannot continue the same run (another batch size, schedule, accumulation or MIM
 weights) is refused, with the reason, before DeepSpeed reads anything. A resume on another world
 size keeps the global batch (the micro-batch, or the accumulation the DeepSpeed config states,
@@ -20,7 +20,8 @@ import shutil
 
 from lgp_ds import dist
 from lgp_ds.atomic import write_text
-from lgp_ds.config import MAY_CHANGE_ON_RESUME, MAY_CHANGE_WITH_WORLD_SIZE
+from lgp_ds.config import MAY_CHANGE_ON_RESUME
+from lgp_ds.ds_config import MAY_CHANGE_WITH_WORLD_SIZE
 
 from . import universal
 
@@ -32,7 +33,7 @@ _TAG = re.compile(r"step(\d+)$")
 def save(engine, save_dir: str, step: int, client_state: dict, run: dict, keep: int = 0) -> str:
     """Collective: save ``engine`` and ``client_state`` as tag ``step{step:08d}``; return the tag.
 
-    ``run`` (:func:`lgp_ds.config.run_identity`) goes into the completion marker. ``keep`` > 0:
+    ``run`` (:func:`lgp_ds.ds_config.run_identity`) goes into the completion marker. ``keep`` > 0:
     then only the newest ``keep`` complete checkpoints stay (:func:`prune`).
     """
     tag = f"step{step:08d}"
@@ -150,7 +151,7 @@ _ACCUMULATION = "deepspeed.gradient_accumulation_steps"
 def check_resumable(save_dir: str, tag: str, run: dict) -> list[str]:
     """Refuse (ValueError) a checkpoint this run cannot continue; return the allowed changes.
 
-    Every key of ``run`` (:func:`lgp_ds.config.run_identity`) outside ``MAY_CHANGE_ON_RESUME``
+    Every key of ``run`` (:func:`lgp_ds.ds_config.run_identity`) outside ``MAY_CHANGE_ON_RESUME``
     must be unchanged: another batch size, schedule, accumulation or model would continue with a
     wrong LR and data position without a word. On another world size the global batch is kept
     and the accumulation may change (:data:`MAY_CHANGE_WITH_WORLD_SIZE`); the first line
