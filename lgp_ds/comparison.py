@@ -27,8 +27,8 @@ import torch
 
 from lgp_ds import dist
 from lgp_ds.checkpoint_file import tensor_digest
-from lgp_ds.ds_config import load_run_config
 from lgp_ds.data.pipeline import samples_per_epoch, shards_or_embedded
+from lgp_ds.ds_config import load_run_config
 from lgp_ds.engine import checkpoint
 from lgp_ds.engine.init_weights import read_init
 from lgp_ds.engine.run_dir import CHECKPOINTS

@@ -48,8 +48,8 @@ from pydantic import TypeAdapter, ValidationError
 
 from lgp_ds.atomic import write_file
 from lgp_ds.config import Config, build_config, load_recipe, parse_overrides
-from lgp_ds.ds_config import resolve_ds_config
 from lgp_ds.data.pipeline import samples_per_epoch
+from lgp_ds.ds_config import resolve_ds_config
 from lgp_ds.engine.run_dir import CHECKPOINTS, METRICS
 
 PLAN = "grid.json"

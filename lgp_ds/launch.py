@@ -11,9 +11,9 @@ import argparse
 import deepspeed
 
 from lgp_ds.cli import errors_as_one_line
-from lgp_ds.ds_config import load_run_config
 from lgp_ds.data.shards import DataError
 from lgp_ds.dist import init_process_group
+from lgp_ds.ds_config import load_run_config
 from lgp_ds.engine.faults import CollectiveError, NonFiniteError, collective_errors
 from lgp_ds.engine.trainer import Trainer
 from lgp_ds.eval.monitor import KNNMonitor

@@ -6,8 +6,8 @@ import torch
 
 from jobs import full_master_weights, read_metrics, tiny_config
 from lgp_ds import dist
-from lgp_ds.ds_config import resolve_ds_config
 from lgp_ds.data.transforms import eval_transform
+from lgp_ds.ds_config import resolve_ds_config
 from lgp_ds.engine.trainer import Trainer
 from lgp_ds.eval import features, monitor
 from lgp_ds.launch import build_trainer

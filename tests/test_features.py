@@ -27,8 +27,8 @@ import feature_jobs
 import jobs
 from lgp_ds import convert
 from lgp_ds.config import build_config
-from lgp_ds.ds_config import resolve_ds_config
 from lgp_ds.data.transforms import eval_transform
+from lgp_ds.ds_config import resolve_ds_config
 from lgp_ds.engine.trainer import Trainer
 from lgp_ds.eval.features import cached_features, extract_features, load_encoder
 from lgp_ds.eval.knn import knn_accuracy

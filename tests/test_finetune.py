@@ -13,10 +13,10 @@ import webdataset as wds
 import finetune_jobs
 from jobs import tiny_config
 from lgp_ds.config import build_config
-from lgp_ds.ds_config import resolve_ds_config
 from lgp_ds.data.pipeline import TrainData, samples_per_epoch
 from lgp_ds.data.shards import DataError, expand_shards, train_batches
 from lgp_ds.data.transforms import Views
+from lgp_ds.ds_config import resolve_ds_config
 from lgp_ds.engine.trainer import read_init
 from lgp_ds.data.subsets import write_subset
 from lgp_ds.methods import build_method

@@ -54,8 +54,8 @@ from lgp_ds.benchmark.pipeline import pipeline_table
 from lgp_ds.benchmark.step import (row, synthetic_batch, table, time_reference, time_trainer,
                                    write_stand_in)
 from lgp_ds.cli import BAD_INPUT, errors_as_one_line
-from lgp_ds.ds_config import load_run_config, precision
 from lgp_ds.data.shards import DataError
+from lgp_ds.ds_config import load_run_config, precision
 from lgp_ds.engine.trainer import Trainer
 from lgp_ds.methods import build_method
 

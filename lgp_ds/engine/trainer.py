@@ -25,8 +25,8 @@ from torch.optim.lr_scheduler import LambdaLR
 from lgp_ds import dist
 from lgp_ds.checkpoint_file import tensor_digest
 from lgp_ds.config import Config
-from lgp_ds.ds_config import offloads_optimizer, precision, run_identity
 from lgp_ds.data.pipeline import build_train_data, samples_per_epoch
+from lgp_ds.ds_config import offloads_optimizer, precision, run_identity
 from lgp_ds.models.partitioned import is_partitioned, whole_copies
 from lgp_ds.scaling.memory import auto_checkpointing
 
