@@ -61,6 +61,27 @@ def offloads_optimizer(ds: dict) -> bool:
                                                                             "none") != "none"
 
 
+def _check_zero(zero: dict) -> None:
+    """ZeRO settings whose effects lgp_ds relies on: the stage as an integer (DeepSpeed reads
+    ``"3"`` as stage 3, lgp_ds's comparisons would not), DeepSpeed's own gradient order and the
+    transformer blocks that lgp_ds chooses to gather whole under ZeRO 3."""
+    stage = zero.get("stage", 0)
+    if type(stage) is not int or not 0 <= stage <= 3:
+        raise ValueError(f"DeepSpeed config key zero_optimization.stage={stage!r}: give an "
+                         f"integer from 0 to 3")
+    if zero.get("round_robin_gradients", False):
+        raise ValueError("DeepSpeed config key zero_optimization.round_robin_gradients=true: not "
+                         "supported by lgp_ds (DeepSpeed 0.19.8 then maps parameters to the wrong "
+                         "places of the fp32 master partitions, which the MIM anchor and the "
+                         "exact initial weights read); remove it")
+    if stage == 3 and zero.get("stage3_module_granularity_threshold", 0) > 0:
+        raise ValueError(f"DeepSpeed config key zero_optimization.stage3_module_granularity_"
+                         f"threshold={zero['stage3_module_granularity_threshold']}: lgp_ds "
+                         f"chooses the modules that ZeRO 3 gathers whole itself (each "
+                         f"transformer block whose backward allows it; DeepSpeed's choice takes "
+                         f"in the whole model, whose backward then fails); remove it")
+
+
 def _check_offload(zero: dict) -> None:
     """ZeRO-Offload as lgp_ds supports it: optimizer states and fp32 masters to the host memory
     (``cpu``) under ZeRO 1-3, parameters as well under ZeRO 3. The momentum EMA and the MIM
@@ -181,13 +202,14 @@ def resolve_ds_config(ds: dict, cfg: Config, world_size: int) -> dict:
         if key in ds:
             raise ValueError(f"DeepSpeed config key {key!r}: lgp_ds builds it from the recipe "
                              f"({owner}); remove it from the DeepSpeed config")
+    _check_zero(ds.get("zero_optimization", {}))
     _check_offload(ds.get("zero_optimization", {}))
-    _check_gradient_checks(ds)
     if offloads_optimizer(ds) and cfg.optimizer != "adamw":
         raise ValueError(f"optimizer={cfg.optimizer} with DeepSpeed config key "
                          f"zero_optimization.offload_optimizer: the host steps the fp32 masters "
                          f"with DeepSpeed's CPU AdamW; use optimizer=adamw")
     ds = _bf16_optimizer_norm(_anchor_precision(dict(ds), cfg))
+    _check_gradient_checks(ds)  # as DeepSpeed will see them (the anchor may change who checks)
     gas = ds.get("gradient_accumulation_steps", 1)
     micro = ds.get("train_micro_batch_size_per_gpu")
     total = ds.get("train_batch_size")

@@ -137,6 +137,12 @@ def test_batch_size_has_one_source_of_truth():
     ({"zero_optimization": {"stage": 2, "compute_grad_norm": False}, "gradient_clipping": 1.0},
      2, "gradient_clipping=1.0 with zero_optimization.compute_grad_norm=false"),
     ({"managed_gradient_accumulation": False}, 2, "managed_gradient_accumulation=false"),
+    ({"zero_optimization": {"stage": "3"}}, 2, "zero_optimization.stage='3': give an integer"),
+    ({"zero_optimization": {"stage": 4}}, 2, "zero_optimization.stage=4: give an integer"),
+    ({"zero_optimization": {"stage": 2, "round_robin_gradients": True}}, 2,
+     "zero_optimization.round_robin_gradients=true: not supported"),
+    ({"zero_optimization": {"stage": 3, "stage3_module_granularity_threshold": 20000}}, 2,
+     "stage3_module_granularity_threshold=20000: lgp_ds chooses the modules"),
 ])
 def test_deepspeed_config_conflicts(ds, world, message):
     with pytest.raises(ValueError, match=message):
@@ -173,6 +179,14 @@ def test_bf16_zero1_with_fp32_accumulation_drops_compute_grad_norm(tmp_path):
     assert "compute_grad_norm" not in anchored["zero_optimization"]
     assert anchored["data_types"]["grad_accum_dtype"] == "fp32"
     assert "compute_grad_norm" not in fp32accum["zero_optimization"]
+    # so clipping, which needs the norm, is refused with the file as it is and not there
+    (tmp_path / "clipped.json").write_text(json.dumps({**json.load(open(path)),
+                                                       "gradient_clipping": 1.0}))
+    with pytest.raises(ValueError, match="clipping needs the norm"):
+        load_run_config(None, ["batch_size=16"], str(tmp_path / "clipped.json"))
+    _, clipped = load_run_config(None, ["batch_size=16", "anchor_weight=1e-5", "init=x.pth"],
+                                 str(tmp_path / "clipped.json"))
+    assert clipped["gradient_clipping"] == 1.0
 
 
 def test_the_shipped_offload_config_resolves():
