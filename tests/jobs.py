@@ -6,6 +6,7 @@ single-process references computed independently in ``reference.py``.
 import json
 import os
 import shutil
+import warnings
 
 import deepspeed
 import torch
@@ -115,6 +116,9 @@ def train_job(configs, batches, out_dir):
             "momentum": trainer.momentum.state_dict(),
             "momentum_numel": momentum_partition_numel(trainer),
             "lrs": lrs, "losses": losses,
+            # the step counts of the torch optimizer's state (Adam's bias correction reads it)
+            "optimizer_steps": sorted({int(state["step"]) for state
+                                       in trainer.engine.basic_optimizer.state.values()}),
             "block_class": type(trainer.engine.module.base_encoder.blocks[0]).__name__,
             "graphs_compiled": torch._dynamo.utils.counters["stats"]["unique_graphs"],
         }
@@ -415,41 +419,51 @@ def evaluation_after_resume_job(out_dir):
 
 
 def nonfinite_gradient_job(cases, mim_path, out_dir):
-    """For each (DeepSpeed config of ds_configs/, its extra keys, anchor weight): three grafting
-    steps; in step 2 rank 1's loss gains a term whose value is 0 and whose gradient is NaN (on
-    the first trainable tensor), so that only a check of the gradients can tell. Per case:
-    whether lgp_ds checked the gradients itself, the losses, whether each step changed the
-    full master weights and the momentum encoder, and the skipped and non-finite step counts
-    and LRs after each step."""
+    """For each (DeepSpeed config of ds_configs/, its extra keys, anchor weight, poisoned step):
+    three grafting steps; in the poisoned one (1-based) rank 1's loss gains a term whose value
+    is 0 and whose gradient is NaN (on the first trainable tensor), so that only a check of the
+    gradients can tell. Per case: whether lgp_ds checked the gradients itself, the LR before
+    the first step, and per step the loss, whether it changed the full master weights and the
+    momentum encoder, the skipped and non-finite step counts and the LR after it; the warnings
+    the steps raised; where DeepSpeed links its optimizer state to the parameters (ZeRO 1/2),
+    how many of this rank's parameters got a linked state."""
     results = {}
-    for i, (name, extra, anchor_weight) in enumerate(cases):
+    for i, (name, extra, anchor_weight, poisoned_step) in enumerate(cases):
         cfg = tiny_config(output_dir=os.path.join(out_dir, f"case{i}"), init=mim_path,
                           anchor_weight=anchor_weight, anchor_blocks=2, warmup_epochs=0)
         trainer = Trainer(cfg, shipped_ds_config(cfg, name, **extra), build_method(cfg))
         weight = next(p for p in trainer.engine.module.parameters() if p.requires_grad)
         loss = trainer.method.loss
 
-        def poisoned(*args, **kwargs):
+        def poisoned(*args, _step=poisoned_step, **kwargs):
             value, terms = loss(*args, **kwargs)
-            if trainer.engine.global_steps + 1 == 2 and dist.get_rank() == 1:
+            if trainer.engine.global_steps + 1 == _step and dist.get_rank() == 1:
                 value = value + 0 * (weight - weight.detach()).abs().sqrt().sum()
             return value, terms
         trainer.method.loss = poisoned
         before, record = full_master_weights(trainer.engine), []
+        lr = trainer.engine.optimizer.param_groups[-1]["lr"]
         # the EMA's weights (BatchNorm running statistics follow every forward pass)
         momentum_before = {n: p.clone() for n, p in trainer.momentum.params.items()}
-        for step in range(3):
-            x1, x2 = global_batch(step, cfg)
-            out = trainer.train_step(local(x1), local(x2))
-            after = full_master_weights(trainer.engine)
-            momentum = {n: p.clone() for n, p in trainer.momentum.params.items()}
-            record.append({"loss": out["loss"].float().item(),
-                           "changed": any(not torch.equal(after[n], before[n]) for n in after),
-                           "momentum_changed": any(not torch.equal(momentum[n], momentum_before[n])
-                                                   for n in momentum),
-                           "skipped": trainer.engine.skipped_steps,
-                           "nonfinite": trainer.faults.nonfinite_steps,
-                           "lr": trainer.engine.optimizer.param_groups[-1]["lr"]})
-            before, momentum_before = after, momentum
-        results[i] = {"checks_gradients": trainer.checks_gradients, "steps": record}
+        with warnings.catch_warnings(record=True) as raised:
+            warnings.simplefilter("always")
+            for step in range(3):
+                x1, x2 = global_batch(step, cfg)
+                out = trainer.train_step(local(x1), local(x2))
+                after = full_master_weights(trainer.engine)
+                momentum = {n: p.clone() for n, p in trainer.momentum.params.items()}
+                record.append({
+                    "loss": out["loss"].float().item(),
+                    "changed": any(not torch.equal(after[n], before[n]) for n in after),
+                    "momentum_changed": any(not torch.equal(momentum[n], momentum_before[n])
+                                            for n in momentum),
+                    "skipped": trainer.engine.skipped_steps,
+                    "nonfinite": trainer.faults.nonfinite_steps,
+                    "lr": trainer.engine.optimizer.param_groups[-1]["lr"]})
+                before, momentum_before = after, momentum
+        mapped = [p._hp_mapping for p in trainer.engine.module.parameters()
+                  if getattr(p, "_hp_mapping", None) is not None]
+        results[i] = {"checks_gradients": trainer.checks_gradients, "lr": lr, "steps": record,
+                      "warnings": [str(w.message) for w in raised],
+                      "linked": sum(bool(m.optim_fragment) for m in mapped) if mapped else None}
     return results

@@ -160,14 +160,19 @@ def test_retention_keeps_the_newest_complete_checkpoints(tmp_path):
         checkpoint.prune(str(tmp_path), "step00000006", keep=1)
 
 
-# (ds_configs/ file, extra DeepSpeed keys, anchor weight) -> whether lgp_ds checks the gradients
+# (ds_configs/ file, extra DeepSpeed keys, anchor weight, poisoned step) -> whether lgp_ds
+# checks the gradients
 GRADIENT_CHECKS = [
-    (("zero2_bf16.json", {}, 0.0), True),  # bf16 gradient partitions
-    (("zero2_bf16.json", {}, 1e-3), True),  # fp32 ones (the anchor's accumulation), anchored
-    (("zero1_bf16.json", {}, 0.0), True),
-    (("zero1_bf16.json", {}, 1e-3), False),  # DeepSpeed's BF16_Optimizer checks its norm
-    (("cpu_demo.json", {}, 0.0), True),  # fp32
-    (("zero2_bf16.json", {"bf16": {"enabled": True, "check_grad_overflow": True}}, 0.0), False),
+    (("zero2_bf16.json", {}, 0.0, 2), True),  # bf16 gradient partitions
+    (("zero2_bf16.json", {}, 1e-3, 2), True),  # fp32 ones (the anchor's accumulation), anchored
+    (("zero1_bf16.json", {}, 0.0, 2), True),
+    (("zero1_bf16.json", {}, 1e-3, 2), False),  # DeepSpeed's BF16_Optimizer checks its norm
+    (("cpu_demo.json", {}, 0.0, 2), True),  # fp32
+    (("zero2_bf16.json", {"bf16": {"enabled": True, "check_grad_overflow": True}}, 0.0, 2),
+     False),
+    (("cpu_demo.json", {"zero_optimization": {"stage": 0}}, 0.0, 2), True),  # the torch optimizer
+    # the first step skipped: DeepSpeed links its optimizer state at the next one
+    (("zero2_bf16.json", {}, 0.0, 1), True),
 ]
 
 
@@ -193,11 +198,17 @@ def test_nonfinite_gradients_skip_the_step_on_every_rank(tmp_path):
                 for i, r in result.items()}
     assert agreed(ranks[0]) == agreed(ranks[1]), "the ranks disagree"
     for i, (case, lgp_ds_checks) in enumerate(GRADIENT_CHECKS):
-        result = ranks[0][i]
+        result, poisoned = ranks[0][i], case[3]
         assert result["checks_gradients"] == lgp_ds_checks, case
         steps = result["steps"]
         assert all(torch.isfinite(torch.tensor(s["loss"])) for s in steps), (case, steps)
-        assert [s["changed"] for s in steps] == [True, False, True], (case, steps)
-        assert [s["momentum_changed"] for s in steps] == [True, False, True], (case, steps)
-        assert [(s["skipped"], s["nonfinite"]) for s in steps] == [(0, 0), (1, 1), (1, 1)], case
-        assert steps[1]["lr"] == steps[0]["lr"], (case, steps)  # the schedule stood still
+        trained = [step != poisoned for step in (1, 2, 3)]
+        assert [s["changed"] for s in steps] == trained, (case, steps)
+        assert [s["momentum_changed"] for s in steps] == trained, (case, steps)
+        assert [(s["skipped"], s["nonfinite"]) for s in steps] == [
+            (int(step >= poisoned),) * 2 for step in (1, 2, 3)], case
+        lrs = [result["lr"]] + [s["lr"] for s in steps]
+        assert lrs[poisoned] == lrs[poisoned - 1], (case, lrs)  # the schedule stood still
+        # the skip leaves the LR scheduler's hook on optimizer.step() (torch warns without it)
+        assert not any("optimizer.step()" in w for w in result["warnings"]), result["warnings"]
+        assert result["linked"] != 0, case  # DeepSpeed's state links, where it has them

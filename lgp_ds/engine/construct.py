@@ -2,8 +2,9 @@
 
 Under ZeRO-3 the model is built inside ``deepspeed.zero.Init``: each module's parameters are
 split across the ranks as soon as the module exists, so no rank ever holds the whole base
-encoder (nor the momentum encoder, built the same way), on the device or the host: what lets
-ViT-g/14 and larger start at all. The models' own initialisation gathers one module at a time
+encoder (nor the momentum encoder, built the same way) on the device: what lets ViT-g/14 and
+larger start at all. (The ``init=`` weights are read whole into each rank's host memory until
+the engine is built.) The models' own initialisation gathers one module at a time
 (:mod:`lgp_ds.models.partitioned`).
 
 Either way the model is built in fp32: the trainer keeps the exact initial values of this rank's

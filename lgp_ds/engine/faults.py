@@ -13,10 +13,10 @@
     gradient norm), in its BF16_Optimizer (bf16 ZeRO 1 with fp32 accumulation), and under ZeRO
     1/2 while its config asks it to (``bf16.check_grad_overflow``; outside bf16,
     ``zero_optimization.compute_grad_norm``), with several kernels per tensor and a wait;
-  - lgp_ds where a ZeRO 1/2 config turns both off, as the shipped ones do
-    (:func:`lgp_ds_checks_gradients`), with one fused norm over the rank's partition;
-  - no one for fp32 ZeRO 0 (a non-finite loss is still caught); ZeRO 1/2 with
-    ``offload_optimizer`` and DeepSpeed's check off would be unchecked too, and is refused.
+  - lgp_ds where a ZeRO 1/2 config turns both off, as the shipped ones do, and under fp32
+    ZeRO 0, where DeepSpeed steps the torch optimizer without a look at the gradients
+    (:func:`lgp_ds_checks_gradients`), with one fused norm over the rank's gradients; ZeRO 1/2
+    with ``offload_optimizer`` and DeepSpeed's check off would be unchecked, and is refused.
 - SIGTERM (SLURM pre-emption, ``scancel``, the deepspeed launcher ending its children): the
   handler only sets a flag; every rank learns of it at the next optimizer step through the same
   all-reduce, so all stop at the same step, save a checkpoint and exit with status 0.
@@ -36,6 +36,7 @@ import signal
 import sys
 import threading
 import traceback
+import warnings
 
 import torch
 from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
@@ -74,10 +75,13 @@ def collective_errors(timeout_s: float):
 
 def lgp_ds_checks_gradients(optimizer) -> bool:
     """Whether lgp_ds must find non-finite gradients itself under the DeepSpeed engine's
-    ``optimizer`` (``engine.optimizer``): a ZeRO 1/2 optimizer on the device whose own checks
-    are off. It checks them when ``check_grad_overflow`` is on (bf16 by the config, fp16 always)
-    and, outside bf16, through the gradient norm it computes unless ``compute_grad_norm`` is off.
-    Its gradients are then :func:`lgp_ds.engine.master.zero12_gradients`."""
+    ``optimizer`` (``engine.optimizer``): the torch optimizer itself (fp32 ZeRO 0, where no
+    DeepSpeed wrapper looks at the gradients), or a ZeRO 1/2 optimizer on the device whose own
+    checks are off. That one checks them when ``check_grad_overflow`` is on (bf16 by the config,
+    fp16 always) and, outside bf16, through the gradient norm it computes unless
+    ``compute_grad_norm`` is off. The gradients are :func:`lgp_ds.engine.master.step_gradients`."""
+    if isinstance(optimizer, torch.optim.Optimizer):
+        return True
     if not isinstance(optimizer, DeepSpeedZeroOptimizer) or optimizer.cpu_offload:
         return False
     return not (optimizer.check_grad_overflow
@@ -201,14 +205,27 @@ class FaultGuard:
         if not bad:
             yield
             return
-        optimizer = engine.basic_optimizer
+        optimizer, wrapper = engine.basic_optimizer, engine.optimizer
         scheduler = engine.lr_scheduler
         schedule, lrs = scheduler.state_dict(), [g["lr"] for g in scheduler.optimizer.param_groups]
+        # The LR scheduler's own wrapper of step() on the instance, if any, comes back after.
+        own_step = optimizer.__dict__.get("step")
+        # DeepSpeed's ZeRO 1/2 and BF16 optimizers link their state to the parameters once, at
+        # the first step that runs the torch optimizer: before a first real step, the no-op one
+        # would link an empty state for good.
+        linked = getattr(wrapper, "_hp_optimizer_states_linked", None)
         optimizer.step = lambda *args, **kwargs: None  # shadows the class's step for this call
         try:
-            yield
+            with warnings.catch_warnings():  # the LR step that is undone below sees the shadow
+                warnings.filterwarnings("ignore", message=r".*`optimizer\.step\(\)`")
+                yield
         finally:
-            del optimizer.step
+            if own_step is None:
+                del optimizer.step
+            else:
+                optimizer.step = own_step
+            if linked is not None:
+                wrapper._hp_optimizer_states_linked = linked
         if engine.was_step_applied():  # DeepSpeed did not see it (fp32, bf16 without the check)
             engine.skipped_steps += 1
             engine._step_applied = False  # what was_step_applied() reports

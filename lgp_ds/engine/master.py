@@ -111,10 +111,15 @@ def master_slices(optimizer, named_params) -> list[MasterSlice]:
     return out
 
 
-def zero12_gradients(optimizer) -> list[torch.Tensor]:
-    """This rank's gradient partitions under DeepSpeed's ZeRO 1/2 optimizer on the device
-    (``engine.optimizer``), between the backward pass at the accumulation boundary and the step:
-    the tensors its own overflow check reads, the MIM anchor's gradient added."""
+def step_gradients(optimizer) -> list[torch.Tensor]:
+    """The gradients that ``optimizer`` (``engine.optimizer``) steps with, as this rank holds
+    them between the backward pass at the accumulation boundary and the step, the MIM anchor's
+    gradient added: a torch optimizer's (fp32 ZeRO 0: whole, all-reduced) or, under DeepSpeed's
+    ZeRO 1/2 optimizer on the device, this rank's partitions (what its own overflow check
+    reads)."""
+    if isinstance(optimizer, torch.optim.Optimizer):
+        return [p.grad for group in optimizer.param_groups for p in group["params"]
+                if p.grad is not None]
     return [g for group in optimizer.averaged_gradients.values() if group is not None
             for g in group if g is not None]
 

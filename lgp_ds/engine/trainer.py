@@ -20,6 +20,8 @@ from functools import partial
 import deepspeed
 import torch
 from deepspeed.accelerator import get_accelerator
+from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
 from torch.optim.lr_scheduler import LambdaLR
 
 from lgp_ds import dist
@@ -35,7 +37,7 @@ from .anchor import MIMAnchor
 from .construct import build_model, cast_partitions, gather_blocks_whole, local_values
 from .faults import FaultGuard, lgp_ds_checks_gradients
 from .init_weights import read_init
-from .master import master_slices, zero12_gradients
+from .master import master_slices, step_gradients
 from .momentum import MomentumEncoder, momentum_zero3_config
 from .monitoring import Meter, Progress, check_monitor_packages, peak_memory_gib
 from .param_groups import freeze_lower_stages
@@ -164,6 +166,11 @@ class Trainer:
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=build_optimizer(cfg, groups, ds_config), config=ds_config,
             lr_scheduler=lambda opt: LambdaLR(opt, schedule))
+        if isinstance(self.engine.optimizer, (FP16_Optimizer, FP16_UnfusedOptimizer)):
+            # ZeRO 0 in fp16/bf16: DeepSpeed stepped the torch optimizer once on zero gradients
+            # to create its state; kept, the first real step would be Adam's second (its bias
+            # correction making that update 0.74x a single process's)
+            self.engine.optimizer.optimizer.state.clear()
         self.metrics.monitor = self.engine.monitor  # the DeepSpeed config's monitors get each record
         # This rank's fp32 master slices: live views into DeepSpeed's buffers, found once (and
         # again after a checkpoint load) rather than on every step.
@@ -199,7 +206,7 @@ class Trainer:
         self.faults = FaultGuard(cfg.max_nonfinite_steps, 2 * cfg.collective_timeout_s,
                                  self.device)
         # ZeRO 1/2 configs that turn DeepSpeed's per-tensor gradient checks off (the shipped bf16
-        # ones): lgp_ds finds non-finite gradients itself, in one pass
+        # ones), and fp32 ZeRO 0: lgp_ds finds non-finite gradients itself, in one pass
         self.checks_gradients = lgp_ds_checks_gradients(self.engine.optimizer)
         if cfg.resume is not None:
             self._resume(zero_stage)
@@ -289,7 +296,7 @@ class Trainer:
             anchor = self.anchor.add_gradient(self.slices,
                                               getattr(self.engine.optimizer, "loss_scale", 1.0))
         bad_gradients = boundary and self.checks_gradients and self.faults.nonfinite_gradients(
-            zero12_gradients(self.engine.optimizer))
+            step_gradients(self.engine.optimizer))
         with self.faults.skip_if(bad or bad_gradients, self.engine):
             self.engine.step()
         if boundary:  # fp16 loss-scale overflows are DeepSpeed's own, not counted as non-finite
