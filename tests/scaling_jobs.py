@@ -1,6 +1,5 @@
 """Runs on real ranks: every collective one steady-state grafting step issues, as DeepSpeed and
 lgp_ds call them, for lgp_ds.scaling's counts to be checked against."""
-import collections
 import os
 
 import deepspeed.comm.comm as ds_comm
@@ -54,8 +53,9 @@ class _Log(list):
 
 
 def step_collectives_job(cases, out_dir: str, warmup: int = 1):
-    """{name: {(op, dtype): elements}} of one training step after ``warmup`` ones, for each
-    (name, DeepSpeed config, config keys) in ``cases``: the tiny config with those keys."""
+    """{name: [(op, dtype, elements), one a call]} of one training step after ``warmup`` ones,
+    for each (name, DeepSpeed config, config keys) in ``cases``: the tiny config with those
+    keys."""
     log = _Log()
     _recorder(log)
     out = {}
@@ -71,8 +71,5 @@ def step_collectives_job(cases, out_dir: str, warmup: int = 1):
         log.on = True
         trainer.train_step(*views)
         log.on = False
-        totals = collections.Counter()
-        for op, dtype, elements in log:
-            totals[op, dtype] += elements
-        out[name] = dict(totals)
+        out[name] = list(log)
     return out

@@ -3,6 +3,7 @@ DeepSpeed and lgp_ds issue on 2 CPU ranks), memory, the time model's limits, the
 import argparse
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -20,7 +21,8 @@ from lgp_ds.models.heads import CrossRankBatchNorm1d
 from lgp_ds.scaling.counts import ARCHS, count_config, count_model
 from lgp_ds.scaling.memory import (MEMORY_RESERVE_GB, activation_bytes, auto_checkpointing,
                                    fewest_checkpointed, memory)
-from lgp_ds.scaling.report import Inputs, ModelScaling, add_arguments, inputs_from_args
+from lgp_ds.scaling.report import (Inputs, ModelScaling, add_arguments, inputs_from_args,
+                                   report)
 from lgp_ds.scaling.timing import Network
 from lgp_ds.scaling.traffic import (PERSISTENCE_THRESHOLD, PREFETCH_BUCKET, REDUCE_BUCKET, SETUPS,
                                     VIEWS, Setup, bytes_per_rank, send_factor, step_comms)
@@ -191,6 +193,23 @@ def test_more_gpus_lower_efficiency(sizes):
                     > model.predict(Setup(0), n, 128).no_overlap) == slower
 
 
+def test_full_overlap_hides_the_gradient_buckets_that_fill_before_the_backward_ends(sizes):
+    """DeepSpeed reduces a gradient bucket as it fills and the last one after the last
+    gradient: ViT-B's trained parameters fit one bucket, so its full-overlap bound hides none of
+    ZeRO 2's gradient all-reduce (nor of ZeRO 3's reduce-scatter); ViT-g's hides all but the
+    last of its buckets."""
+    for name, buckets in (("ViT-B/16", 1), ("ViT-g/14", 6)):
+        m = sizes[name]
+        assert math.ceil(m.engine.trained / REDUCE_BUCKET) == buckets
+        model = ModelScaling(m, sizes["ViT-L/16"], Inputs())
+        p = model.predict(Setup(2), 64, 128)
+        assert p.no_overlap - p.full_overlap == pytest.approx(
+            p.comm["gradient all-reduce"] * (buckets - 1) * REDUCE_BUCKET / m.engine.trained)
+    reduce_scatter = next(c for c in step_comms(sizes["ViT-B/16"], Setup(3), 64, 128)
+                          if c.term == "gradient reduce-scatter")
+    assert reduce_scatter.overlappable == 0
+
+
 def test_memory_shrinks_with_the_stage(sizes):
     for m in sizes.values():
         totals = [sum(memory(m, Setup(stage), 64, 128).values()) for stage in range(4)]
@@ -205,13 +224,24 @@ def test_memory_shrinks_with_the_stage(sizes):
     assert memory(anchored, Setup(1), 64, 128)["grads"] == 6 * anchored.engine.trained
 
 
+def _totals(calls) -> dict:
+    """{(op, dtype): [calls, elements]} of (op, dtype, elements) calls."""
+    totals = {}
+    for op, dtype, elements in calls:
+        total = totals.setdefault((op, dtype), [0, 0])
+        total[0] += 1
+        total[1] += elements
+    return totals
+
+
 def test_counts_match_the_collectives_of_a_step_on_two_ranks(tiny, tmp_path):
     """The tiny model's steady-state step under ZeRO 0-3 (shipped bf16 configs; ZeRO 3 with a
     persistence threshold small enough to gather its tensors), and under ZeRO 1 and 2 with the
     MIM anchor (fp32 gradient accumulation: ZeRO 1 runs DeepSpeed's BF16_Optimizer): every
-    collective's elements by (op, dtype) equal the count, but ZeRO 3's parameter gathers, which
-    DeepSpeed's reuse and prefetching bring below the per-use count, to no fewer than one
-    forward pass."""
+    collective's calls and elements by (op, dtype) equal the count (ZeRO 1/2's parameter
+    all-gather a call per flat param group, ZeRO 3's persistent tensors' a call per tensor), but
+    ZeRO 3's parameter gathers in forward and backward, which DeepSpeed's reuse and prefetching
+    bring below the per-use count, to no fewer than one forward pass."""
     counts, model = tiny
     mim = tmp_path / "mim.pth"
     torch.save({"model": {k: v for k, v in model.base_encoder.state_dict().items()
@@ -229,16 +259,24 @@ def test_counts_match_the_collectives_of_a_step_on_two_ranks(tiny, tmp_path):
     for name, _, keys in cases:
         m = count_config(jobs.tiny_config(**keys))
         assert m.fp32_grads == bool(keys)
+        calls = got[name]
+        comms = step_comms(m, Setup(int(name[0])), 2, batch, persistence_threshold=threshold)
+        if name == "3":  # the gathers of the tensors over the threshold, apart
+            used = next(c for c in comms if c.term.startswith("parameter all-gathers in"))
+            comms.remove(used)
+            gathers = [c for c in calls if c[:2] == ("all-gather", "bfloat16") and c[2] > threshold]
+            calls = [c for c in calls if c not in gathers]
+            gather_calls, elements = _totals(gathers)[("all-gather", "bfloat16")]
+            # one forward pass: the first module's tensors, then one prefetch bucket
+            assert 2 <= gather_calls <= used.calls, (gather_calls, used.calls)
+            assert m.engine.over(threshold) <= elements <= used.size / 2, (elements, used.size)
         want = {}
-        for c in step_comms(m, Setup(int(name[0])), 2, batch, persistence_threshold=threshold):
+        for c in comms:
             dtype, size = DTYPES[c.dtype]
-            want[c.op, dtype] = want.get((c.op, dtype), 0) + c.size / size
-        if name == "3":
-            gathers = got[name].pop(("all-gather", "bfloat16"))
-            per_use = want.pop(("all-gather", "bfloat16"))
-            one_pass = counts.engine.total  # forward's gathers plus the persistent tensors
-            assert one_pass <= gathers <= per_use, (one_pass, gathers, per_use)
-        assert got[name] == want, name
+            total = want.setdefault((c.op, dtype), [0, 0])
+            total[0] += c.calls
+            total[1] += c.size / size
+        assert _totals(calls) == want, name
 
 
 def test_cli_prints_the_report():
@@ -263,3 +301,19 @@ def test_cli_refuses_gpu_counts_across_partial_nodes():
     add_arguments(parser)
     with pytest.raises(ValueError, match="12 GPUs: give at most 8 or a multiple of it"):
         inputs_from_args(parser.parse_args(["--scaling", "--gpus", "8,12"]))
+
+
+def test_a_measured_step_shorter_than_the_optimizer_step_is_refused(sizes):
+    """The images' FLOP rate comes from the measured step less the optimizer's: a rate whose
+    step is shorter would give a negative one."""
+    with pytest.raises(ValueError, match=r"a measured 100000 img/s at 128 images per step is a "
+                                         r"step of 1.28 ms, no longer than ViT-L/16's optimizer "
+                                         r"step alone \(2.45 ms at 4800 GB/s\)"):
+        ModelScaling(sizes["ViT-B/16"], sizes["ViT-L/16"], Inputs(img_per_s=100000))
+
+
+def test_report_on_one_gpu():
+    text = report(Inputs(gpus=(1,)))
+    assert text.startswith("## The grafting step on 1 GPU, on paper\n")
+    assert "| model | set-up | 1 GPU | largest collective term |" in text
+    assert "1 GPUs" not in text

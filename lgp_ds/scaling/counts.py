@@ -46,6 +46,10 @@ class Params:
         return sum(n for n, t in zip(self.numels, self.trains)
                    if n > threshold and (t or not trained_only))
 
+    def persistent(self, threshold: int) -> int:
+        """Tensors of at most ``threshold`` elements (ZeRO-3 keeps them whole on every rank)."""
+        return sum(n <= threshold for n in self.numels)
+
 
 @dataclass(frozen=True)
 class ModelCounts:

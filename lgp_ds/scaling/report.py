@@ -70,6 +70,11 @@ class ModelScaling:
                                                -sp[0].stage))
 
 
+def _gpus(*counts: int) -> str:
+    """'8, 64 GPUs', '1 GPU'."""
+    return f"{', '.join(map(str, counts))} GPU{'' if counts == (1,) else 's'}"
+
+
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     align = ["---" if i < 2 else "---:" for i in range(len(header))]
     return ["| " + " | ".join(r) + " |" for r in [header, align] + rows]
@@ -145,7 +150,7 @@ def _traffic_section(models: list[ModelScaling], inputs: Inputs) -> list[str]:
                     + [f"**{_mb(sum(bytes_per_rank(c, n) for c in comms.values()))}**"
                        for comms in per_setup])
     anchored = ", ".join(m.m.name for m in models if refused(m.m, Setup(0)))
-    return [f"### Traffic per GPU and step, MB sent, on {n} GPUs", "",
+    return [f"### Traffic per GPU and step, MB sent, on {_gpus(n)}", "",
             "ZeRO 1 sends what ZeRO 2 sends. Every term but the key all-gather is within "
             "(n-1)/n of its value at any n; the key all-gather grows with n. ZeRO 3's parameter "
             "gathers are counted per use (an upper bound, see docs/scaling.md). ZeRO 0 of the "
@@ -164,8 +169,8 @@ def _memory_section(models: list[ModelScaling], inputs: Inputs) -> list[str]:
                         + [f"{model.memory_gb(s, low, inputs.batch):.1f}",
                            f"{model.memory_gb(s, high, inputs.batch):.1f}"])
     return [f"### Memory per GPU, GB, batch {inputs.batch}", ""] + _table(
-        ["model", "set-up", f"params ({low} GPUs)", "grads", "optimizer", "momentum",
-         "activations", f"total, {low} GPUs", f"total, {high} GPUs"], rows)
+        ["model", "set-up", f"params ({_gpus(low)})", "grads", "optimizer", "momentum",
+         "activations", f"total, {_gpus(low)}", f"total, {_gpus(high)}"], rows)
 
 
 def _checkpointing_cell(model: ModelScaling, setup: Setup, n: int, batch: float) -> str:
@@ -192,8 +197,8 @@ def _checkpointing_section(models: list[ModelScaling], inputs: Inputs) -> list[s
             f"recipes set it, all of them. Per cell: the fewest that fit in "
             f"{inputs.gpu_memory_gb:g} GB less {MEMORY_RESERVE_GB:g}, the memory then, and the "
             f"FLOPs each image needs fewer than with every block checkpointed.", ""] + _table(
-        ["model", f"ZeRO 2, {low} GPUs, {inputs.batch} images each",
-         f"ZeRO 3, {low} GPUs, {inputs.batch} images each", "ZeRO 3, 1 GPU, 32 images"], rows)
+        ["model", f"ZeRO 2, {_gpus(low)}, {inputs.batch} images each",
+         f"ZeRO 3, {_gpus(low)}, {inputs.batch} images each", "ZeRO 3, 1 GPU, 32 images"], rows)
 
 
 def _prediction_section(models: list[ModelScaling], inputs: Inputs, global_batch: bool,
@@ -205,7 +210,7 @@ def _prediction_section(models: list[ModelScaling], inputs: Inputs, global_batch
             preds = [model.predict(s, n, model.batch(n, global_batch)) for n in inputs.gpus]
             rows.append([model.m.name, model.label(s)] + [_efficiency(p) for p in preds]
                         + [_largest(preds)])
-    return [title, ""] + _table(["model", "set-up"] + [f"{n} GPUs" for n in inputs.gpus]
+    return [title, ""] + _table(["model", "set-up"] + [_gpus(n) for n in inputs.gpus]
                                 + ["largest collective term"], rows)
 
 
@@ -232,7 +237,7 @@ def _recommendation_section(models: list[ModelScaling], inputs: Inputs,
                             global_batch: bool) -> list[str]:
     rows = [[model.m.name] + [_recommendation(model, n, model.batch(n, global_batch))
                               for n in inputs.gpus] for model in models]
-    return _table(["model"] + [f"{n} GPUs" for n in inputs.gpus], rows)
+    return _table(["model"] + [_gpus(n) for n in inputs.gpus], rows)
 
 
 def report(inputs: Inputs = Inputs()) -> str:
@@ -241,7 +246,7 @@ def report(inputs: Inputs = Inputs()) -> str:
     models = [ModelScaling(m, counts[REFERENCE_MODEL], inputs) for m in counts.values()]
     reference = models[list(counts).index(REFERENCE_MODEL)]
     batches = ", ".join(f"{m.m.name} {m.m.global_batch}" for m in models)
-    lines = [f"## The grafting step on {', '.join(map(str, inputs.gpus))} GPUs, on paper", ""]
+    lines = [f"## The grafting step on {_gpus(*inputs.gpus)}, on paper", ""]
     lines += _inputs_section(inputs, reference) + [""]
     lines += _models_section(models, inputs) + [""]
     lines += _traffic_section(models, inputs) + [""]
@@ -274,7 +279,9 @@ def add_arguments(parser) -> None:
     g.add_argument("--scaling", action="store_true", help="print the scaling report")
     g.add_argument("--img_per_s", type=float, default=MEASURED_IMG_PER_S,
                    help=f"{REFERENCE_MODEL}'s step on one GPU with ZeRO 0-2, images/s at "
-                        f"--batch_per_gpu (default: REFERENCE.md's H200 figure)")
+                        f"--batch_per_gpu, measured as its recipe runs it, every block under "
+                        f"activation checkpointing (tools/bench.py --config vit_l_graft; "
+                        f"default: REFERENCE.md's H200 figure)")
     g.add_argument("--zero3_img_per_s", type=float, default=MEASURED_ZERO3_IMG_PER_S,
                    help="the same with ZeRO 3")
     g.add_argument("--gpus", type=_gpu_counts, default=Inputs.gpus,

@@ -20,9 +20,10 @@ activation checkpointing), and the momentum encoder's forward.
 
 Overlap, two bounds: *no overlap* puts every collective on the critical path; *full overlap*
 hides the gradient reduction under the backward where DeepSpeed runs it from the gradient hooks
-(ZeRO 2 and 3, ZeRO 1 without the MIM anchor), ZeRO 3's parameter gathers under the engine's
-forward and backward (what the backward leaves) and the momentum encoder's gathers under its
-forward, each up to the length of that compute. The rest is serial in every case: the
+(ZeRO 2 and 3, ZeRO 1 without the MIM anchor) but for its last bucket, which DeepSpeed reduces
+after the last gradient (all of it where the trained parameters fit one bucket), ZeRO 3's
+parameter gathers under the engine's forward and backward (what the backward leaves) and the
+momentum encoder's gathers under its forward, each up to the length of that compute. The rest is serial in every case: the
 BatchNorm syncs and the key all-gather are needed by the very next operation, ZeRO 0 (and ZeRO 1
 as the BF16_Optimizer) reduces gradients after backward, ZeRO 1/2 gather parameters after the
 step, and the momentum update follows the step.
@@ -76,9 +77,17 @@ class Compute:
 
     @classmethod
     def measured(cls, m: ModelCounts, img_per_s: float, batch: int, hbm_gbs: float) -> "Compute":
-        """From ``img_per_s`` measured for model ``m`` with ``batch`` images per step."""
+        """From ``img_per_s`` measured for model ``m`` with ``batch`` images per step; a step
+        no longer than the optimizer step alone leaves no time for the images: ValueError."""
         optimizer = cls(1.0, hbm_gbs).optimizer_step(m)
-        return cls(m.executed_flops * batch / (batch / img_per_s - optimizer), hbm_gbs)
+        step = batch / img_per_s
+        if step <= optimizer:
+            raise ValueError(
+                f"a measured {img_per_s:g} img/s at {batch} images per step is a step of "
+                f"{1e3 * step:.2f} ms, no longer than {m.name}'s optimizer step alone "
+                f"({1e3 * optimizer:.2f} ms at {hbm_gbs:g} GB/s): give the rate of a whole step "
+                f"as tools/bench.py measures it (--img_per_s, --zero3_img_per_s)")
+        return cls(m.executed_flops * batch / (step - optimizer), hbm_gbs)
 
     def optimizer_step(self, m: ModelCounts) -> float:
         return OPTIMIZER_STEP_BYTES * m.engine.trained / (self.hbm_gbs * 1e9)
@@ -137,7 +146,8 @@ def predict(m: ModelCounts, setup: Setup, n: int, batch: float, compute: Compute
     comms = step_comms(m, setup, n, batch)
     comm = {c.term: net.seconds(c, n) for c in comms}
     windows = compute_windows(m, images)
-    busy = {w: sum(comm[c.term] for c in comms if c.window == w) for w in windows}
+    busy = {w: sum(c.overlappable * comm[c.term] for c in comms if c.window == w)
+            for w in windows}
     # The gradient reduction takes its share of the backward first; ZeRO 3's gathers may use
     # the rest of the engine's forward and backward.
     hidden_backward = min(busy[BACKWARD], windows[BACKWARD])

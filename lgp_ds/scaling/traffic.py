@@ -16,14 +16,19 @@ One step on each rank (micro-batch ``batch``, two views, no gradient accumulatio
   all-reduces each bucket and each rank keeps its partition), during backward (``overlap_comm``,
   which the shipped configs set, reduces from the gradient hooks) but for ZeRO 1 with the MIM
   anchor: its fp32 gradients make it DeepSpeed's BF16_Optimizer, which all-reduces after
-  backward; ZeRO 3 a reduce-scatter during backward.
-- parameters, bf16: ZeRO 1/2 all-gather the updated trained parameters after the step. ZeRO 3
+  backward; ZeRO 3 a reduce-scatter during backward. "During backward" holds for whole buckets
+  only: DeepSpeed reduces a bucket when ``reduce_bucket_size`` elements of gradients fill it,
+  and the last one, full or not, after the last gradient, when the backward has ended; a model
+  whose trained parameters fit one bucket (ViT-B's, under 2e8) reduces none during backward.
+- parameters, bf16: ZeRO 1/2 all-gather the updated trained parameters after the step, one call
+  per flat param group. ZeRO 3
   gathers every tensor over ``stage3_param_persistence_threshold`` elements where it is used:
   in the forward pass, which takes both views at once
   (:func:`lgp_ds.models.heads.apply_to_views`), in the backward pass (trained tensors only: the
   frozen patch projection has no backward), and with activation checkpointing again for the
   recomputed forward; the
-  persistent small tensors are all-gathered after the step instead. Counted per use, this is an
+  persistent small tensors are all-gathered after the step instead, one call per tensor
+  (``_allgather_params_coalesced``). Counted per use, this is an
   upper bound: DeepSpeed keeps a gathered tensor whose next use lies within
   ``stage3_max_reuse_distance`` elements (1e9 by default, as the shipped config leaves it) or
   that it prefetched for that use, down to one gather per step (a tiny model on 2 CPU ranks:
@@ -69,14 +74,15 @@ BACKWARD, ENGINE, MOMENTUM = "backward", "engine forward and backward", "momentu
 @dataclass(frozen=True)
 class Comm:
     """One kind of collective in a step: ``calls`` of them, ``size`` bytes in all (the whole
-    result, summed over the calls), hidden at best under the ``window`` compute (None: on the
-    critical path)."""
+    result, summed over the calls), the ``overlappable`` share of it hidden at best under the
+    ``window`` compute (None: on the critical path)."""
     term: str
     op: str  # "all-reduce", "all-gather" or "reduce-scatter"
     dtype: str
     size: float
     calls: int
     window: str | None = None
+    overlappable: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -122,6 +128,21 @@ def _buckets(elements: float, bucket: int = REDUCE_BUCKET) -> int:
     return max(1, math.ceil(elements / bucket))
 
 
+def _gathers(elements: float) -> int:
+    """ZeRO 3's all-gathers of a pass over ``elements``: the first module's tensors, fetched as
+    it is called, then the modules after it a prefetch bucket at a time (latency only)."""
+    return 1 + _buckets(elements, PREFETCH_BUCKET)
+
+
+def _gradient_reduction(term: str, op: str, trained: int, during_backward: bool) -> Comm:
+    """The reduction of the bf16 gradients of ``trained`` elements, bucket by bucket; where
+    DeepSpeed runs it from the gradient hooks, only the buckets that fill before the last
+    gradient, all but the last, can overlap the backward."""
+    buckets = _buckets(trained)
+    return Comm(term, op, "bf16", BF16 * trained, buckets, BACKWARD if during_backward else None,
+                (buckets - 1) * REDUCE_BUCKET / trained if during_backward else 0.0)
+
+
 def step_comms(m: ModelCounts, setup: Setup, n: int, batch: float,
                persistence_threshold: int = PERSISTENCE_THRESHOLD) -> list[Comm]:
     """The collectives of one step of model ``m`` on ``n`` ranks with ``batch`` images per rank
@@ -138,14 +159,14 @@ def step_comms(m: ModelCounts, setup: Setup, n: int, batch: float,
     ]
     if stage < 3:
         after_backward = stage == 0 or (stage == 1 and m.fp32_grads)  # (BF16_Optimizer)
-        comms.append(Comm("gradient all-reduce", "all-reduce", "bf16", BF16 * trained,
-                          _buckets(trained), None if after_backward else BACKWARD))
+        comms.append(_gradient_reduction("gradient all-reduce", "all-reduce", trained,
+                                         not after_backward))
     else:
-        comms.append(Comm("gradient reduce-scatter", "reduce-scatter", "bf16", BF16 * trained,
-                          _buckets(trained), BACKWARD))
+        comms.append(_gradient_reduction("gradient reduce-scatter", "reduce-scatter", trained,
+                                         True))
     if stage in (1, 2):
         comms.append(Comm("parameter all-gather after the step", "all-gather", "bf16",
-                          BF16 * trained, _buckets(trained)))
+                          BF16 * trained, PARAM_GROUPS))
         if setup.sharded_ema:
             comms.append(Comm("momentum update", "all-gather", "bf16", BF16 * m.momentum.trained,
                               _buckets(m.momentum.trained)))
@@ -155,17 +176,16 @@ def step_comms(m: ModelCounts, setup: Setup, n: int, batch: float,
     if stage == 3:
         backward = m.engine.over(big, trained_only=True)
         recomputed = m.recompute * backward  # the checkpointed blocks' forward, again
-        # DeepSpeed gathers one prefetch bucket of tensors at a time
-        calls = PASSES * sum(_buckets(elements, PREFETCH_BUCKET)
-                            for elements in (m.engine.over(big), backward, recomputed) if elements)
+        calls = PASSES * sum(_gathers(elements)
+                             for elements in (m.engine.over(big), backward, recomputed) if elements)
         comms += [
             Comm("parameter all-gathers in forward and backward", "all-gather", "bf16",
                  BF16 * PASSES * (m.engine.over(big) + backward + recomputed), calls, ENGINE),
             Comm("persistent parameter all-gather after the step", "all-gather", "bf16",
-                 BF16 * (m.engine.total - m.engine.over(big)), 1),
+                 BF16 * (m.engine.total - m.engine.over(big)), m.engine.persistent(big)),
             Comm("momentum encoder all-gathers in its forward", "all-gather", "fp32",
                  FP32 * PASSES * m.momentum.total,
-                 PASSES * _buckets(m.momentum.total, PREFETCH_BUCKET), MOMENTUM),
+                 PASSES * _gathers(m.momentum.total), MOMENTUM),
         ]
     if stage > 0 and m.anchored_tensors:
         comms.append(Comm("MIM anchor partial norms", "all-reduce", "fp64",
