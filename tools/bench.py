@@ -27,8 +27,9 @@ under ``"profile"``.
 batches, with ``num_workers`` DataLoader workers) for MoCo v3's two views and MAE's one, made by
 torchvision, as crops whose rest runs on the device, and by DALI where it is installed
 (:mod:`lgp_ds.benchmark.pipeline`). It reads ``data=``'s shards, else ``--images`` photo-like
-JPEGs of ImageNet's size that it writes. Each run writes into a fresh temporary folder, removed
-at the end.
+JPEGs of ImageNet's size that it writes; ``--json`` writes its rows. Each run writes into a
+fresh temporary folder, removed at the end, also when stopped by SIGTERM (``timeout``, a job
+scheduler): SIGTERM exits as an error would, with status 143.
 
 ``--scaling`` prints, without a GPU, the grafting step's communication per ZeRO stage, memory,
 predicted step time and scaling efficiency on many GPUs and the ZeRO stage to pick
@@ -40,6 +41,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
 
@@ -60,14 +62,32 @@ from lgp_ds.engine.trainer import Trainer
 from lgp_ds.methods import build_method
 
 
+def _at_least(low: int):
+    """An argparse type: an integer of at least ``low``."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is below {low}")
+        return value
+    parse.__name__ = f"integer >= {low}"  # argparse names the type in its message
+    return parse
+
+
+def _stop_on_sigterm(signum, frame) -> None:
+    """SIGTERM as an exit, so that ``finally`` blocks run (the temporary folder, with a
+    stand-in init= of 1.2 GB for ViT-L, is removed)."""
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--config")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--steps", type=_at_least(1), default=20)
+    p.add_argument("--warmup", type=_at_least(0), default=5)
     p.add_argument("--no_reference", action="store_true",
                    help="leave out the official-style step (its model is a second copy in memory)")
-    p.add_argument("--json", help="also write the results to this file (rank 0)")
+    p.add_argument("--json", help="also write the results to this file (rank 0; its folder is "
+                   "created)")
     p.add_argument("--profile", metavar="DIR",
                    help="then profile lgp_ds's step: a Chrome trace per rank in DIR, a report")
     p.add_argument("--data_only", action="store_true", help="the input pipeline alone")
@@ -82,6 +102,12 @@ def main() -> None:
         with errors_as_one_line(ranks_started=False):
             print(scaling.report(scaling.inputs_from_args(args)))
         return
+    if args.data_only and args.profile:
+        p.error("--profile profiles the training step, which --data_only leaves out: give one")
+    if args.json:  # before any model is built
+        with errors_as_one_line((OSError,), ranks_started=False):
+            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     folder = tempfile.mkdtemp(prefix="lgp_ds_bench_")  # per rank: node-local /tmp is fine
     try:
         # The step costs the same whatever the weights: unless init= is given here, the run
@@ -96,8 +122,10 @@ def main() -> None:
         batch = ds_config["train_micro_batch_size_per_gpu"]
         if args.data_only:
             with errors_as_one_line(BAD_INPUT + (DataError,)):
-                dist.print_main(pipeline_table(cfg, batch, args.images, args.warmup, args.steps,
-                                               folder))
+                text, rows = pipeline_table(cfg, batch, args.images, args.warmup, args.steps,
+                                            folder)
+            dist.print_main(text)
+            write_json(args.json, {"data_only": True, "batch_per_rank": batch, "rows": rows})
             return
         method = build_method(cfg)
         if not given_init:
@@ -117,15 +145,16 @@ def bench_step(args, cfg, ds_config: dict, method) -> None:
     steps, warmup = (-(-n // gas) * gas for n in (args.steps, args.warmup))
     device = torch.device(deepspeed.get_accelerator().current_device_name())
     peak = matmul_peak_tflops()
-    flops = flops_per_image(method, cfg)
-    views, labels = synthetic_batch(method, cfg, batch, device)
     rows = []
-    if not args.no_reference:
-        with torch.no_grad():  # the float views the model takes, made once
-            float_views = method.device_views(tuple(views))
-        rows.append(row("official style (fp16 autocast, unfused attention, torch AdamW)",
-                        time_reference(cfg, float_views, labels, steps, warmup, gas),
-                        batch, flops, peak))
+    with errors_as_one_line():  # what the model refuses of the config, as the Trainer's below
+        flops = flops_per_image(method, cfg)
+        views, labels = synthetic_batch(method, cfg, batch, device)
+        if not args.no_reference:
+            with torch.no_grad():  # the float views the model takes, made once
+                float_views = method.device_views(tuple(views))
+            rows.append(row("official style (fp16 autocast, unfused attention, torch AdamW)",
+                            time_reference(cfg, float_views, labels, steps, warmup, gas),
+                            batch, flops, peak))
     with errors_as_one_line():
         trainer = Trainer(cfg, ds_config, method, with_data=False)
     rows.insert(0, row(f"lgp_ds (ZeRO {stage}, {precision(ds_config)}, {cfg.optimizer})",
@@ -143,16 +172,21 @@ def bench_step(args, cfg, ds_config: dict, method) -> None:
             f"{flops / 1e9:.3g} GFLOP per image; {steps} timed micro-batches after {warmup}, "
             f"accumulation {gas}")
     dist.print_main(head + "\n" + table(rows) + ("\n\n" + report if report else ""))
-    if args.json and dist.is_main():
-        record = {"command": sys.argv, "device": device_name(), "ranks": world,
+    write_json(args.json, {"method": cfg.method, "arch": cfg.arch, "img_size": cfg.img_size,
+                           "batch_per_rank": batch, "zero_stage": stage,
+                           "precision": precision(ds_config), "bf16_matmul_peak_tflops": peak,
+                           "flops_per_image": flops, "micro_batches": steps, "warmup": warmup,
+                           "gradient_accumulation_steps": gas, "rows": rows, "profile": profile})
+
+
+def write_json(path: str | None, results: dict) -> None:
+    """Write ``results`` to ``path`` (rank 0; none without ``--json``) with the command, device,
+    ranks and versions."""
+    if path and dist.is_main():
+        record = {"command": sys.argv, "device": device_name(), "ranks": dist.get_world_size(),
                   "torch": torch.__version__, "deepspeed": deepspeed.__version__,
-                  "timm": timm.__version__, "method": cfg.method, "arch": cfg.arch,
-                  "img_size": cfg.img_size, "batch_per_rank": batch, "zero_stage": stage,
-                  "precision": precision(ds_config), "bf16_matmul_peak_tflops": peak,
-                  "flops_per_image": flops, "micro_batches": steps, "warmup": warmup,
-                  "gradient_accumulation_steps": gas,
-                  "rows": rows, "profile": profile}
-        with open(args.json, "w") as f:
+                  "timm": timm.__version__, **results}
+        with open(path, "w") as f:
             json.dump(record, f, indent=1)
 
 

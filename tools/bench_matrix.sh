@@ -3,17 +3,28 @@
 # OUT/NAME.json and OUT/NAME.log (and OUT/profile_NAME/ where the row profiles), the
 # official-style baseline in the same run where it fits in memory. No row starts when less
 # than a minute of BUDGET_S (seconds, for the whole matrix) is left, and a row is cut at what
-# is left. EXTRA: key=value overrides for every row. ONLY: a
-# regular expression; only the rows whose names match run (the ZeRO 3 tuning rows at the end
-# run with ONLY="torch_linear|prefetch|overlap" in a call of their own).
+# is left; a row's files from an earlier call are removed first, so a cut or failed row leaves
+# no older figures. EXTRA: key=value overrides for every row. ONLY: a regular expression; only
+# the rows whose names match run (the ZeRO 3 tuning rows at the end run with
+# ONLY="torch_linear|prefetch|overlap" in a call of their own); one that is not valid, or that
+# matches no row, stops the call with an error.
 #
 #   OUT=/tmp/bench BUDGET_S=420 bash tools/bench_matrix.sh
 set -u
 OUT=${OUT:-runs/bench_matrix}
 BUDGET_S=${BUDGET_S:-420}
 EXTRA=${EXTRA:-}
+if [ -n "${ONLY:-}" ]; then
+    [[ "" =~ $ONLY ]]
+    if [ $? -eq 2 ]; then
+        echo "ONLY=$ONLY is not a valid regular expression" >&2
+        exit 2
+    fi
+fi
 mkdir -p "$OUT"
 start=$(date +%s)
+names=()  # every row's name
+matched=0  # rows that ONLY let through
 
 variant() {  # NAME BASE SECTION.KEY=JSON...: OUT/ds_NAME.json, ds_configs/BASE with those keys set
     local name=$1 base=$2
@@ -32,9 +43,12 @@ PY
 row() {  # NAME DS_CONFIG ARGS... (DS_CONFIG: a file of ds_configs/, or a path)
     local name=$1 ds=$2 left
     shift 2
+    names+=("$name")
     if [ -n "${ONLY:-}" ] && ! [[ $name =~ $ONLY ]]; then
         return
     fi
+    matched=$((matched + 1))
+    rm -rf "$OUT/$name.json" "$OUT/$name.log" "$OUT/profile_$name"
     left=$((BUDGET_S - ($(date +%s) - start)))
     if [ "$left" -lt 60 ]; then
         echo "$name: not started ($left s of the budget left)"
@@ -99,3 +113,7 @@ for tuned in zero3_torch_linear zero3_prefetch_2e8 zero3_prefetch_0 zero3_no_ove
     row "vit_l_graft_$tuned" "$OUT/ds_$tuned.json" --config vit_l_graft batch_size=128 \
         grad_ckpt=false compile_blocks=false --steps 10 --warmup 3 --no_reference
 done
+if [ "$matched" -eq 0 ]; then
+    echo "ONLY=$ONLY matches no row; the rows: ${names[*]}" >&2
+    exit 2
+fi

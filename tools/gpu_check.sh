@@ -18,36 +18,83 @@
 # receives the checkout alone, send those folders with it. FusedAdam and CPU Adam are JIT-built
 # in the background from the start (tests/test_gpu.py and the FusedAdam row need them; about a
 # minute); a build that an earlier call left unfinished leaves torch's lock file, which would
-# make this one wait forever, so stale locks are removed first.
+# make this one wait forever, so stale locks (that no live process holds open) are removed
+# first, and the build is stopped when the script exits. A missing WHEELS folder or a failed
+# install stops the call (every part needs those packages); a part skipped for the budget says
+# so.
 set -u
 OUT=${OUT:-runs/gpu_check}
 BUDGET_S=${BUDGET_S:-560}
 MATRIX_S=${MATRIX_S:-330}
 PARTS=${PARTS:-tests matrix anchors}
+KNOWN_PARTS="tests matrix anchors"
+for name in $PARTS; do
+    if [[ " $KNOWN_PARTS " != *" $name "* ]]; then
+        echo "PARTS: unknown part '$name' (the parts: $KNOWN_PARTS)" >&2
+        exit 2
+    fi
+done
 mkdir -p "$OUT"
 start=$(date +%s)
 left() { echo $((BUDGET_S - ($(date +%s) - start))); }
 
 if [ -n "${WHEELS:-}" ]; then
-    pip install -q --no-deps --target /tmp/site "$WHEELS"/*.whl > "$OUT/wheels.log" 2>&1
+    if ! compgen -G "$WHEELS/*.whl" > /dev/null; then
+        echo "WHEELS=$WHEELS: no such folder, or no .whl in it; skipped: $PARTS" >&2
+        exit 2
+    fi
+    if ! pip install -q --no-deps --target /tmp/site "$WHEELS"/*.whl > "$OUT/wheels.log" 2>&1
+    then
+        echo "WHEELS: pip install failed ($OUT/wheels.log); skipped: $PARTS" >&2
+        tail -5 "$OUT/wheels.log" >&2
+        exit 1
+    fi
     export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
 # the image's "9.0a" breaks DeepSpeed's FusedAdam build
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} PYTHONUNBUFFERED=1
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
-find "${TORCH_EXTENSIONS_DIR:-$HOME/.cache/torch_extensions}" -name lock -delete 2> /dev/null
-python -c "from deepspeed.ops.op_builder import CPUAdamBuilder, FusedAdamBuilder
+
+held() {  # FILE: whether a live process has it open (torch's FileBaton, while it builds)
+    local fd
+    for fd in /proc/[0-9]*/fd/*; do
+        [ "$(readlink "$fd" 2> /dev/null)" = "$1" ] && return 0
+    done
+    return 1
+}
+while IFS= read -r -d '' lock; do
+    lock=$(readlink -f "$lock")
+    if held "$lock"; then
+        echo "torch extension lock $lock: held by a running build, kept"
+    else
+        rm -f "$lock" && echo "torch extension lock $lock: stale, removed"
+    fi
+done < <(find "${TORCH_EXTENSIONS_DIR:-$HOME/.cache/torch_extensions}" -name lock -print0 \
+         2> /dev/null)
+
+# in a process group of its own, so that the exit trap stops the compilers it started too
+setsid python -c "from deepspeed.ops.op_builder import CPUAdamBuilder, FusedAdamBuilder
 FusedAdamBuilder().load(); CPUAdamBuilder().load()" > "$OUT/ops_build.log" 2>&1 &
 builder=$!
+trap 'kill -0 "$builder" 2> /dev/null && kill -- -"$builder" 2> /dev/null' EXIT
 while kill -0 "$builder" 2> /dev/null && [ "$(left)" -ge 60 ]; do
     sleep 2
 done
-if ! kill -0 "$builder" 2> /dev/null; then
+if kill -0 "$builder" 2> /dev/null; then
+    echo "FusedAdam and CPU Adam build: still running after $(( $(date +%s) - start )) s," \
+        "the budget spent ($OUT/ops_build.log)"
+else
     wait "$builder"
     echo "FusedAdam and CPU Adam build: exit $? after $(( $(date +%s) - start )) s"
 fi
 
-part() { [[ " $PARTS " == *" $1 "* ]] && [ "$(left)" -ge 60 ]; }
+part() {  # NAME: whether to run the part; says why not where PARTS names it
+    [[ " $PARTS " == *" $1 "* ]] || return 1
+    if [ "$(left)" -lt 60 ]; then
+        echo "$1: skipped ($(left) s of the budget left)"
+        return 1
+    fi
+}
 
 if part tests; then
     timeout "$(left)" python -m pytest -q -rs tests/test_gpu.py > "$OUT/test_gpu.log" 2>&1
@@ -59,7 +106,11 @@ if part matrix; then
     OUT="$OUT/matrix" BUDGET_S=$matrix bash tools/bench_matrix.sh | tee "$OUT/matrix.txt"
 fi
 
-if [ -n "${ANCHORS:-}" ] && part anchors; then
+anchors=0
+part anchors && anchors=1
+if [ "$anchors" = 1 ] && [ -z "${ANCHORS:-}" ]; then
+    echo "anchors: skipped (no ANCHORS= script)"
+elif [ "$anchors" = 1 ]; then
     timeout "$(left)" python - "$ANCHORS" "$OUT" "$(left)" > "$OUT/anchors.log" 2>&1 <<'PY'
 import importlib.util, json, sys, time
 import torch

@@ -44,20 +44,31 @@ def device_rate(method, views: list[torch.Tensor], warmup: int, steps: int) -> f
     return steps * views[0].shape[0] / (time.perf_counter() - start)
 
 
-def pipeline_table(cfg, batch: int, images: int, warmup: int, steps: int, folder: str) -> str:
+def _row(views: str, made_by: str, rate: float, base: float | None, workers: int) -> dict:
+    """One row: the rate, and where DataLoader workers made it (``base`` given) per worker and
+    as a multiple of torchvision's ``base``."""
+    return {"views": views, "made_by": made_by, "img_per_s": rate,
+            "img_per_s_per_worker": None if base is None else rate / workers,
+            "vs_torchvision": None if base is None else rate / base}
+
+
+def _line(r: dict) -> str:
+    worker, vs = r["img_per_s_per_worker"], r["vs_torchvision"]
+    return (f"| {r['views']} | {r['made_by']} | {r['img_per_s']:.1f} | "
+            + ("| |" if vs is None else f"{worker:.1f} | {vs:.2f}x |"))
+
+
+def pipeline_table(cfg, batch: int, images: int, warmup: int, steps: int,
+                   folder: str) -> tuple[str, list[dict]]:
     """The input pipeline's table (Markdown, see the module) for MoCo v3's and MAE's views, from
-    ``cfg.data``'s shards or ``images`` photo-like JPEGs written into ``folder``."""
+    ``cfg.data``'s shards or ``images`` photo-like JPEGs written into ``folder``, and its rows."""
     source = f"data={cfg.data}"
     if cfg.data is None:
         cfg.data = [write_photo_shards(folder, images, max(8, cfg.num_workers))]
         source = f"{images} photo-like 500x375 JPEGs (lgp_ds.data.photos)"
     device = device_name()
     workers = max(1, cfg.num_workers)  # without workers, this process is the one
-    lines = [f"input pipeline of one rank: {source}, {cfg.img_size} px views, batches of {batch}, "
-             f"{cfg.num_workers} DataLoader workers on {len(os.sched_getaffinity(0))} CPU "
-             f"cores; device part on {device}",
-             "| views | made by | img/s | img/s per worker | vs torchvision |",
-             "|---|---|---:|---:|---:|"]
+    rows = []
     for name, views in (("moco", "MoCo v3, 2 views"), ("mae", "MAE, 1 view")):
         plain, fast = (cfg.model_copy(update={"method": name, "augment_on": where})
                        for where in ("cpu", "device"))
@@ -65,14 +76,17 @@ def pipeline_table(cfg, batch: int, images: int, warmup: int, steps: int, folder
         base, _ = pipeline_rate(plain, build_method(plain), batch, warmup, steps)
         rate, crops = pipeline_rate(fast, method, batch, warmup, steps)
         on_device = device_rate(method, crops, warmup, steps)
-        lines += [f"| {views} | torchvision (CPU) | {base:.1f} | {base / workers:.1f} | 1.00x |",
-                  f"| {views} | crops (CPU) | {rate:.1f} | {rate / workers:.1f} | "
-                  f"{rate / base:.2f}x |",
-                  f"| {views} | + the rest ({device}) | {on_device:.1f} | | |"]
+        rows += [_row(views, "torchvision (CPU)", base, base, workers),
+                 _row(views, "crops (CPU)", rate, base, workers),
+                 _row(views, f"+ the rest ({device})", on_device, None, workers)]
         if dali_installed():  # its crops, made where input_backend=dali makes them
             dali = fast.model_copy(update={"input_backend": "dali"})
             rate, _ = pipeline_rate(dali, method, batch, warmup, steps)
             where = "nvJPEG, GPU" if torch.cuda.is_available() else "CPU"
-            lines.append(f"| {views} | DALI crops ({where}) | {rate:.1f} | {rate / workers:.1f} | "
-                         f"{rate / base:.2f}x |")
-    return "\n".join(lines)
+            rows.append(_row(views, f"DALI crops ({where})", rate, base, workers))
+    lines = [f"input pipeline of one rank: {source}, {cfg.img_size} px views, batches of {batch}, "
+             f"{cfg.num_workers} DataLoader workers on {len(os.sched_getaffinity(0))} CPU "
+             f"cores; device part on {device}",
+             "| views | made by | img/s | img/s per worker | vs torchvision |",
+             "|---|---|---:|---:|---:|"] + [_line(r) for r in rows]
+    return "\n".join(lines), rows

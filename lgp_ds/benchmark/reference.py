@@ -8,9 +8,10 @@ What makes it "official style" (MoCo v3's main_moco.py / builder.py, MAE's engin
 - the momentum encoder updated one parameter at a time (``p_m = p_m * m + p_b * (1 - m)``);
 - a pass through the encoders per view (lgp_ds stacks the views in one pass).
 
-The model, views and loss are lgp_ds's own (:meth:`Method.loss` on the plain module), so the
-baseline differs from lgp_ds's step in exactly those choices. Left out: MAE's loss scaler also
-computes the gradient norm each step; leaving it out makes the baseline faster, not slower.
+The model, views and loss are lgp_ds's own (:meth:`Method.loss` on the plain module), with the
+lower stages frozen where the Trainer freezes them (``frozen_stages``), so the baseline differs
+from lgp_ds's step in exactly those choices. Left out: MAE's loss scaler also computes the
+gradient norm each step; leaving it out makes the baseline faster, not slower.
 On a CPU, fp16 autocast is emulated and far slower than fp32: ratios measured there say nothing.
 """
 import copy
@@ -18,6 +19,7 @@ import copy
 import torch
 import torch.nn as nn
 
+from lgp_ds.engine.param_groups import freeze_lower_stages
 from lgp_ds.methods import build_method
 
 
@@ -36,7 +38,8 @@ class _OfficialMomentum:
     @torch.no_grad()
     def update(self, m: float) -> None:
         for p_b, p_m in zip(self.base.parameters(), self.module.parameters()):
-            p_m.data = p_m.data * m + p_b.data * (1.0 - m)
+            if p_b.requires_grad:  # frozen stages stay as they are, as in lgp_ds's step
+                p_m.data = p_m.data * m + p_b.data * (1.0 - m)
 
 
 class OfficialStyleStep:
@@ -57,6 +60,9 @@ class OfficialStyleStep:
         if hasattr(self.model, "one_pass"):  # the two-view models: a pass per view
             self.model.one_pass = False
         depth = len(self.method.encoder(self.model).blocks)
+        # as the Trainer freezes them: a grafting method's frozen stages have no backward
+        freeze_lower_stages(self.model, depth, cfg.num_stages, cfg.frozen_stages,
+                            self.method.encoder_prefix)
         lrs = [blr * cfg.batch_size / 256 for blr in cfg.stage_blrs]
         groups = self.method.param_groups(self.model, depth, lrs)
         self.optimizer = torch.optim.AdamW(groups, betas=tuple(cfg.betas))
