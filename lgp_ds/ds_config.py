@@ -9,6 +9,9 @@ than failing late inside DeepSpeed. :func:`run_identity` says what of a run a re
 """
 import json
 
+from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+from pydantic import ValidationError
+
 from lgp_ds.config import Config, load_config
 from lgp_ds.dist import launched_world_size
 
@@ -61,25 +64,41 @@ def offloads_optimizer(ds: dict) -> bool:
                                                                             "none") != "none"
 
 
-def _check_zero(zero: dict) -> None:
-    """ZeRO settings whose effects lgp_ds relies on: the stage as an integer (DeepSpeed reads
-    ``"3"`` as stage 3, lgp_ds's comparisons would not), DeepSpeed's own gradient order and the
-    transformer blocks that lgp_ds chooses to gather whole under ZeRO 3."""
+def _check_stage(zero) -> None:
+    """The ZeRO section a mapping, its stage an integer (DeepSpeed reads ``"3"`` as stage 3,
+    lgp_ds's comparisons would not)."""
+    if not isinstance(zero, dict):
+        raise ValueError(f"DeepSpeed config key zero_optimization={zero!r}: give a mapping, e.g. "
+                         f'{{"stage": 2}}')
     stage = zero.get("stage", 0)
     if type(stage) is not int or not 0 <= stage <= 3:
         raise ValueError(f"DeepSpeed config key zero_optimization.stage={stage!r}: give an "
                          f"integer from 0 to 3")
-    if zero.get("round_robin_gradients", False):
+
+
+def _check_zero(zero: dict) -> None:
+    """The ZeRO section as DeepSpeed reads it (its own model: a wrong key or value is named here,
+    not late inside ``deepspeed.initialize``; aliases and ``"false"`` read as DeepSpeed reads
+    them), without the settings whose effects lgp_ds cannot take: DeepSpeed's round-robin
+    gradient order, and its own choice of the modules that ZeRO 3 gathers whole."""
+    try:
+        parsed = DeepSpeedZeroConfig(**zero)
+    except ValidationError as e:
+        raise ValueError("; ".join(
+            "DeepSpeed config key zero_optimization"
+            + "".join(f".{part}" for part in error["loc"]) + f": {error['msg']}"
+            for error in e.errors())) from None
+    if parsed.round_robin_gradients:
         raise ValueError("DeepSpeed config key zero_optimization.round_robin_gradients=true: not "
                          "supported by lgp_ds (DeepSpeed 0.19.8 then maps parameters to the wrong "
                          "places of the fp32 master partitions, which the MIM anchor and the "
                          "exact initial weights read); remove it")
-    if stage == 3 and zero.get("stage3_module_granularity_threshold", 0) > 0:
+    if parsed.stage == 3 and parsed.module_granularity_threshold > 0:
         raise ValueError(f"DeepSpeed config key zero_optimization.stage3_module_granularity_"
-                         f"threshold={zero['stage3_module_granularity_threshold']}: lgp_ds "
-                         f"chooses the modules that ZeRO 3 gathers whole itself (each "
-                         f"transformer block whose backward allows it; DeepSpeed's choice takes "
-                         f"in the whole model, whose backward then fails); remove it")
+                         f"threshold={parsed.module_granularity_threshold}: lgp_ds chooses the "
+                         f"modules that ZeRO 3 gathers whole itself (each transformer block whose "
+                         f"backward allows it; DeepSpeed's choice takes in the whole model, whose "
+                         f"backward then fails); remove it")
 
 
 def _check_offload(zero: dict) -> None:
@@ -202,7 +221,7 @@ def resolve_ds_config(ds: dict, cfg: Config, world_size: int) -> dict:
         if key in ds:
             raise ValueError(f"DeepSpeed config key {key!r}: lgp_ds builds it from the recipe "
                              f"({owner}); remove it from the DeepSpeed config")
-    _check_zero(ds.get("zero_optimization", {}))
+    _check_stage(ds.get("zero_optimization", {}))
     _check_offload(ds.get("zero_optimization", {}))
     if offloads_optimizer(ds) and cfg.optimizer != "adamw":
         raise ValueError(f"optimizer={cfg.optimizer} with DeepSpeed config key "
@@ -210,6 +229,7 @@ def resolve_ds_config(ds: dict, cfg: Config, world_size: int) -> dict:
                          f"with DeepSpeed's CPU AdamW; use optimizer=adamw")
     ds = _bf16_optimizer_norm(_anchor_precision(dict(ds), cfg))
     _check_gradient_checks(ds)  # as DeepSpeed will see them (the anchor may change who checks)
+    _check_zero(ds.get("zero_optimization", {}))  # after lgp_ds's own, more telling refusals
     gas = ds.get("gradient_accumulation_steps", 1)
     micro = ds.get("train_micro_batch_size_per_gpu")
     total = ds.get("train_batch_size")

@@ -143,10 +143,21 @@ def test_batch_size_has_one_source_of_truth():
      "zero_optimization.round_robin_gradients=true: not supported"),
     ({"zero_optimization": {"stage": 3, "stage3_module_granularity_threshold": 20000}}, 2,
      "stage3_module_granularity_threshold=20000: lgp_ds chooses the modules"),
+    ({"zero_optimization": {"stage": 3, "module_granularity_threshold": "20000"}}, 2,
+     "stage3_module_granularity_threshold=20000: lgp_ds chooses the modules"),  # DeepSpeed's alias
+    ({"zero_optimization": {"stage": 2, "reduce_bucket_sise": 5e8}}, 2,
+     "zero_optimization.reduce_bucket_sise: Extra inputs are not permitted"),
+    ({"zero_optimization": True}, 2, "zero_optimization=True: give a mapping"),
 ])
 def test_deepspeed_config_conflicts(ds, world, message):
     with pytest.raises(ValueError, match=message):
         resolve_ds_config(ds, build_config({"batch_size": 256}), world)
+
+
+def test_zero_values_read_as_deepspeed_reads_them():
+    zero = {"stage": 2, "round_robin_gradients": "false"}  # DeepSpeed's pydantic: False
+    ds = resolve_ds_config({"zero_optimization": zero}, build_config({"batch_size": 256}), 2)
+    assert ds["zero_optimization"] == zero
 
 
 @pytest.mark.parametrize("zero", [{"stage": 1, "offload_optimizer": {"device": "cpu"}},

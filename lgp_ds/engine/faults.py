@@ -36,7 +36,6 @@ import signal
 import sys
 import threading
 import traceback
-import warnings
 
 import torch
 from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
@@ -214,11 +213,13 @@ class FaultGuard:
         # the first step that runs the torch optimizer: before a first real step, the no-op one
         # would link an empty state for good.
         linked = getattr(wrapper, "_hp_optimizer_states_linked", None)
-        optimizer.step = lambda *args, **kwargs: None  # shadows the class's step for this call
+
+        def no_update(*args, **kwargs):  # shadows the class's step for this call
+            optimizer._opt_called = True  # as torch's LR-scheduler wrapper of step() records
+        no_update._wrapped_by_lr_sched = True  # what that wrapper carries (else: a warning)
+        optimizer.step = no_update
         try:
-            with warnings.catch_warnings():  # the LR step that is undone below sees the shadow
-                warnings.filterwarnings("ignore", message=r".*`optimizer\.step\(\)`")
-                yield
+            yield
         finally:
             if own_step is None:
                 del optimizer.step
