@@ -81,23 +81,38 @@ def test_flops_count_the_backward_of_what_trains(recipe, tmp_path):
     assert flops_per_image(method, cfg) == pytest.approx(counter.get_total_flops() / 2, rel=0.05)
 
 
+def _bench(args: list[str], tmp_path, ds_config: str = "cpu_demo.json") -> subprocess.Popen:
+    """tools/bench.py with ``args`` under ``ds_configs/<ds_config>``, started; its cache and
+    temporary folders in ``tmp_path``."""
+    cmd = [sys.executable, "tools/bench.py", "--deepspeed_config", f"ds_configs/{ds_config}"]
+    env = dict(os.environ, LGP_DS_CACHE=str(tmp_path), MASTER_PORT=str(free_port()),
+               TMPDIR=str(tmp_path))
+    return subprocess.Popen(cmd + args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _run_bench(args: list[str], tmp_path, ds_config: str = "cpu_demo.json"):
+    """:func:`_bench` to its end: (exit status, stdout, stderr)."""
+    proc = _bench(args, tmp_path, ds_config)
+    out, err = proc.communicate(timeout=300)
+    return proc.returncode, out, err
+
+
 def test_bench_reports_step_and_data_throughput(tmp_path):
-    base = [sys.executable, "tools/bench.py", "--deepspeed_config", "ds_configs/cpu_demo.json",
-            "--steps", "2", "--warmup", "1"]
-    env = dict(os.environ, LGP_DS_CACHE=str(tmp_path), MASTER_PORT=str(free_port()))
+    base = ["--steps", "2", "--warmup", "1"] + TINY
     out, prof = tmp_path / "new" / "bench.json", tmp_path / "prof"  # --json's folder is made
-    step = subprocess.run(base + TINY + ["--json", str(out), "--profile", str(prof)], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert step.returncode == 0, step.stderr[-3000:]
+    status, stdout, stderr = _run_bench(base + ["--json", str(out), "--profile", str(prof)],
+                                        tmp_path)
+    assert status == 0, stderr[-3000:]
     assert re.search(r"batch 8/rank x 1 rank\(s\) on cpu; bf16 matmul peak [\d.]+ TFLOP/s "
-                     r"\(measured\)", step.stdout), step.stdout
+                     r"\(measured\)", stdout), stdout
     record = json.loads(out.read_text())
     assert (record["device"], record["ranks"], record["batch_per_rank"]) == ("cpu", 1, 8)
     ours, reference = record["rows"]
     assert ours["name"].startswith("lgp_ds (ZeRO 2, fp32") and reference["name"].startswith(
         "official style")
     for r in (ours, reference):  # the printed table holds what the JSON holds
-        assert f"| {r['name']} | {r['img_per_s']:.1f} | {r['ms_per_step']:.1f} |" in step.stdout
+        assert f"| {r['name']} | {r['img_per_s']:.1f} | {r['ms_per_step']:.1f} |" in stdout
         assert r["img_per_s"] * r["ms_per_step"] == pytest.approx(8 * 1e3)
         assert r["mfu_percent"] == pytest.approx(
             100 * r["tflops_per_device"] / record["bf16_matmul_peak_tflops"])
@@ -108,37 +123,34 @@ def test_bench_reports_step_and_data_throughput(tmp_path):
     trace = json.loads((prof / "trace_rank0.json").read_text())
     assert {"lgp_ds step 0", "lgp_ds step 2"} <= {e.get("name") for e in trace["traceEvents"]}
     assert ("profile of lgp_ds's step: 3 steps after 1 under torch.profiler; the top 15 ops by "
-            "self CPU time (all steps); trace " + str(prof / "trace_rank0.json")) in step.stdout
+            "self CPU time (all steps); trace " + str(prof / "trace_rank0.json")) in stdout
     assert re.search(r"per step: wall [\d.]+ ms \(device busy time and host-device "
-                     r"synchronisations are counted on a GPU only\)", step.stdout), step.stdout
+                     r"synchronisations are counted on a GPU only\)", stdout), stdout
     profile = record["profile"]
     assert profile["wall_ms"] > 0 and profile["trace"] == str(prof / "trace_rank0.json")
     assert (profile["steps"], profile["device_busy_ms"], profile["syncs"]) == (3, None, None)
-    data = subprocess.run(base + TINY + ["--data_only", "--images", "16", "--json", str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert data.returncode == 0, data.stderr[-3000:]
-    assert "16 photo-like 500x375 JPEGs" in data.stdout, data.stdout
+    status, data, stderr = _run_bench(base + ["--data_only", "--images", "16", "--json", str(out)],
+                                      tmp_path)
+    assert status == 0, stderr[-3000:]
+    assert "16 photo-like 500x375 JPEGs" in data, data
     record = json.loads(out.read_text())  # the table's rows
     assert record["data_only"] and record["device"] == "cpu"
     for r in record["rows"]:
-        assert f"| {r['views']} | {r['made_by']} | {r['img_per_s']:.1f} |" in data.stdout
+        assert f"| {r['views']} | {r['made_by']} | {r['img_per_s']:.1f} |" in data
     for views in ("MoCo v3, 2 views", "MAE, 1 view"):
         assert re.search(rf"\| {views} \| torchvision \(CPU\) \| [\d.]+ \| [\d.]+ \| 1.00x \|\n"
                          rf"\| {views} \| crops \(CPU\) \| [\d.]+ \| [\d.]+ \| [\d.]+x \|\n"
                          rf"\| {views} \| \+ the rest \(cpu\) \| [\d.]+ \| \| \|",
-                         data.stdout), data.stdout
+                         data), data
 
 
 def test_bench_runs_the_vit_l_recipe_as_shipped(tmp_path):
     """The README's command: the ViT-L recipe has the MIM anchor and no init= (shrunk here)."""
-    cmd = [sys.executable, "tools/bench.py", "--deepspeed_config", "ds_configs/zero1_bf16.json",
-           "--config", "vit_l_graft", "--steps", "2", "--warmup", "1", "--no_reference"
-           ] + TINY + ["anchor_blocks=2"]
-    env = dict(os.environ, LGP_DS_CACHE=str(tmp_path), MASTER_PORT=str(free_port()),
-               TMPDIR=str(tmp_path))
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "vit_large_patch16_224 16px batch 8/rank x 1 rank(s) on cpu" in proc.stdout, proc.stdout
+    status, stdout, stderr = _run_bench(
+        ["--config", "vit_l_graft", "--steps", "2", "--warmup", "1", "--no_reference"] + TINY
+        + ["anchor_blocks=2"], tmp_path, "zero1_bf16.json")
+    assert status == 0, stderr[-3000:]
+    assert "vit_large_patch16_224 16px batch 8/rank x 1 rank(s) on cpu" in stdout, stdout
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("lgp_ds_bench")] == []
 
 
@@ -148,25 +160,13 @@ def test_bench_runs_every_kind_of_method(tmp_path):
     recipes (the init= stand-in a grafting recipe needs: the ViT-L test above)."""
     for recipe, extra in (("vit_b_mae", []), ("vit_b_mtl", ["augment_on=device"]),
                           ("vit_b_finetune", [])):
-        cmd = [sys.executable, "tools/bench.py", "--deepspeed_config", "ds_configs/cpu_demo.json",
-               "--config", recipe, "--steps", "1", "--warmup", "1"] + TINY + DECODER + extra
-        env = dict(os.environ, LGP_DS_CACHE=str(tmp_path), MASTER_PORT=str(free_port()),
-                   TMPDIR=str(tmp_path))
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        status, stdout, stderr = _run_bench(["--config", recipe, "--steps", "1", "--warmup", "1"]
+                                            + TINY + DECODER + extra, tmp_path)
+        assert status == 0, stderr[-3000:]
         method = recipe.removeprefix("vit_b_")
-        assert f"{method} vit_base_patch16_224 16px batch 8/rank x 1 rank(s) on cpu" in proc.stdout
+        assert f"{method} vit_base_patch16_224 16px batch 8/rank x 1 rank(s) on cpu" in stdout
         assert re.search(r"\| official style \(.*\) \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+% \| "
-                         r"[\d.]+ GiB \| 1.00x \|", proc.stdout), proc.stdout
-
-
-def _bench(args: list[str], tmp_path):
-    """tools/bench.py with ``args`` on the CPU config, temporary folders in ``tmp_path``."""
-    cmd = [sys.executable, "tools/bench.py", "--deepspeed_config", "ds_configs/cpu_demo.json"]
-    env = dict(os.environ, LGP_DS_CACHE=str(tmp_path), MASTER_PORT=str(free_port()),
-               TMPDIR=str(tmp_path))
-    return subprocess.Popen(cmd + args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                         r"[\d.]+ GiB \| 1.00x \|", stdout), stdout
 
 
 def test_bench_refuses_bad_arguments_before_building_a_model(tmp_path):
@@ -179,9 +179,8 @@ def test_bench_refuses_bad_arguments_before_building_a_model(tmp_path):
             (["--config", "vit_b_mim2cl_frozen", "--steps", "1", "--warmup", "0"],  # 2 stages
              "error on rank 0: num_stages=2 does not divide the model depth 3 into equal "
              "stages\n")):
-        proc = _bench(args + TINY, tmp_path)
-        _, err = proc.communicate(timeout=300)
-        assert proc.returncode == 2 and message in err, err[-3000:]
+        status, _, err = _run_bench(args + TINY, tmp_path)
+        assert status == 2 and message in err, err[-3000:]
         assert "Traceback" not in err
 
 

@@ -95,7 +95,7 @@ class MIMAnchor:
                 torch._foreach_add_([g for g, _ in views],
                                     [d.to(g.dtype) for g, d in views])
             for s, g, d in zip(mine, grads, diffs):
-                if g is None:  # ZeRO 3 on the device: DeepSpeed's copy in and out
+                if g is None:  # ZeRO 3 on the device
                     s.add_to_grad(d)
         return self.weight * norms.sum()
 

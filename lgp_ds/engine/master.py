@@ -63,14 +63,12 @@ class MasterSlice:
         return self.param.grad.view(-1)
 
     def add_to_grad(self, g: torch.Tensor) -> None:
-        """Add ``g`` [numel] to this slice's gradient (see :meth:`gradient`)."""
-        grad = self.gradient()
-        if grad is None:  # ZeRO 3 on the device: the API's partition is the optimizer's own
-            full = safe_get_local_grad(self.param)
-            full[:self.numel] += g.to(full.dtype)
-            safe_set_local_grad(self.param, full)
-            return
-        grad += g.to(grad.device, grad.dtype)
+        """Add ``g`` [numel] to this slice's gradient where :meth:`gradient` has no view of it
+        (ZeRO 3 on the device): through DeepSpeed's API, whose partition is the optimizer's own,
+        copied out and back in."""
+        full = safe_get_local_grad(self.param)
+        full[:self.numel] += g.to(full.dtype)
+        safe_set_local_grad(self.param, full)
 
 
 def master_slices(optimizer, named_params) -> list[MasterSlice]:

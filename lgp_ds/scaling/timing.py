@@ -18,15 +18,15 @@ bandwidth; ZeRO 1-3 run 1/n of the optimizer step on each of n GPUs. The images'
 FLOPs into the engine's forward (two views), its backward (twice the forward, three times with
 activation checkpointing), and the momentum encoder's forward.
 
-Overlap, two bounds: *no overlap* puts every collective on the critical path; *full overlap*
-hides the gradient reduction under the backward where DeepSpeed runs it from the gradient hooks
-(ZeRO 2 and 3, ZeRO 1 without the MIM anchor) but for its last bucket, which DeepSpeed reduces
-after the last gradient (all of it where the trained parameters fit one bucket), ZeRO 3's
-parameter gathers under the engine's forward and backward (what the backward leaves) and the
-momentum encoder's gathers under its forward, each up to the length of that compute. The rest is serial in every case: the
-BatchNorm syncs and the key all-gather are needed by the very next operation, ZeRO 0 (and ZeRO 1
-as the BF16_Optimizer) reduces gradients after backward, ZeRO 1/2 gather parameters after the
-step, and the momentum update follows the step.
+Overlap, two bounds: *no overlap* puts every collective on the critical path; *full overlap* hides
+the gradient reduction under the backward where DeepSpeed runs it from the gradient hooks (ZeRO 2
+and 3, ZeRO 1 without the MIM anchor) but for its last bucket, which DeepSpeed reduces after the
+last gradient (all of it where the trained parameters fit one bucket), ZeRO 3's parameter gathers
+under the engine's forward and backward (what the backward leaves) and the momentum encoder's
+gathers under its forward, each up to the length of that compute. The rest is serial in every case:
+the BatchNorm syncs and the key all-gather are needed by the very next operation, ZeRO 0 (and ZeRO 1
+as the BF16_Optimizer) reduces gradients after backward, ZeRO 1/2 gather parameters after the step,
+and the momentum update follows the step.
 """
 import math
 from dataclasses import dataclass

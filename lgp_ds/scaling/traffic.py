@@ -21,18 +21,16 @@ One step on each rank (micro-batch ``batch``, two views, no gradient accumulatio
   and the last one, full or not, after the last gradient, when the backward has ended; a model
   whose trained parameters fit one bucket (ViT-B's, under 2e8) reduces none during backward.
 - parameters, bf16: ZeRO 1/2 all-gather the updated trained parameters after the step, one call
-  per flat param group. ZeRO 3
-  gathers every tensor over ``stage3_param_persistence_threshold`` elements where it is used:
-  in the forward pass, which takes both views at once
+  per flat param group. ZeRO 3 gathers every tensor over ``stage3_param_persistence_threshold``
+  elements where it is used: in the forward pass, which takes both views at once
   (:func:`lgp_ds.models.heads.apply_to_views`), in the backward pass (trained tensors only: the
   frozen patch projection has no backward), and with activation checkpointing again for the
-  recomputed forward; the
-  persistent small tensors are all-gathered after the step instead, one call per tensor
-  (``_allgather_params_coalesced``). Counted per use, this is an
-  upper bound: DeepSpeed keeps a gathered tensor whose next use lies within
-  ``stage3_max_reuse_distance`` elements (1e9 by default, as the shipped config leaves it) or
-  that it prefetched for that use, down to one gather per step (a tiny model on 2 CPU ranks:
-  one forward pass), at the price of holding the gathered tensors.
+  recomputed forward; the persistent small tensors are all-gathered after the step instead, one call
+  per tensor (``_allgather_params_coalesced``). Counted per use, this is an upper bound: DeepSpeed
+  keeps a gathered tensor whose next use lies within ``stage3_max_reuse_distance`` elements (1e9 by
+  default, as the shipped config leaves it) or that it prefetched for that use, down to one gather
+  per step (a tiny model on 2 CPU ranks: one forward pass), at the price of holding the gathered
+  tensors.
 - the momentum encoder (:mod:`lgp_ds.engine.momentum`): ZeRO 0 holds whole masters, no traffic.
   ZeRO 1/2: each rank updates its partition of the optimizer's flat groups (the trained
   tensors, predictor included) from its fp32 masters, and one fp32 all-gather per group brings
