@@ -1,6 +1,7 @@
 """Runs on real ranks: every collective one steady-state grafting step issues, as DeepSpeed and
 lgp_ds call them, for lgp_ds.scaling's counts to be checked against."""
 import os
+import sys
 
 import deepspeed.comm.comm as ds_comm
 import torch
@@ -14,14 +15,28 @@ from lgp_ds.methods import build_method
 SCALARS = 2  # elements: fault flags and gradient checks, which the counts leave out
 
 
+def _issuer() -> str:
+    """Whose code issued the collective being recorded: "lgp_ds" or "deepspeed" (the first
+    frame up the stack in either package, past DeepSpeed's communication layer)."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        path = frame.f_code.co_filename
+        if "/lgp_ds/" in path:
+            return "lgp_ds"
+        if "/deepspeed/" in path and "/deepspeed/comm/" not in path:
+            return "deepspeed"
+        frame = frame.f_back
+    return "?"
+
+
 def _recorder(log: list):
     """Wrap the collectives in place; each call appends (op, dtype, elements of the whole
-    result) to ``log`` while ``log.on`` is set."""
+    result, :func:`_issuer`) to ``log`` while ``log.on`` is set."""
     world = tdist.get_world_size()
 
     def record(op, t: torch.Tensor, elements: int):
         if log.on and elements > SCALARS:
-            log.append((op, str(t.dtype).removeprefix("torch."), elements))
+            log.append((op, str(t.dtype).removeprefix("torch."), elements, _issuer()))
 
     all_reduce, all_gather = tdist.all_reduce, tdist.all_gather
     backend = ds_comm.cdb  # DeepSpeed keeps its own references to these two
@@ -53,7 +68,7 @@ class _Log(list):
 
 
 def step_collectives_job(cases, out_dir: str, warmup: int = 1):
-    """{name: [(op, dtype, elements), one a call]} of one training step after ``warmup`` ones,
+    """{name: [(op, dtype, elements, issuer), one a call]} of one training step after ``warmup`` ones,
     for each (name, DeepSpeed config, config keys) in ``cases``: the tiny config with those
     keys."""
     log = _Log()

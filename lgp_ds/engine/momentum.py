@@ -11,17 +11,18 @@ fp32 master weights (:mod:`lgp_ds.engine.master`) after each step that DeepSpeed
   groups (:meth:`bind`). Each rank updates its partition of each group from its fp32 master
   partition (two foreach ops for the whole model) and one fp32 all-gather per group brings
   every rank the rest: exact, and half the traffic of all-reducing an update of the encoder.
-- ZeRO 3: the momentum encoder is partitioned like the base encoder (a ZeRO-3 engine without an
-  optimizer, same shapes hence the same sharding; built partitioned, never whole). Each rank
-  updates its own partition from its own master partition: no communication, no gathering of
-  the whole model. Its forward gathers a transformer block at a time (DeepSpeed's leaf modules).
+- ZeRO 3: the momentum encoder is partitioned like the base encoder (built partitioned, never
+  whole; same shapes hence the same partitions). Each rank updates its own partition from its
+  own master partition: no communication, no gathering of the whole model. Its forward gathers
+  a transformer block at a time, the next one's gather in flight, without DeepSpeed's hooks
+  (:mod:`lgp_ds.engine.partitioned_forward`); with ``offload_param`` the partitions stay on
+  the host.
 
 With ``offload_optimizer`` the masters are on the host: one copy per flat group brings this
 rank's fp32 partition to the device each step (the EMA's PCIe traffic).
 """
 import contextlib
 
-import deepspeed
 import deepspeed.comm as ds_comm
 import torch
 import torch.nn as nn
@@ -29,10 +30,9 @@ from deepspeed.accelerator import get_accelerator
 
 from lgp_ds import dist
 from lgp_ds.models.heads import apply_to_views
-from lgp_ds.models.partitioned import whole_copies
 
-from .construct import gather_blocks_whole
 from .master import MasterSlice, on_device
+from .partitioned_forward import PartitionedForward
 
 
 class MomentumEncoder:
@@ -40,26 +40,26 @@ class MomentumEncoder:
     the EMA step.
 
     ``module`` (which it takes over) holds the initial weights in fp32: a copy of the base
-    encoder; under ZeRO-3 built partitioned as :func:`momentum_zero3_config` says, for a run
-    under the DeepSpeed config ``ds_config``.
+    encoder; under ZeRO-3 built partitioned (``deepspeed.zero.Init``) as the base encoder is,
+    for a run under the DeepSpeed config ``ds_config``.
     """
 
     def __init__(self, module: nn.Module, ds_config: dict, compute_dtype: torch.dtype,
                  prefix: str = "base_encoder."):
         module = module.float().requires_grad_(False)
-        zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+        zero = ds_config.get("zero_optimization", {})
         self.prefix = prefix
         self.compute_dtype = compute_dtype
-        self.zero3 = zero_stage == 3
-        self.sharded_master = zero_stage in (1, 2)  # else every rank holds whole masters
-        if self.zero3:
-            gather_blocks_whole(module)  # a gather per block: it has no backward
-            engine, *_ = deepspeed.initialize(model=module, config=momentum_zero3_config(ds_config))
-            self.module, self._forward = engine.module, engine
+        self.sharded_master = zero.get("stage", 0) in (1, 2)  # else every rank holds whole masters
+        # ZeRO 3: this rank's partitions, gathered by the forward
+        self.partitioned = None
+        if zero.get("stage", 0) == 3:
+            on_host = zero.get("offload_param", {}).get("device", "none") == "cpu"
+            self.partitioned = PartitionedForward(module, compute_dtype, on_host)
+            self.module = module
         else:
             self.module = module.to(get_accelerator().current_device_name())
-            self._forward = self.module
-        self.params = dict(self.module.named_parameters())
+        self.params = dict(self.module.named_parameters())  # under ZeRO 3 empty placeholders
         # ZeRO 1/2, set by bind(): (group index, flat fp32 group, this rank's part: a view of it)
         self._optimizer, self._flats = None, []
 
@@ -70,15 +70,17 @@ class MomentumEncoder:
         device = get_accelerator().device_name()
         autocast = (torch.autocast(device, dtype=self.compute_dtype)
                     if self.compute_dtype != torch.float32 else contextlib.nullcontext())
-        with autocast:
-            return apply_to_views(self.module, self._forward, views)
+        gathered = (self.partitioned.gathered() if self.partitioned is not None
+                    else contextlib.nullcontext())
+        with autocast, gathered:
+            return apply_to_views(self.module, self.module, views)
 
     @torch.no_grad()
     def update(self, slices: list[MasterSlice], m: float) -> None:
         """k <- m * k + (1 - m) * q for every base-encoder slice q of this rank's master weights."""
         slices = [s for s in slices if s.name.startswith(self.prefix)]
-        if self.zero3:  # under offload_optimizer the masters are on the host: copied per group
-            ks = [self.params[s.name[len(self.prefix):]].ds_tensor[:s.numel] for s in slices]
+        if self.partitioned is not None:  # masters and partitions may be on different devices
+            ks = [self.partitioned.parts[s.name[len(self.prefix):]][:s.numel] for s in slices]
             if ks:  # a rank may own no element of a small encoder on a large world
                 qs = on_device([s.weight for s in slices], ks[0].device)
                 torch._foreach_mul_(ks, m)
@@ -130,10 +132,10 @@ class MomentumEncoder:
         """The whole fp32 state on the host (a collective under ZeRO 3: call it on every rank);
         ``params=False``: the buffers alone, the rank taking part in ZeRO 3's gathers only (a
         checkpoint file that :meth:`load_state_dict` reads no parameters from)."""
-        if not self.zero3:
+        if self.partitioned is None:
             return {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()
                     if params or k not in self.params}
-        out = whole_copies(self.params, keep=params)
+        out = self.partitioned.state(keep=params)
         for name, b in self.module.named_buffers():
             out[name] = b.detach().cpu().clone()
         return out
@@ -141,34 +143,13 @@ class MomentumEncoder:
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Inverse of :meth:`state_dict`; the buffers from each rank's ``state``, the parameters
         under ZeRO 3 from rank 0's alone (the others' may hold the buffers only)."""
-        if not self.zero3:
+        if self.partitioned is None:
             self.module.load_state_dict(state)
             return
-        for name, p in self.params.items():
-            with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
-                if dist.get_rank() == 0:
-                    p.data.copy_(state[name])
+        self.partitioned.load(state if dist.get_rank() == 0 else None)
         with torch.no_grad():
             for name, b in self.module.named_buffers():
                 b.copy_(state[name])
-
-
-# The run's ZeRO-3 settings for how a forward gathers partitions (prefetch, the budget of live
-# parameters) and where they are kept (offload_param: on the host, beside offloaded masters)
-# hold for the momentum encoder too; so does memory_efficient_linear, whose default swaps
-# torch's F.linear for DeepSpeed's for the whole process once any zero.Init runs with it.
-_INHERITED = ("stage3_prefetch_bucket_size", "stage3_max_live_parameters",
-              "stage3_max_reuse_distance", "offload_param", "memory_efficient_linear")
-
-
-def momentum_zero3_config(ds_config: dict) -> dict:
-    """The DeepSpeed config of the momentum encoder's ZeRO-3 engine (fp32, no optimizer) in a run
-    under ``ds_config``. Persistent (unpartitioned) small parameters would keep a full copy that
-    the partition-wise EMA never updates: the threshold 0 partitions every parameter."""
-    zero = ds_config.get("zero_optimization", {})
-    return {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
-            "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
-                                  **{k: zero[k] for k in _INHERITED if k in zero}}}
 
 
 def _master_partitions(optimizer, groups: list[int], device) -> list[torch.Tensor]:

@@ -38,7 +38,7 @@ from .construct import build_model, cast_partitions, gather_blocks_whole, local_
 from .faults import FaultGuard, lgp_ds_checks_gradients
 from .init_weights import read_init
 from .master import master_slices, step_gradients
-from .momentum import MomentumEncoder, momentum_zero3_config
+from .momentum import MomentumEncoder
 from .monitoring import Meter, Progress, check_monitor_packages, peak_memory_gib
 from .param_groups import freeze_lower_stages
 from .run_dir import MetricsLog
@@ -139,7 +139,7 @@ class Trainer:
         self.momentum = None
         if method.momentum_encoder:
             with torch.random.fork_rng(devices=[]):  # the run draws what it would without it
-                twin = build_model(method, cfg, momentum_zero3_config(ds_config) if zero3 else None)
+                twin = build_model(method, cfg, ds_config if zero3 else None)
             if weights is not None:
                 method.load_init(twin, weights)
             self.momentum = MomentumEncoder(twin.base_encoder, ds_config, self.dtype)

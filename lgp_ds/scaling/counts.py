@@ -11,6 +11,7 @@ import torch.nn as nn
 
 from lgp_ds.config import load_config
 from lgp_ds.engine.anchor import is_anchored
+from lgp_ds.engine.partitioned_forward import gather_units
 from lgp_ds.methods import build_method
 from lgp_ds.models.heads import CrossRankBatchNorm1d
 from lgp_ds.models.vit import checkpointed_blocks
@@ -19,6 +20,9 @@ from lgp_ds.models.vit import checkpointed_blocks
 # over, stages of 8 blocks, the anchor on the lower half, batch 4096).
 ARCHS = {"ViT-B/16": "vit_b_graft", "ViT-L/16": "vit_l_graft", "ViT-H/14": "vit_h_graft",
          "ViT-g/14": "vit_g_graft"}
+
+
+_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,13 @@ class ModelCounts:
     momentum: Params
     engine_bn: tuple[int, ...]  # widths of the engine's cross-rank BNs, each run once per view
     momentum_bn: tuple[int, ...]  # the same for the momentum encoder (forward only)
+    # ZeRO 3: the momentum encoder's forward gathers, (dtype, calls, elements) per dtype (bf16:
+    # the Linear and Conv2d weights; fp32: the rest), a call per unit that holds the dtype
+    # (lgp_ds.engine.partitioned_forward.gather_units)
+    momentum_gathers: tuple[tuple[str, int, int], ...]
+    # ZeRO 3: bytes the momentum encoder's forward holds gathered at most: its first unit (all
+    # but the blocks' weights), the block that runs and the next one, whose gather is in flight
+    momentum_gathered: int
     key_dim: int  # width of the keys the contrastive loss all-gathers
     anchored_tensors: int  # tensors whose partial norms the MIM anchor all-reduces (0: no anchor)
     tokens: int  # per view, class token included
@@ -136,9 +147,21 @@ def count_config(cfg, name: str = "", recipe: str = "",
                    if p.requires_grad) if cfg.anchor_weight > 0 else 0
     bn = [m.num_features for m in model.modules() if isinstance(m, CrossRankBatchNorm1d)]
     momentum_bn = [m.num_features for m in encoder.modules() if isinstance(m, CrossRankBatchNorm1d)]
+    gathers, unit_bytes = {}, []
+    for unit in gather_units(encoder, torch.bfloat16):
+        unit_bytes.append(0)
+        for dtype, params in unit.items():
+            calls, elements = gathers.get(dtype, (0, 0))
+            numel = sum(p.numel() for _, p in params)
+            gathers[dtype] = calls + 1, elements + numel
+            unit_bytes[-1] += numel * dtype.itemsize
     return ModelCounts(
         name=name, recipe=recipe, engine=Params.of(model), momentum=Params.of(encoder),
-        engine_bn=tuple(bn), momentum_bn=tuple(momentum_bn), key_dim=cfg.proj_dim,
+        engine_bn=tuple(bn), momentum_bn=tuple(momentum_bn),
+        momentum_gathers=tuple((_DTYPE_NAMES[dtype], *n) for dtype, n in
+                               sorted(gathers.items(), key=lambda g: g[0].itemsize)),
+        momentum_gathered=unit_bytes[0] + 2 * max(unit_bytes[1:], default=0),
+        key_dim=cfg.proj_dim,
         anchored_tensors=anchored, tokens=tokens, width=encoder.embed_dim,
         mlp_width=encoder.blocks[0].mlp.fc1.out_features,
         depth=len(encoder.blocks), ckpt_blocks=checkpointed_blocks(encoder),

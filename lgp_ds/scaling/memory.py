@@ -12,7 +12,7 @@
 - momentum encoder (:mod:`lgp_ds.engine.momentum`): a whole fp32 copy (ZeRO 0); ZeRO 1/2 lay
   its trained tensors out in fp32 copies of the optimizer's flat groups, which also hold the
   predictor; the sharded EMA keeps fp32 slices and a bf16 compute copy; ZeRO 3 a 1/n fp32
-  partition plus one gathered fp32 prefetch bucket.
+  partition plus what its forward holds gathered (:attr:`ModelCounts.momentum_gathered`).
 - activations: what a timm block saves for backward per token and view, in bf16 with fused
   attention (no token-by-token matrix): 8 values of the block's width (the two LayerNorms'
   inputs and outputs, the latter the qkv and first MLP layer's inputs; q, k and v; the attention
@@ -61,7 +61,8 @@ def memory(m: ModelCounts, setup: Setup, n: int, batch: float) -> dict[str, floa
         gathered = m.engine.over(PERSISTENCE_THRESHOLD)
         params = BF16 * (total - gathered + gathered / n + PREFETCH_BUCKET)
         grads = grad_bytes * (trained / n + REDUCE_BUCKET)
-        momentum = FP32 * (mom / n + PREFETCH_BUCKET)
+        # on more than one rank a gather's receive buffer and the tensors copied out of it
+        momentum = FP32 * mom / n + m.momentum_gathered * (2 if n > 1 else 1)
     else:
         params = BF16 * total
         if stage == 0:

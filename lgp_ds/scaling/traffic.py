@@ -36,9 +36,10 @@ One step on each rank (micro-batch ``batch``, two views, no gradient accumulatio
   tensors, predictor included) from its fp32 masters, and one fp32 all-gather per group brings
   every rank the whole encoder. The sharded alternative (not built): each rank keeps the fp32
   EMA of its own partition only and all-gathers a bf16 compute copy, half that traffic, at the
-  price of bf16 LayerNorm weights in the momentum encoder. ZeRO 3: the momentum encoder is a
-  ZeRO-3 engine in fp32 with persistence threshold 0, so its forward (both views at once)
-  all-gathers all of it in fp32; its EMA needs no communication.
+  price of bf16 LayerNorm weights in the momentum encoder. ZeRO 3: the momentum encoder's
+  forward (both views at once) all-gathers all of it (:mod:`lgp_ds.engine.partitioned_forward`):
+  the Linear and Conv2d weights in bf16, a call for those outside the blocks and one per block,
+  the rest (norms, biases, tokens) in one fp32 call; its EMA needs no communication.
 - the MIM anchor (recipes with ``anchor_weight`` > 0) under ZeRO 1-3: one fp64 all-reduce of
   the anchored tensors' partial norms.
 
@@ -56,6 +57,7 @@ from .counts import ModelCounts
 
 # Bytes per element
 BF16, FP32, FP64 = 2, 4, 8
+BYTES = {"bf16": BF16, "fp32": FP32}
 # The shipped configs' values (ds_configs/zero*_bf16.json)
 REDUCE_BUCKET = 200_000_000  # reduce_bucket_size (elements); allgather_bucket_size is the same
 PERSISTENCE_THRESHOLD = 100_000  # stage3_param_persistence_threshold
@@ -181,10 +183,10 @@ def step_comms(m: ModelCounts, setup: Setup, n: int, batch: float,
                  BF16 * PASSES * (m.engine.over(big) + backward + recomputed), calls, ENGINE),
             Comm("persistent parameter all-gather after the step", "all-gather", "bf16",
                  BF16 * (m.engine.total - m.engine.over(big)), m.engine.persistent(big)),
-            Comm("momentum encoder all-gathers in its forward", "all-gather", "fp32",
-                 FP32 * PASSES * m.momentum.total,
-                 PASSES * _gathers(m.momentum.total), MOMENTUM),
         ]
+        comms += [Comm(f"momentum encoder all-gathers in its forward, {dtype}", "all-gather",
+                       dtype, BYTES[dtype] * PASSES * elements, PASSES * calls, MOMENTUM)
+                  for dtype, calls, elements in m.momentum_gathers]
     if stage > 0 and m.anchored_tensors:
         comms.append(Comm("MIM anchor partial norms", "all-reduce", "fp64",
                           FP64 * m.anchored_tensors, 1))
