@@ -3,6 +3,8 @@
 They use lgp_ds as a user would and return plain tensors; the tests compare them with
 single-process references computed independently in ``reference.py``.
 """
+import contextlib
+import copy
 import json
 import os
 import shutil
@@ -10,6 +12,7 @@ import warnings
 
 import deepspeed
 import torch
+from deepspeed.accelerator import get_accelerator
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
 
 from lgp_ds import dist
@@ -18,6 +21,7 @@ from lgp_ds.ds_config import resolve_ds_config
 from lgp_ds.engine import checkpoint
 from lgp_ds.engine.trainer import Trainer
 from lgp_ds.methods import build_method
+from lgp_ds.models.heads import apply_to_views
 from lgp_ds.objectives import moco_loss
 
 TINY = dict(arch="vit_tiny_patch16_224", img_size=16, patch_size=8, embed_dim=32, depth=3,
@@ -97,8 +101,30 @@ def full_master_weights(engine) -> dict[str, torch.Tensor]:
 
 
 def momentum_partition_numel(trainer) -> int:
-    return sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
-               for p in trainer.momentum.params.values())
+    held = trainer.momentum.partitioned.parts if trainer.momentum.partitioned is not None \
+        else trainer.momentum.params
+    return sum(t.numel() for t in held.values())
+
+
+def momentum_keys_exact(trainer, views) -> bool:
+    """Collective. Whether the ZeRO-3 momentum encoder's keys of ``views`` (this rank's) equal,
+    bit for bit, those of a copy of it holding its whole fp32 weights (gathered by
+    ``state_dict``) under the same autocast: as its gathers in the compute dtype promise."""
+    momentum = trainer.momentum
+    state = momentum.state_dict()
+    whole = copy.deepcopy(momentum.module)
+    for m in whole.modules():  # the partitioned encoder's gathering hooks came along
+        m._forward_pre_hooks.clear()
+        m._forward_hooks.clear()
+    device = get_accelerator().current_device_name()
+    for name, p in whole.named_parameters():
+        p.data = state[name].to(device)
+    keys = momentum(*views)
+    autocast = (torch.autocast(get_accelerator().device_name(), dtype=momentum.compute_dtype)
+                if momentum.compute_dtype != torch.float32 else contextlib.nullcontext())
+    with torch.no_grad(), autocast:
+        want = apply_to_views(whole, whole, views)
+    return all(torch.equal(k, w) for k, w in zip(keys, want))
 
 
 def train_job(configs, batches, out_dir):
@@ -122,6 +148,10 @@ def train_job(configs, batches, out_dir):
             "block_class": type(trainer.engine.module.base_encoder.blocks[0]).__name__,
             "graphs_compiled": torch._dynamo.utils.counters["stats"]["unique_graphs"],
         }
+        if stage == 3:
+            x1, x2 = batches[0]
+            results[(stage, bf16, option)]["momentum_keys_exact"] = momentum_keys_exact(
+                trainer, (local(x1), local(x2)))
     return results
 
 

@@ -116,6 +116,17 @@ def test_offload_computes_what_the_device_optimizer_does(runs):
             assert err < 1e-4, (key, err)
 
 
+def test_zero3_momentum_keys_are_those_of_its_whole_fp32_weights(runs):
+    """Under ZeRO 3 the momentum encoder gathers its Linear and Conv2d weights in the compute
+    dtype, which autocast would cast them to: its keys must equal, bit for bit, those of a copy
+    holding the whole fp32 weights (a gather in the wrong layout, dtype or order would not)."""
+    out, _, _, _ = runs
+    for rank in out:
+        for config in CONFIGS:
+            if config[0] == 3:
+                assert rank[config]["momentum_keys_exact"], config
+
+
 @pytest.mark.parametrize("bf16", [False, True])
 def test_zero3_momentum_is_partitioned(runs, bf16):
     out, _, initial, _ = runs
