@@ -149,7 +149,9 @@ def on_device(tensors: list[torch.Tensor], device: torch.device | str) -> list[t
         base = tensors[found[0]]
         lo = min(tensors[i].storage_offset() for i in found)
         hi = max(tensors[i].storage_offset() + tensors[i].numel() for i in found)
-        copy = base.as_strided((hi - lo,), (1,), lo).to(device, non_blocking=True)
+        # to the host, blocking: the host reads the copy next (a non-blocking one may not
+        # have landed yet)
+        copy = base.as_strided((hi - lo,), (1,), lo).to(device, non_blocking=device.type != "cpu")
         for i in found:
             out[i] = copy.narrow(0, tensors[i].storage_offset() - lo,
                                  tensors[i].numel()).view_as(tensors[i])

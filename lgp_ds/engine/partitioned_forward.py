@@ -25,9 +25,15 @@ import deepspeed.comm as ds_comm
 import torch
 import torch.nn as nn
 from deepspeed.accelerator import get_accelerator
-from timm.models.vision_transformer import Block
 
 from lgp_ds import dist
+
+
+def transformer_blocks(module: nn.Module) -> list[nn.Module]:
+    """The transformer blocks of ``module``, in order: the children of its ``blocks`` stacks
+    (timm's ViTs, whatever their block class)."""
+    return [block for name, stack in module.named_modules() if name.rpartition(".")[2] == "blocks"
+            for block in stack.children()]
 
 
 def gather_units(module: nn.Module, compute_dtype: torch.dtype
@@ -37,7 +43,7 @@ def gather_units(module: nn.Module, compute_dtype: torch.dtype
     blocks and every small tensor (norms, biases, tokens: fp32, a few MB, in one call rather
     than a latency-bound call per block); then each block's weights. Weights: those of Linear
     and Conv2d layers, in ``compute_dtype``."""
-    blocks = [m for m in module.modules() if isinstance(m, Block)]
+    blocks = transformer_blocks(module)
     cast = {id(m.weight) for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
     in_blocks = {id(p) for b in blocks for p in b.parameters() if id(p) in cast}
     name_of = {id(p): name for name, p in module.named_parameters()}
@@ -107,7 +113,7 @@ class PartitionedForward:
         self.device = torch.device(get_accelerator().current_device_name())
         self._empty = torch.empty(0, device=self.device)  # what the parameters hold between uses
         store = torch.device("cpu") if on_host else self.device
-        blocks = [m for m in module.modules() if isinstance(m, Block)]
+        blocks = transformer_blocks(module)
         self.outside, *self.blocks = [[_Group(named, dtype, store) for dtype, named in u.items()]
                                       for u in gather_units(module, compute_dtype)]
         self.parts = {name: part for u in self._units() for g in u
@@ -139,14 +145,14 @@ class PartitionedForward:
                 self._bind(u, None)
 
     def state(self, keep: bool = True) -> dict[str, torch.Tensor]:
-        """{name: whole fp32 parameter} on the host. Collective: every rank calls it; ``keep``
-        False takes part in the gathers only and returns {}."""
+        """{name: whole fp32 parameter} on the host, in the module's order. Collective: every
+        rank calls it; ``keep`` False takes part in the gathers only and returns {}."""
         out = {}
         for g in (g for u in self._units() for g in u):
             wholes = g.wholes(g.start(self.device, torch.float32))
             if keep:
                 out.update({n: w.to("cpu", copy=True) for n, w in zip(g.names, wholes)})
-        return out
+        return {name: out[name] for name in self.params if name in out}
 
     @torch.no_grad()
     def load(self, state: dict[str, torch.Tensor] | None) -> None:
