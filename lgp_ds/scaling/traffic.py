@@ -61,8 +61,7 @@ BYTES = {"bf16": BF16, "fp32": FP32}
 # The shipped configs' values (ds_configs/zero*_bf16.json)
 REDUCE_BUCKET = 200_000_000  # reduce_bucket_size (elements); allgather_bucket_size is the same
 PERSISTENCE_THRESHOLD = 100_000  # stage3_param_persistence_threshold
-PREFETCH_BUCKET = 50_000_000  # stage3_prefetch_bucket_size, also DeepSpeed's default (the
-# momentum encoder's engine)
+PREFETCH_BUCKET = 50_000_000  # stage3_prefetch_bucket_size (also DeepSpeed's default)
 VIEWS = 2
 PASSES = 1  # both views through each encoder in one pass (lgp_ds.models.heads.apply_to_views)
 PARAM_GROUPS = 6  # a weight-decay and a no-decay group per stage, 3 stages (ZeRO 1/2 flat groups)
