@@ -5,13 +5,14 @@ The recipe owns the optimizer, the schedule and the global batch (:func:`resolve
 writes the batch keys; a DeepSpeed config that states another batch, an optimizer or a
 scheduler is refused). Settings that lgp_ds cannot honour (NVMe offload, DeepSpeed's gradient
 checks turned off where nobody would check) are refused up front with the key named, rather
-than failing late inside DeepSpeed. :func:`run_identity` says what of a run a resume must keep.
+than failing late inside DeepSpeed; what DeepSpeed itself would refuse or ignore is named too
+(:mod:`lgp_ds.deepspeed_schema`). :func:`run_identity` says what of a run a resume must keep.
 """
 import json
 
 from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
-from pydantic import ValidationError
 
+from lgp_ds import deepspeed_schema
 from lgp_ds.config import Config, load_config
 from lgp_ds.dist import launched_world_size
 
@@ -26,16 +27,14 @@ _RECIPE_OWNED = {"optimizer": "optimizer / weight_decay / betas / stage_blrs",
                  "scheduler": "epochs / warmup_epochs (a per-iteration warmup-cosine schedule)"}
 
 
-def _bf16_section(ds: dict) -> dict:
-    """The DeepSpeed config's bf16 section (``bfloat16`` is DeepSpeed's older name for it)."""
-    return ds.get("bf16", ds.get("bfloat16", {}))
-
-
 def precision(ds: dict) -> str:
-    """``"bf16"``, ``"fp16"`` or ``"fp32"``: the model's dtype under the DeepSpeed config ``ds``."""
-    if _bf16_section(ds).get("enabled"):
-        return "bf16"
-    return "fp16" if ds.get("fp16", {}).get("enabled") else "fp32"
+    """``"bf16"``, ``"fp16"`` or ``"fp32"``: the model's dtype under the DeepSpeed config ``ds``
+    (its sections read as DeepSpeed reads them: ``"enabled": "false"`` is off)."""
+    bf16, fp16 = deepspeed_schema.bf16(ds).enabled, deepspeed_schema.fp16(ds).enabled
+    if bf16 and fp16:
+        raise ValueError("DeepSpeed config keys bf16.enabled and fp16.enabled are both true: "
+                         "enable one of them")
+    return "bf16" if bf16 else "fp16" if fp16 else "fp32"
 
 
 def run_identity(cfg: Config, ds: dict, init_digest: str | None = None,
@@ -81,13 +80,7 @@ def _check_zero(zero: dict) -> None:
     not late inside ``deepspeed.initialize``; aliases and ``"false"`` read as DeepSpeed reads
     them), without the settings whose effects lgp_ds cannot take: DeepSpeed's round-robin
     gradient order, and its own choice of the modules that ZeRO 3 gathers whole."""
-    try:
-        parsed = DeepSpeedZeroConfig(**zero)
-    except ValidationError as e:
-        raise ValueError("; ".join(
-            "DeepSpeed config key zero_optimization"
-            + "".join(f".{part}" for part in error["loc"]) + f": {error['msg']}"
-            for error in e.errors())) from None
+    parsed = deepspeed_schema.parsed("zero_optimization", DeepSpeedZeroConfig, zero)
     if parsed.round_robin_gradients:
         raise ValueError("DeepSpeed config key zero_optimization.round_robin_gradients=true: not "
                          "supported by lgp_ds (DeepSpeed 0.19.8 then maps parameters to the wrong "
@@ -161,7 +154,7 @@ def _check_gradient_checks(ds: dict) -> None:
             raise ValueError(f"DeepSpeed config key gradient_clipping={ds['gradient_clipping']} "
                              f"with zero_optimization.compute_grad_norm=false: clipping needs "
                              f"the norm; remove one of them")
-    if stage in (1, 2) and offload and _bf16_section(ds).get("check_grad_overflow") is False:
+    if stage in (1, 2) and offload and not deepspeed_schema.bf16(ds).check_grad_overflow:
         raise ValueError("DeepSpeed config key bf16.check_grad_overflow=false with "
                          "offload_optimizer: no one would check the gradients for NaN or "
                          "infinity (lgp_ds checks them in DeepSpeed's stead on the device only); "
@@ -221,6 +214,7 @@ def resolve_ds_config(ds: dict, cfg: Config, world_size: int) -> dict:
         if key in ds:
             raise ValueError(f"DeepSpeed config key {key!r}: lgp_ds builds it from the recipe "
                              f"({owner}); remove it from the DeepSpeed config")
+    deepspeed_schema.check_batch_keys(ds)
     _check_stage(ds.get("zero_optimization", {}))
     _check_offload(ds.get("zero_optimization", {}))
     if offloads_optimizer(ds) and cfg.optimizer != "adamw":
@@ -265,6 +259,7 @@ def resolve_ds_config(ds: dict, cfg: Config, world_size: int) -> dict:
     ds.setdefault("gradient_clipping", 0.0)
     ds.update(train_batch_size=cfg.batch_size, gradient_accumulation_steps=gas,
               train_micro_batch_size_per_gpu=per_rank)
+    deepspeed_schema.check_reads(ds)  # last: lgp_ds's own refusals say more
     return ds
 
 

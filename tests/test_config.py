@@ -5,7 +5,7 @@ import os
 import pytest
 
 from lgp_ds.config import RECIPES_DIR, build_config, load_config, parse_overrides
-from lgp_ds.ds_config import load_run_config, resolve_ds_config
+from lgp_ds.ds_config import load_run_config, precision, resolve_ds_config
 
 
 RECIPES = sorted(f[:-5] for f in os.listdir(RECIPES_DIR) if f.endswith(".yaml"))
@@ -148,6 +148,23 @@ def test_batch_size_has_one_source_of_truth():
     ({"zero_optimization": {"stage": 2, "reduce_bucket_sise": 5e8}}, 2,
      "zero_optimization.reduce_bucket_sise: Extra inputs are not permitted"),
     ({"zero_optimization": True}, 2, "zero_optimization=True: give a mapping"),
+    # what DeepSpeed would ignore: a misspelt bf16 would train in fp32, exit 0
+    ({"bf_16": {"enabled": True}}, 2, r"key\(s\) bf_16 \(did you mean bf16\?\): DeepSpeed "
+                                      r"\S+ does not read them and would silently ignore them"),
+    ({"gradient_accumulation_step": 2}, 2,
+     r"gradient_accumulation_step \(did you mean gradient_accumulation_steps\?\)"),
+    ({"data_types": {"grad_accum_dtyp": "fp32"}}, 2,
+     r"data_types.grad_accum_dtyp \(did you mean data_types.grad_accum_dtype\?\)"),
+    # what DeepSpeed would refuse late, or take wrongly
+    ({"gradient_accumulation_steps": "2"}, 2,
+     "gradient_accumulation_steps='2': give a positive integer"),
+    ({"train_batch_size": 256.0}, 2, "train_batch_size=256.0: give a positive integer"),
+    ({"train_micro_batch_size_per_gpu": 0}, 2, "train_micro_batch_size_per_gpu=0: give a"),
+    ({"bf16": {"enable": True}}, 2, "key bf16.enable: Extra inputs are not permitted"),
+    ({"bf16": {"enabled": True}, "fp16": {"enabled": True}}, 2,
+     "bf16.enabled and fp16.enabled are both true"),
+    ({"tensorboard": {"job_nam": "x"}}, 2,
+     "DeepSpeedMonitorConfig key tensorboard.job_nam: Extra inputs are not permitted"),
 ])
 def test_deepspeed_config_conflicts(ds, world, message):
     with pytest.raises(ValueError, match=message):
@@ -158,6 +175,20 @@ def test_zero_values_read_as_deepspeed_reads_them():
     zero = {"stage": 2, "round_robin_gradients": "false"}  # DeepSpeed's pydantic: False
     ds = resolve_ds_config({"zero_optimization": zero}, build_config({"batch_size": 256}), 2)
     assert ds["zero_optimization"] == zero
+
+
+@pytest.mark.parametrize("section,expected", [({"enabled": "false"}, "fp32"),
+                                              ({"enabled": "true"}, "bf16")])
+def test_precision_read_as_deepspeed_reads_it(section, expected):
+    assert precision({"bf16": section}) == expected
+    assert precision({"bfloat16": section}) == expected  # DeepSpeed's older name
+
+
+@pytest.mark.parametrize("name", sorted(os.listdir(
+    os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ds_configs"))))
+def test_every_shipped_deepspeed_config_is_read_whole_by_deepspeed(name):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    load_run_config(None, ["batch_size=16"], os.path.join(root, "ds_configs", name))
 
 
 @pytest.mark.parametrize("zero", [{"stage": 1, "offload_optimizer": {"device": "cpu"}},
