@@ -230,6 +230,28 @@ def resume_choice_jobs(out_dir):
             for drop in (False, True)}
 
 
+def damaged_resume_job(out_dir):
+    """A checkpoint damaged after its save: its model-states file overwritten in place (same
+    size), then truncated; resume from each. Returns the two errors (None: it resumed)."""
+    cfg = tiny_config(output_dir=out_dir, max_steps=2, save_every=2)
+    Trainer(cfg, ds_config(cfg, 2, False), build_method(cfg)).fit()
+    states = os.path.join(out_dir, "checkpoints", "step00000002", "mp_rank_00_model_states.pt")
+    errors = []
+    for damage in ("overwrite", "truncate"):
+        deepspeed.comm.barrier()
+        if dist.is_main():
+            with open(states, "r+b") as f:
+                f.write(b"\0" * 64) if damage == "overwrite" else f.truncate(1000)
+        deepspeed.comm.barrier()
+        cfg = tiny_config(output_dir=out_dir, max_steps=3, resume="auto")
+        try:
+            Trainer(cfg, ds_config(cfg, 2, False), build_method(cfg))
+            errors.append(None)
+        except ValueError as e:
+            errors.append(str(e))
+    return errors
+
+
 def resume_choice_job(out_dir, drop_rank1_shard):
     """Ranks whose storage disagrees: rank 0's output folder holds checkpoints 2 and 4, rank 1's
     only 2 (node-local disks, a stale cache). Resume with each rank pointed at its own folder;

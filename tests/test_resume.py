@@ -75,7 +75,18 @@ def test_rank_0_chooses_the_checkpoint_for_every_rank(tmp_path):
         # hangs in the load
         assert step is None
         assert "rank 0 chose" in error and "step00000004" in error
-        assert "rank 1: " in error and "holds no ZeRO shard of rank 1" in error
+        assert re.search(r"rank 1: \S+step00000004 lacks zero_pp_rank_1_\S+, which its save "
+                         r"wrote and rank 1 reads", error)
+
+
+def test_a_checkpoint_damaged_since_its_save_is_named_not_read(tmp_path):
+    """Overwritten in place, DeepSpeed's failure to read it is named on every rank; truncated,
+    it is named before DeepSpeed reads anything."""
+    for overwritten, truncated in run_ranks(jobs.damaged_resume_job, str(tmp_path)):
+        assert re.search(r"rank \d could not read checkpoint \S+step00000002 \(.+\); its files "
+                         r"have the sizes its save recorded", overwritten), overwritten
+        assert re.search(r"mp_rank_00_model_states.pt has 1000 bytes, but its save wrote \d+: it "
+                         r"was damaged or replaced since", truncated), truncated
 
 
 def test_overwriting_a_checkpoint_unmarks_it_first(tmp_path):

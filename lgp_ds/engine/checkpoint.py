@@ -5,7 +5,9 @@ ranks are done; a crash then leaves a half-written checkpoint that looks complet
 rank writes, all ranks meet at a barrier, and only then does rank 0 put a completion marker in
 the tag folder and atomically replace ``latest``. Resuming accepts marked checkpoints only.
 
-The marker records the world size and what defines the run (:func:`lgp_ds.ds_config.run_identity`),
+The marker records the size of every file of the checkpoint, so that one damaged since (a
+truncated copy, a full disk during a later rsync) is named before DeepSpeed reads it, the world
+size, and what defines the run (:func:`lgp_ds.ds_config.run_identity`),
 so a resume that cannot continue the same run (another batch size, schedule, accumulation or MIM
 weights) is refused, with the reason, before DeepSpeed reads anything. A resume on another world
 size keeps the global batch (the micro-batch, or the accumulation the DeepSpeed config states,
@@ -47,8 +49,12 @@ def save(engine, save_dir: str, step: int, client_state: dict, run: dict, keep: 
     dist.barrier()
     engine.save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=False)
     dist.barrier()  # every rank's shards are on disk
+    # Each rank's view of the folder: node-local storage holds each node's files alone.
+    views = dist.all_gather_object(_sizes(os.path.join(save_dir, tag)))
     if dist.is_main():
-        record = {"step": step, "world_size": dist.get_world_size(), "run": run}
+        # rank 0's view wins where an attribute cache lags elsewhere
+        files = {name: size for view in reversed(views) for name, size in view.items()}
+        record = {"step": step, "world_size": dist.get_world_size(), "run": run, "files": files}
         write_text(marker, json.dumps(record) + "\n")
         write_text(os.path.join(save_dir, LATEST), tag)
         if keep:
@@ -86,6 +92,37 @@ def _remove(save_dir: str, tag: str) -> None:
     shutil.rmtree(os.path.join(save_dir, tag), ignore_errors=True)
     for stale in universal.leftovers(save_dir, tag):
         shutil.rmtree(stale, ignore_errors=True)
+
+
+def _sizes(folder: str) -> dict[str, int]:
+    """{file name: bytes} of the files in ``folder`` (the completion marker aside)."""
+    return {e.name: e.stat().st_size for e in os.scandir(folder)
+            if e.is_file() and e.name != COMPLETE_MARKER}
+
+
+_SHARD_OWNER = re.compile(r"zero_pp_rank_(\d+)_")
+
+
+def _damage(save_dir: str, tag: str, rank: int | None = None) -> str | None:
+    """Why the files of checkpoint ``tag`` here are not those its save recorded, or None: a file
+    of another size, or (``rank`` given) one that rank needs missing: its own ZeRO shards and the
+    files of no rank in particular. Shards of other ranks may be on other nodes' storage.
+    Checkpoints saved before the marker recorded the files are not checked."""
+    folder = os.path.join(save_dir, tag)
+    files = read_marker(save_dir, tag).get("files", {})
+    for name, size in files.items():
+        path = os.path.join(folder, name)
+        if os.path.isfile(path) and os.path.getsize(path) != size:
+            return (f"{path} has {os.path.getsize(path)} bytes, but its save wrote {size}: it was "
+                    f"damaged or replaced since; restore it, or resume from another checkpoint "
+                    f"(resume=<its step folder>)")
+    if rank is not None:
+        needed = [n for n in files if (m := _SHARD_OWNER.match(n)) is None or int(m[1]) == rank]
+        missing = [n for n in needed if not os.path.isfile(os.path.join(folder, n))]
+        if missing:
+            return (f"{folder} lacks {', '.join(missing)}, which its save wrote and rank {rank} "
+                    f"reads")
+    return None
 
 
 def is_complete(save_dir: str, tag: str) -> bool:
@@ -160,6 +197,9 @@ def check_resumable(save_dir: str, tag: str, run: dict) -> list[str]:
     """
     where = os.path.join(save_dir, tag)
     marker = read_marker(save_dir, tag)
+    damage = _damage(save_dir, tag)
+    if damage:
+        raise ValueError(damage)
     saved = marker["run"]
     changed = {k: (saved[k], v) for k, v in run.items() if k in saved and saved[k] != v}
     world = (marker["world_size"], dist.get_world_size())
@@ -198,7 +238,11 @@ def _local_problem(save_dir: str, tag: str, zero_stage: int) -> str | None:
     folder = os.path.join(save_dir, tag)
     if not is_complete(save_dir, tag):
         return f"{folder} is missing or incomplete here"
-    if needs_universal(save_dir, tag):
+    same_world = not needs_universal(save_dir, tag)  # else rank 0 read it all to convert it
+    damage = _damage(save_dir, tag, dist.get_rank() if same_world else None)
+    if damage:
+        return damage
+    if not same_world:
         if not universal.is_converted(save_dir, tag):
             return f"{universal.folder(save_dir, tag)} (converted by rank 0) is missing here"
     elif zero_stage > 0:
@@ -251,8 +295,15 @@ def load(engine, save_dir: str, tag: str) -> dict:
     A checkpoint of another world size loads from its universal form (:func:`choose` made it)."""
     if needs_universal(save_dir, tag):
         return universal.load(engine, save_dir, tag)
-    path, client_state = engine.load_checkpoint(save_dir, tag=tag, load_optimizer_states=True,
-                                                load_lr_scheduler_states=True)
+    try:
+        path, client_state = engine.load_checkpoint(save_dir, tag=tag, load_optimizer_states=True,
+                                                    load_lr_scheduler_states=True)
+    except Exception as e:  # a damaged file raises anything: RuntimeError, EOFError, KeyError ...
+        reason = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+        raise ValueError(f"rank {dist.get_rank()} could not read checkpoint "
+                         f"{os.path.join(save_dir, tag)} ({reason}); its files have the sizes "
+                         f"its save recorded, so one was damaged in place: restore it, or resume "
+                         f"from another checkpoint (resume=<its step folder>)") from e
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {os.path.join(save_dir, tag)}")
     return client_state
