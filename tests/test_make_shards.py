@@ -212,6 +212,24 @@ def test_epoch_size_comes_from_the_index(tmp_path):
         samples_per_epoch(cfg)
 
 
+def test_data_taking_part_of_an_indexed_folder_is_noted_once(tmp_path, capsys):
+    """A brace pattern narrower than the set trains on part of it: a note says how much, once
+    per folder however often the epoch size is read; the whole set gives none."""
+    train_tree(tmp_path / "train")
+    out = tmp_path / "shards"
+    index = make_shards(folder_source(str(tmp_path / "train")), str(out), max_count=4,
+                        progress=False)
+    capsys.readouterr()
+    samples_per_epoch(Config(data=[str(out / "train-{000000..000002}.tar")]))
+    assert capsys.readouterr().out == ""
+    some = Config(data=[str(out / "train-00000{0,2}.tar")])
+    taken = samples_per_epoch(some)
+    samples_per_epoch(some)
+    assert capsys.readouterr().out == (
+        f"note: data= takes 2 of the 3 shards indexed in {out / 'index.json'} ({taken} of "
+        f"{index['total']} samples)\n")
+
+
 def test_interrupted_run_resumes_to_the_same_shards(tmp_path, monkeypatch):
     train_tree(tmp_path / "train")
     source = folder_source(str(tmp_path / "train"))

@@ -9,6 +9,7 @@ encoder, and the same on both ranks.
 import copy
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -100,6 +101,35 @@ def later_runs(runs, tmp_path_factory):
     return bf16, masks
 
 
+def test_grafting_refuses_init_weights_trained_by_the_other_objective(runs, tmp_path):
+    """Where the source says what trained its weights (an lgp_ds run its method, an official
+    MoCo v3 file its momentum encoder, an MAE model its decoder), a grafting method refuses the
+    wrong kind; an encoder alone says nothing and is taken."""
+    _, out_dir = runs
+    _official_moco_v3_file(tmp_path / "moco.pth.tar")
+    _, mae_model = _single_process("mae")
+    torch.save({"model": mae_model.state_dict()}, tmp_path / "mae_full.pth")
+    for method, init, holds, source, wants in [
+            ("mim2cl_frozen", out_dir / "moco", "contrastive", "an lgp_ds run of method=moco",
+             "MIM"),
+            ("graft", out_dir / "mtl", r"MIM and contrastive \(jointly trained\)",
+             "an lgp_ds run of method=mtl", "MIM"),
+            ("graft_vicreg", tmp_path / "moco.pth.tar", "contrastive", "a MoCo v3 model", "MIM"),
+            ("cl2mim", out_dir / "mae", "MIM", "an lgp_ds run of method=mae", "contrastive"),
+            ("cl2mim", out_dir / "mim2cl_frozen", "grafted",
+             "an lgp_ds run of method=mim2cl_frozen", "contrastive"),
+            ("cl2mim", tmp_path / "mae_full.pth", "MIM", "an MAE model", "contrastive")]:
+        with pytest.raises(ValueError, match=f"^init={re.escape(str(init))} holds {holds} "
+                                             f"weights \\({source}.*\\), but method={method} "
+                                             f"grafts onto {wants} weights: give"):
+            read_init(str(init), method=method)
+    encoder = {k: v for k, v in mae_model.state_dict().items()
+               if not k.startswith(MAE_ONLY_PREFIXES)}
+    torch.save({"model": encoder}, tmp_path / "encoder.pth")
+    for method in ("graft", "cl2mim"):
+        read_init(str(tmp_path / "encoder.pth"), method=method)
+
+
 @pytest.fixture(scope="module")
 def bf16_runs(later_runs):
     return later_runs[0]
@@ -186,16 +216,23 @@ def test_mtl_loss_is_the_weighted_sum_of_the_moco_and_mae_losses():
     assert torch.allclose(loss, 0.7 * cl + 1.3 * mim, rtol=1e-6)
 
 
-def test_cl2mim_starts_from_an_official_moco_v3_file(tmp_path):
-    """An official MoCo v3 / grafting-code checkpoint (module.base_encoder.* ...): cl2mim's
-    encoder gets its base encoder exactly, the projector is dropped, the decoder stays fresh."""
-    torch.manual_seed(1)
+def _official_moco_v3_file(path) -> torch.nn.Module:
+    """Write a tiny MoCo model as an official MoCo v3 / grafting-code checkpoint (module.
+    base_encoder.* ...) to ``path``; the model."""
     _, moco_model = _single_process("moco")
     sd = {f"module.{k}": v for k, v in moco_model.state_dict().items()}
     sd.update({f"module.momentum_encoder.{k}": v
                for k, v in moco_model.base_encoder.state_dict().items()})
-    torch.save({"epoch": 300, "arch": "vit_small", "state_dict": sd}, tmp_path / "moco.pth.tar")
+    torch.save({"epoch": 300, "arch": "vit_small", "state_dict": sd}, path)
+    return moco_model
+
+
+def test_cl2mim_starts_from_an_official_moco_v3_file(tmp_path):
+    """An official MoCo v3 / grafting-code checkpoint: cl2mim's encoder gets its base encoder
+    exactly, the projector is dropped, the decoder stays fresh."""
+    torch.manual_seed(1)
     path = str(tmp_path / "moco.pth.tar")
+    moco_model = _official_moco_v3_file(path)
     torch.manual_seed(2)
     method, model = _single_process("cl2mim", init=path)
     fresh = {k: v.clone() for k, v in model.state_dict().items()}

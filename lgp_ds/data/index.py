@@ -17,10 +17,16 @@ An index covers the shards of its own folder; a run may read some of them (``tra
 import json
 import os
 
+from lgp_ds import dist
+
 from .shards import REMOTE_PREFIXES
 
 INDEX_FILE = "index.json"
 INDEX_FORMAT = "lgp_ds shards 1"
+
+# Folders whose partial use has been noted in this process: a comparison or a grid reads the
+# epoch size of every run it plans, and the trainer again
+_NOTED_PARTIAL = set()
 
 
 class NoIndex(FileNotFoundError):
@@ -50,6 +56,10 @@ def indexed_samples(urls: list[str]) -> int:
     NoIndex when a shard is remote or its folder has no index. ValueError names a shard that its
     folder's index does not list (the index belongs to another shard set) or whose size on disk
     is not the one indexed (the shard was rewritten since).
+
+    Where ``urls`` take only some of the shards a folder's index lists, a note (rank 0, once per
+    folder) says how many: a subset is legitimate (a quick run, a split), but a brace pattern
+    narrower than meant would otherwise train on part of the set without a word.
     """
     remote = [u for u in urls if u.startswith(REMOTE_PREFIXES)]
     if remote:
@@ -59,20 +69,28 @@ def indexed_samples(urls: list[str]) -> int:
         by_folder.setdefault(os.path.dirname(os.path.abspath(url)), []).append(url)
     total = 0
     for folder, shards in by_folder.items():
-        listed = {s["name"]: s for s in read_index(folder)["shards"]}
+        index = read_index(folder)
+        listed = {s["name"]: s for s in index["shards"]}
         where = os.path.join(folder, INDEX_FILE)
         unknown = [u for u in shards if os.path.basename(u) not in listed]
         if unknown:
             raise ValueError(f"{len(unknown)} shard(s) not listed in {where}, e.g. {unknown[:3]}: "
                              f"the index belongs to another shard set; run "
                              f"tools/make_shards.py again or give samples_per_epoch=")
+        taken = 0  # samples in this folder's shards
         for url in shards:
             entry, size = listed[os.path.basename(url)], os.path.getsize(url)
             if size != entry["bytes"]:
                 raise ValueError(f"shard {url} has {size} bytes but {where} records "
                                  f"{entry['bytes']}: it was rewritten after the index; run "
                                  f"tools/make_shards.py again or give samples_per_epoch=")
-            total += entry["count"]
+            taken += entry["count"]
+        # expand_shards refuses a shard named twice: fewer names than listed is a subset
+        if len(shards) < len(listed) and folder not in _NOTED_PARTIAL:
+            _NOTED_PARTIAL.add(folder)
+            dist.print_main(f"note: data= takes {len(shards)} of the {len(listed)} shards "
+                            f"indexed in {where} ({taken:,} of {index['total']:,} samples)")
+        total += taken
     return total
 
 

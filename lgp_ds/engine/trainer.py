@@ -104,7 +104,8 @@ class Trainer:
                              f"{self.depth}")
         weights, mim_state, init_digest = None, None, None
         if cfg.init:
-            weights = read_init(cfg.init, method.encoder(model).blocks[0].attn.num_heads)
+            weights = read_init(cfg.init, method.encoder(model).blocks[0].attn.num_heads,
+                                cfg.method)
             method.load_init(model, weights)
             init_digest = tensor_digest(weights.encoder())
             mim_state = weights.encoder() if cfg.anchor_weight > 0 else None
