@@ -101,15 +101,21 @@ def full_master_weights(engine) -> dict[str, torch.Tensor]:
 
 
 def momentum_partition_numel(trainer) -> int:
-    held = trainer.momentum.partitioned.parts if trainer.momentum.partitioned is not None \
-        else trainer.momentum.params
-    return sum(t.numel() for t in held.values())
+    """fp32 elements of the momentum encoder's EMA that this rank holds."""
+    momentum = trainer.momentum
+    if momentum.partitioned is not None:
+        return sum(t.numel() for t in momentum.partitioned.parts.values())
+    if momentum.sharded is not None:  # its shares, and the parameters in no group (frozen)
+        grouped = {name for g in momentum.sharded.groups for name, _, _ in g.members}
+        return (sum(g.part.numel() for g in momentum.sharded.groups)
+                + sum(p.numel() for n, p in momentum.params.items() if n not in grouped))
+    return sum(t.numel() for t in momentum.params.values())
 
 
 def momentum_keys_exact(trainer, views) -> bool:
-    """Collective. Whether the ZeRO-3 momentum encoder's keys of ``views`` (this rank's) equal,
-    bit for bit, those of a copy of it holding its whole fp32 weights (gathered by
-    ``state_dict``) under the same autocast: as its gathers in the compute dtype promise."""
+    """Collective. Whether the momentum encoder's keys of ``views`` (this rank's) equal, bit for
+    bit, those of a copy of it holding its whole fp32 weights (gathered by ``state_dict``) under
+    the same autocast: as its gathers in the compute dtype (ZeRO 1-3) promise."""
     momentum = trainer.momentum
     state = momentum.state_dict()
     whole = copy.deepcopy(momentum.module)
@@ -148,7 +154,7 @@ def train_job(configs, batches, out_dir):
             "block_class": type(trainer.engine.module.base_encoder.blocks[0]).__name__,
             "graphs_compiled": torch._dynamo.utils.counters["stats"]["unique_graphs"],
         }
-        if stage == 3:
+        if stage > 0:
             x1, x2 = batches[0]
             results[(stage, bf16, option)]["momentum_keys_exact"] = momentum_keys_exact(
                 trainer, (local(x1), local(x2)))

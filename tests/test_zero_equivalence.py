@@ -116,24 +116,30 @@ def test_offload_computes_what_the_device_optimizer_does(runs):
             assert err < 1e-4, (key, err)
 
 
-def test_zero3_momentum_keys_are_those_of_its_whole_fp32_weights(runs):
-    """Under ZeRO 3 the momentum encoder gathers its Linear and Conv2d weights in the compute
-    dtype, which autocast would cast them to: its keys must equal, bit for bit, those of a copy
-    holding the whole fp32 weights (a gather in the wrong layout, dtype or order would not)."""
+def test_momentum_keys_are_those_of_its_whole_fp32_weights(runs):
+    """Under ZeRO 1-3 the momentum encoder gathers its Linear and Conv2d weights in the compute
+    dtype, which autocast would cast them to (ZeRO 1/2 from the EMA's shares after each update):
+    its keys must equal, bit for bit, those of a copy holding the whole fp32 weights (a gather
+    in the wrong layout, dtype or order, or a small tensor summed from the wrong shares, would
+    not)."""
     out, _, _, _ = runs
     for rank in out:
         for config in CONFIGS:
-            if config[0] == 3:
+            if config[0] > 0:
                 assert rank[config]["momentum_keys_exact"], config
 
 
 @pytest.mark.parametrize("bf16", [False, True])
-def test_zero3_momentum_is_partitioned(runs, bf16):
+def test_zero123_momentum_is_sharded(runs, bf16):
     out, _, initial, _ = runs
     full = sum(v.numel() for k, v in initial.items() if k.startswith("base_encoder."))
     for rank in out:
-        # each rank holds about half of the momentum encoder (partitions are padded)
+        # each rank holds about half of the momentum encoder (partitions are padded); under
+        # ZeRO 1/2 half of the optimizer's flat groups, which hold the predictor too, and the
+        # frozen patch embedding whole (measured: 0.58 of the encoder)
         assert rank[(3, bf16, "")]["momentum_numel"] < 0.55 * full
+        for stage in (1, 2):
+            assert rank[(stage, bf16, "")]["momentum_numel"] < 0.65 * full, stage
         assert rank[(0, bf16, "")]["momentum_numel"] == full
 
 

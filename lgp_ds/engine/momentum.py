@@ -6,11 +6,12 @@ fp32 master weights (:mod:`lgp_ds.engine.master`) after each step that DeepSpeed
 
 - ZeRO 0 with whole masters: the momentum encoder is whole on every rank; each rank updates it
   from its own masters, identically.
-- ZeRO 1/2 (ZeRO 1 in bf16 with fp32 gradients runs DeepSpeed's BF16 optimizer): the momentum
-  encoder is whole on every rank, its fp32 weights laid out like the optimizer's flat param
-  groups (:meth:`bind`). Each rank updates its partition of each group from its fp32 master
-  partition (two foreach ops for the whole model) and one fp32 all-gather per group brings
-  every rank the rest: exact, and half the traffic of all-reducing an update of the encoder.
+- ZeRO 1/2 (ZeRO 1 in bf16 with fp32 gradients runs DeepSpeed's BF16 optimizer): each rank
+  keeps the fp32 EMA of its share of each of the optimizer's flat param groups, as it keeps the
+  fp32 masters (:mod:`lgp_ds.engine.sharded_ema`, set up by :meth:`bind`), and updates it from
+  its master shares (two foreach ops for the whole model); one all-gather per group in the
+  compute dtype (bf16: a quarter of the traffic of all-reducing an fp32 update) and one small
+  fp32 all-reduce rebuild the whole compute copy that the forward reads.
 - ZeRO 3: the momentum encoder is partitioned like the base encoder (built partitioned, never
   whole; same shapes hence the same partitions). Each rank updates its own partition from its
   own master partition: no communication, no gathering of the whole model. Its forward gathers
@@ -23,7 +24,6 @@ rank's fp32 partition to the device each step (the EMA's PCIe traffic).
 """
 import contextlib
 
-import deepspeed.comm as ds_comm
 import torch
 import torch.nn as nn
 from deepspeed.accelerator import get_accelerator
@@ -33,6 +33,7 @@ from lgp_ds.models.heads import apply_to_views
 
 from .master import MasterSlice, on_device
 from .partitioned_forward import PartitionedForward
+from .sharded_ema import ShardedEMA
 
 
 class MomentumEncoder:
@@ -60,8 +61,7 @@ class MomentumEncoder:
         else:
             self.module = module.to(get_accelerator().current_device_name())
         self.params = dict(self.module.named_parameters())  # under ZeRO 3 empty placeholders
-        # ZeRO 1/2, set by bind(): (group index, flat fp32 group, this rank's part: a view of it)
-        self._optimizer, self._flats = None, []
+        self.sharded = None  # ZeRO 1/2: the EMA's shares, set by bind()
 
     @torch.no_grad()
     def __call__(self, *views: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -90,51 +90,26 @@ class MomentumEncoder:
             for s in slices:
                 self.params[s.name[len(self.prefix):]].view(-1).mul_(m).add_(s.weight, alpha=1 - m)
             return
-        if self._optimizer is None:
+        if self.sharded is None:
             raise RuntimeError("MomentumEncoder.bind(optimizer, named_params) was not called")
-        parts = [part for _, _, part in self._flats]
-        masters = _master_partitions(self._optimizer, [g for g, _, _ in self._flats],
-                                     get_accelerator().current_device_name())
-        torch._foreach_mul_(parts, m)
-        torch._foreach_add_(parts, masters, alpha=1 - m)
-        if dist.get_world_size() > 1:
-            for _, flat, part in self._flats:
-                ds_comm.all_gather_into_tensor(flat, part)  # in place: part is a view of flat
+        self.sharded.update(m)
 
     def bind(self, optimizer, named_params) -> None:
-        """ZeRO 1/2: lay the momentum weights out like ``optimizer``'s flat param groups (a
-        DeepSpeed ZeRO 1/2 or BF16 optimizer; ``named_params`` the engine module's), so that each
-        rank's part of a group lines up with its fp32 master partition. A group's parameters
-        outside the base encoder (the predictor) get an EMA nobody reads; frozen parameters are
-        in no group and keep their values. Nothing to do for other stages."""
-        if not self.sharded_master:
-            return
-        self._optimizer = optimizer
-        name_of = {id(p): n for n, p in named_params}
-        lp_flats = getattr(optimizer, "bit16_groups_flat", None) or optimizer.bf16_groups_flat
-        lp_groups = getattr(optimizer, "bit16_groups", None) or optimizer.bf16_groups
-        self._flats = []
-        for g, (lp_flat, lp_params) in enumerate(zip(lp_flats, lp_groups)):
-            mine = [(p, name_of[id(p)][len(self.prefix):]) for p in lp_params
-                    if name_of[id(p)].startswith(self.prefix)]
-            if not mine:
-                continue
-            flat = torch.zeros(lp_flat.numel(), dtype=torch.float32, device=lp_flat.device)
-            for p, name in mine:
-                k = self.params[name]
-                offset = (p.data_ptr() - lp_flat.data_ptr()) // p.element_size()
-                view = flat.narrow(0, offset, p.numel())
-                view.copy_(k.detach().reshape(-1))
-                k.data = view.view_as(k)
-            self._flats.append((g, flat, _own_partition(flat)))
+        """Collective. ZeRO 1/2: shard the EMA like ``optimizer``'s fp32 masters (a DeepSpeed
+        ZeRO 1/2 or BF16 optimizer; ``named_params`` the engine module's). Nothing to do for
+        other stages."""
+        if self.sharded_master:
+            self.sharded = ShardedEMA(self.module, optimizer, named_params, self.prefix,
+                                      self.compute_dtype)
 
     def state_dict(self, params: bool = True) -> dict[str, torch.Tensor]:
-        """The whole fp32 state on the host (a collective under ZeRO 3: call it on every rank);
-        ``params=False``: the buffers alone, the rank taking part in ZeRO 3's gathers only (a
+        """The whole fp32 state on the host (a collective under ZeRO 1-3: call it on every
+        rank); ``params=False``: the buffers alone, the rank taking part in the gathers only (a
         checkpoint file that :meth:`load_state_dict` reads no parameters from)."""
         if self.partitioned is None:
-            return {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()
-                    if params or k not in self.params}
+            shared = self.sharded.whole() if self.sharded is not None else {}
+            return {k: shared[k] if k in shared else v.detach().cpu().clone()
+                    for k, v in self.module.state_dict().items() if params or k not in self.params}
         out = self.partitioned.state(keep=params)
         for name, b in self.module.named_buffers():
             out[name] = b.detach().cpu().clone()
@@ -144,25 +119,11 @@ class MomentumEncoder:
         """Inverse of :meth:`state_dict`; the buffers from each rank's ``state``, the parameters
         under ZeRO 3 from rank 0's alone (the others' may hold the buffers only)."""
         if self.partitioned is None:
-            self.module.load_state_dict(state)
+            self.module.load_state_dict(state)  # the compute copy: cast where it is low
+            if self.sharded is not None:
+                self.sharded.load(state)
             return
         self.partitioned.load(state if dist.get_rank() == 0 else None)
         with torch.no_grad():
             for name, b in self.module.named_buffers():
                 b.copy_(state[name])
-
-
-def _master_partitions(optimizer, groups: list[int], device) -> list[torch.Tensor]:
-    """This rank's fp32 master partition [partition numel] of each flat param group in
-    ``groups``, on ``device``: with offload_optimizer they are on the host, and one copy each
-    brings them over (an fp32 partition per step: the EMA's PCIe traffic)."""
-    found = getattr(optimizer, "single_partition_of_fp32_groups", None)  # ZeRO 1/2
-    if found is None:
-        found = optimizer.fp32_groups_flat_partition  # BF16 optimizer
-    return on_device([found[g] for g in groups], device)
-
-
-def _own_partition(flat: torch.Tensor) -> torch.Tensor:
-    """This rank's equal share of a flat group (DeepSpeed pads the group to divide evenly)."""
-    size = flat.numel() // dist.get_world_size()
-    return flat.narrow(0, dist.get_rank() * size, size)

@@ -36,6 +36,13 @@ def transformer_blocks(module: nn.Module) -> list[nn.Module]:
             for block in stack.children()]
 
 
+def autocast_weights(module: nn.Module) -> set[int]:
+    """ids of the parameters of ``module`` that autocast casts to its dtype wherever they are
+    used: the weights of Linear and Conv2d layers (nearly all the bytes of a ViT). Kept in that
+    dtype, they compute bit for bit what their fp32 values compute under autocast."""
+    return {id(m.weight) for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+
+
 def gather_units(module: nn.Module, compute_dtype: torch.dtype
                  ) -> list[dict[torch.dtype, list[tuple[str, nn.Parameter]]]]:
     """What a forward of ``module`` gathers, in order, each unit's (name, parameter) by the dtype
@@ -44,7 +51,7 @@ def gather_units(module: nn.Module, compute_dtype: torch.dtype
     than a latency-bound call per block); then each block's weights. Weights: those of Linear
     and Conv2d layers, in ``compute_dtype``."""
     blocks = transformer_blocks(module)
-    cast = {id(m.weight) for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    cast = autocast_weights(module)
     in_blocks = {id(p) for b in blocks for p in b.parameters() if id(p) in cast}
     name_of = {id(p): name for name, p in module.named_parameters()}
     units = []

@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from lgp_ds.config import load_config
 from lgp_ds.engine.anchor import is_anchored
-from lgp_ds.engine.partitioned_forward import gather_units
+from lgp_ds.engine.partitioned_forward import autocast_weights, gather_units
 from lgp_ds.methods import build_method
 from lgp_ds.models.heads import CrossRankBatchNorm1d
 from lgp_ds.models.vit import checkpointed_blocks
@@ -72,6 +72,11 @@ class ModelCounts:
     # ZeRO 3: bytes the momentum encoder's forward holds gathered at most: its first unit (all
     # but the blocks' weights), the block that runs and the next one, whose gather is in flight
     momentum_gathered: int
+    # ZeRO 1/2: the momentum update's collectives (lgp_ds.engine.sharded_ema): the elements of
+    # each of the optimizer's flat groups that holds a Linear or Conv2d weight of the momentum
+    # encoder (all-gathered whole in bf16), and of its other trained tensors (one fp32 all-reduce)
+    ema_groups: tuple[int, ...]
+    ema_fp32: int
     key_dim: int  # width of the keys the contrastive loss all-gathers
     anchored_tensors: int  # tensors whose partial norms the MIM anchor all-reduces (0: no anchor)
     tokens: int  # per view, class token included
@@ -155,12 +160,19 @@ def count_config(cfg, name: str = "", recipe: str = "",
             numel = sum(p.numel() for _, p in params)
             gathers[dtype] = calls + 1, elements + numel
             unit_bytes[-1] += numel * dtype.itemsize
+    cast = autocast_weights(encoder)
+    members = {id(p) for p in encoder.parameters()}
+    groups = method.param_groups(model, len(encoder.blocks), [1.0] * cfg.num_stages)
+    ema_groups = tuple(sum(p.numel() for p in g["params"]) for g in groups
+                       if any(id(p) in cast for p in g["params"] if id(p) in members))
+    ema_fp32 = sum(p.numel() for p in encoder.parameters() if p.requires_grad and id(p) not in cast)
     return ModelCounts(
         name=name, recipe=recipe, engine=Params.of(model), momentum=Params.of(encoder),
         engine_bn=tuple(bn), momentum_bn=tuple(momentum_bn),
         momentum_gathers=tuple((_DTYPE_NAMES[dtype], *n) for dtype, n in
                                sorted(gathers.items(), key=lambda g: g[0].itemsize)),
         momentum_gathered=unit_bytes[0] + 2 * max(unit_bytes[1:], default=0),
+        ema_groups=ema_groups, ema_fp32=ema_fp32,
         key_dim=cfg.proj_dim,
         anchored_tensors=anchored, tokens=tokens, width=encoder.embed_dim,
         mlp_width=encoder.blocks[0].mlp.fc1.out_features,

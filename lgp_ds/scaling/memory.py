@@ -9,10 +9,11 @@
   BF16_Optimizer) holds the bf16 gradients and a whole fp32 copy.
 - optimizer: fp32 masters and Adam's two moments, plus the fp32 gradient made for the step from
   bf16 ones, whole (ZeRO 0) or partitioned.
-- momentum encoder (:mod:`lgp_ds.engine.momentum`): a whole fp32 copy (ZeRO 0); ZeRO 1/2 lay
-  its trained tensors out in fp32 copies of the optimizer's flat groups, which also hold the
-  predictor; the sharded EMA keeps fp32 slices and a bf16 compute copy; ZeRO 3 a 1/n fp32
-  partition plus what its forward holds gathered (:attr:`ModelCounts.momentum_gathered`).
+- momentum encoder (:mod:`lgp_ds.engine.momentum`): a whole fp32 copy (ZeRO 0); ZeRO 1/2 the
+  fp32 EMA of this rank's share of the optimizer's flat groups (which also hold the predictor),
+  a bf16 compute copy of the groups that hold its Linear and Conv2d weights, its other trained
+  tensors and its frozen ones in fp32; ZeRO 3 a 1/n fp32 partition plus what its forward holds
+  gathered (:attr:`ModelCounts.momentum_gathered`).
 - activations: what a timm block saves for backward per token and view, in bf16 with fused
   attention (no token-by-token matrix): 8 values of the block's width (the two LayerNorms'
   inputs and outputs, the latter the qkv and first MLP layer's inputs; q, k and v; the attention
@@ -73,11 +74,9 @@ def memory(m: ModelCounts, setup: Setup, n: int, batch: float) -> dict[str, floa
             grads = grad_bytes * (trained / n + 2 * REDUCE_BUCKET)
         if stage == 0:
             momentum = FP32 * mom
-        elif setup.sharded_ema:
-            momentum = FP32 * mom / n + BF16 * mom
         else:
-            # the frozen tensors, and the flat groups (every trained tensor of the engine)
-            momentum = FP32 * (mom - m.momentum.trained + trained)
+            momentum = (FP32 * trained / n + BF16 * sum(m.ema_groups)
+                        + FP32 * (m.ema_fp32 + mom - m.momentum.trained))
     optimizer = (OPTIMIZER_BYTES + (0 if fp32_grads else FP32)) * trained / shards
     return {"params": params, "grads": grads, "optimizer": optimizer, "momentum": momentum,
             "activations": activation_bytes(m, batch)}

@@ -136,7 +136,7 @@ def _models_section(models: list[ModelScaling], inputs: Inputs) -> list[str]:
 
 def _traffic_section(models: list[ModelScaling], inputs: Inputs) -> list[str]:
     n = max(inputs.gpus)
-    columns = [Setup(0), Setup(2), Setup(2, True), Setup(3)]
+    columns = [Setup(0), Setup(2), Setup(3)]
     rows = []
     for model in models:
         per_setup = [{c.term: c for c in step_comms(model.m, s, n, inputs.batch)} for s in columns]
@@ -155,8 +155,7 @@ def _traffic_section(models: list[ModelScaling], inputs: Inputs) -> list[str]:
             "(n-1)/n of its value at any n; the key all-gather grows with n. ZeRO 3's parameter "
             "gathers are counted per use (an upper bound, see docs/scaling.md). ZeRO 0 of the "
             f"recipes with the MIM anchor ({anchored}): with the anchor off.", ""] + _table(
-        ["model", "term", "collective", "ZeRO 0", "ZeRO 1, 2", "ZeRO 1, 2 sharded EMA", "ZeRO 3"],
-        rows)
+        ["model", "term", "collective", "ZeRO 0", "ZeRO 1, 2", "ZeRO 3"], rows)
 
 
 def _memory_section(models: list[ModelScaling], inputs: Inputs) -> list[str]:
@@ -216,10 +215,9 @@ def _prediction_section(models: list[ModelScaling], inputs: Inputs, global_batch
 
 def _recommendation(model: ModelScaling, n: int, batch: float) -> str:
     """The fastest set-up that lgp_ds runs today with the recipe, by the no-overlap bound, and
-    those that may beat it: with overlap (the sharded EMA's among them), or without the
-    anchor."""
+    those that may beat it: with overlap, or without the anchor."""
     ranked = model.ranked(n, batch)
-    today = [(s, p) for s, p in ranked if not s.sharded_ema and not refused(model.m, s)]
+    today = [(s, p) for s, p in ranked if not refused(model.m, s)]
     if not today:
         return "none fits"
     best, p = today[0]
@@ -257,7 +255,7 @@ def report(inputs: Inputs = Inputs()) -> str:
     lines += [f"### ZeRO stage to pick, {inputs.batch} images per GPU", "",
               "The fastest by the no-overlap bound (img/s per GPU, efficiency in brackets) of "
               "the set-ups that fit and that lgp_ds runs with the recipe today; after it, those "
-              "that could be faster: with full overlap, with the sharded EMA, or with the "
+              "that could be faster: with full overlap, or with the "
               "recipe's MIM anchor off (lgp_ds refuses ZeRO 0 in bf16 with the anchor).", ""]
     lines += _recommendation_section(models, inputs, False) + [""]
     lines += _prediction_section(

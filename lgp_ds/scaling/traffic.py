@@ -32,11 +32,11 @@ One step on each rank (micro-batch ``batch``, two views, no gradient accumulatio
   per step (a tiny model on 2 CPU ranks: one forward pass), at the price of holding the gathered
   tensors.
 - the momentum encoder (:mod:`lgp_ds.engine.momentum`): ZeRO 0 holds whole masters, no traffic.
-  ZeRO 1/2: each rank updates its partition of the optimizer's flat groups (the trained
-  tensors, predictor included) from its fp32 masters, and one fp32 all-gather per group brings
-  every rank the whole encoder. The sharded alternative (not built): each rank keeps the fp32
-  EMA of its own partition only and all-gathers a bf16 compute copy, half that traffic, at the
-  price of bf16 LayerNorm weights in the momentum encoder. ZeRO 3: the momentum encoder's
+  ZeRO 1/2 (:mod:`lgp_ds.engine.sharded_ema`): each rank updates the fp32 EMA of its share of
+  the optimizer's flat groups from its fp32 masters; one bf16 all-gather per group that holds a
+  Linear or Conv2d weight of the encoder (the whole group, predictor included) and one fp32
+  all-reduce of the encoder's other trained tensors rebuild the compute copy on every rank
+  (fp32 all-gathers of the groups would send twice the bytes). ZeRO 3: the momentum encoder's
   forward (both views at once) all-gathers all of it (:mod:`lgp_ds.engine.partitioned_forward`):
   the Linear and Conv2d weights in bf16, a call for those outside the blocks and one per block,
   the rest (norms, biases, tokens) in one fp32 call; its EMA needs no communication.
@@ -86,20 +86,15 @@ class Comm:
 
 @dataclass(frozen=True)
 class Setup:
-    """A ZeRO stage and, for stages 1 and 2, how the momentum encoder is updated."""
+    """A ZeRO stage."""
     stage: int
-    sharded_ema: bool = False
-
-    def __post_init__(self):
-        if self.sharded_ema and self.stage not in (1, 2):
-            raise ValueError(f"a sharded EMA is an alternative for ZeRO 1 and 2, not {self.stage}")
 
     @property
     def label(self) -> str:
-        return f"ZeRO {self.stage}" + (", sharded EMA" if self.sharded_ema else "")
+        return f"ZeRO {self.stage}"
 
 
-SETUPS = (Setup(0), Setup(1), Setup(2), Setup(3), Setup(1, True), Setup(2, True))
+SETUPS = (Setup(0), Setup(1), Setup(2), Setup(3))
 
 
 def refused(m: ModelCounts, setup: Setup) -> str | None:
@@ -166,12 +161,10 @@ def step_comms(m: ModelCounts, setup: Setup, n: int, batch: float,
     if stage in (1, 2):
         comms.append(Comm("parameter all-gather after the step", "all-gather", "bf16",
                           BF16 * trained, PARAM_GROUPS))
-        if setup.sharded_ema:
-            comms.append(Comm("momentum update", "all-gather", "bf16", BF16 * m.momentum.trained,
-                              _buckets(m.momentum.trained)))
-        else:
-            comms.append(Comm("momentum update", "all-gather", "fp32", FP32 * trained,
-                              PARAM_GROUPS))
+        comms += [Comm("momentum update, compute copy", "all-gather", "bf16",
+                       BF16 * sum(m.ema_groups), len(m.ema_groups)),
+                  Comm("momentum update, fp32 tensors", "all-reduce", "fp32", FP32 * m.ema_fp32,
+                       1)]
     if stage == 3:
         backward = m.engine.over(big, trained_only=True)
         recomputed = m.recompute * backward  # the checkpointed blocks' forward, again
